@@ -1,0 +1,463 @@
+-- sync 0.1.0: catalog, status views and SQL API.
+\echo Use "CREATE EXTENSION sync" to load this file. \quit
+
+-------------------------------------------------------------------------------
+-- Catalog
+-------------------------------------------------------------------------------
+
+CREATE TABLE sync.sources (
+    id          serial PRIMARY KEY,
+    name        text NOT NULL UNIQUE
+                CHECK (name ~ '^[a-z_][a-z0-9_]*$' AND length(name) <= 63),
+    kind        text NOT NULL,
+    base_url    text NOT NULL,
+    options     jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(options) = 'object'),
+    paused      boolean NOT NULL DEFAULT false,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE sync.sources IS 'API accounts that sync reads from; secrets live in sync.source_secrets';
+
+-- Credentials and tokens: readable only by the extension's owner and superusers.
+CREATE TABLE sync.source_secrets (
+    source_id        integer PRIMARY KEY REFERENCES sync.sources ON DELETE CASCADE,
+    credentials      jsonb NOT NULL,
+    token            jsonb,
+    token_updated_at timestamptz
+);
+REVOKE ALL ON sync.source_secrets FROM PUBLIC;
+
+CREATE TABLE sync.collections (
+    id          serial PRIMARY KEY,
+    source_id   integer NOT NULL REFERENCES sync.sources ON DELETE CASCADE,
+    name        text NOT NULL,
+    relid       oid NOT NULL,
+    options     jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(options) = 'object'),
+    paused      boolean NOT NULL DEFAULT false,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (source_id, name)
+);
+
+CREATE TABLE sync.collection_columns (
+    collection_id integer NOT NULL REFERENCES sync.collections ON DELETE CASCADE,
+    position      integer NOT NULL,
+    api_field     text NOT NULL,
+    api_type      text NOT NULL,
+    column_name   text NOT NULL,
+    column_type   text NOT NULL,
+    wire_type     text NOT NULL,
+    convert_sql   text,
+    is_key        boolean NOT NULL DEFAULT false,
+    is_version    boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (collection_id, api_field),
+    UNIQUE (collection_id, column_name)
+);
+
+-- Where each collection stands. The cursor is the provider's own and commits with each page.
+CREATE TABLE sync.collection_state (
+    collection_id         integer PRIMARY KEY REFERENCES sync.collections ON DELETE CASCADE,
+    phase                 text NOT NULL DEFAULT 'backfill' CHECK (phase IN ('backfill', 'incremental')),
+    cursor                jsonb NOT NULL DEFAULT '{}',
+    backfill_started_at   timestamptz,
+    backfill_completed_at timestamptz,
+    backfill_records      bigint NOT NULL DEFAULT 0,
+    backfill_total        bigint,
+    last_poll_at          timestamptz,
+    last_caught_up_at     timestamptz,
+    records_upserted      bigint NOT NULL DEFAULT 0,
+    records_deleted       bigint NOT NULL DEFAULT 0,
+    requests              bigint NOT NULL DEFAULT 0,
+    consecutive_failures  integer NOT NULL DEFAULT 0,
+    last_error            text,
+    last_error_at         timestamptz,
+    activity              text,
+    run_requested         boolean NOT NULL DEFAULT false
+);
+
+-------------------------------------------------------------------------------
+-- Views
+-------------------------------------------------------------------------------
+
+CREATE VIEW sync.status AS
+SELECT s.name                          AS source,
+       s.kind,
+       c.name                          AS collection,
+       c.relid::regclass               AS target_table,
+       CASE WHEN s.paused OR c.paused       THEN 'paused'
+            WHEN st.consecutive_failures > 0 THEN 'error'
+            WHEN st.phase = 'backfill'       THEN 'backfilling'
+            ELSE 'syncing' END         AS state,
+       st.phase,
+       st.backfill_records,
+       st.backfill_total,
+       st.backfill_started_at,
+       st.backfill_completed_at,
+       st.last_poll_at,
+       st.last_caught_up_at,
+       st.records_upserted,
+       st.records_deleted,
+       st.requests,
+       st.consecutive_failures,
+       st.last_error,
+       st.last_error_at,
+       st.activity
+FROM sync.collections c
+JOIN sync.sources s ON s.id = c.source_id
+JOIN sync.collection_state st ON st.collection_id = c.id;
+COMMENT ON VIEW sync.status IS 'one row per synced collection: backfill progress, polling and errors';
+
+CREATE VIEW sync.columns AS
+SELECT s.name AS source, c.name AS collection, c.relid::regclass AS target_table,
+       m.position, m.api_field, m.api_type, m.column_name, m.column_type,
+       m.is_key, m.is_version
+FROM sync.collection_columns m
+JOIN sync.collections c ON c.id = m.collection_id
+JOIN sync.sources s ON s.id = c.source_id;
+COMMENT ON VIEW sync.columns IS 'which API field feeds which column, and its Postgres type';
+
+GRANT USAGE ON SCHEMA sync TO PUBLIC;
+GRANT SELECT ON sync.sources, sync.collections, sync.collection_columns, sync.collection_state,
+                sync.status, sync.columns TO PUBLIC;
+
+-------------------------------------------------------------------------------
+-- Internal C helpers (API: Private)
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION sync._validate_source(kind text, base_url text, credentials jsonb, options jsonb)
+RETURNS void LANGUAGE c STRICT SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'sync_validate_source';
+
+CREATE FUNCTION sync._describe(source text, collection text,
+    OUT canonical_name text, OUT "position" integer, OUT api_field text, OUT api_type text,
+    OUT column_name text, OUT column_type text, OUT wire_type text, OUT convert_sql text,
+    OUT is_key boolean, OUT is_version boolean)
+RETURNS SETOF record LANGUAGE c STRICT SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'sync_describe';
+
+CREATE FUNCTION sync._identifier(api_name text) RETURNS text
+LANGUAGE c IMMUTABLE STRICT AS 'MODULE_PATHNAME', 'sync_identifier';
+
+CREATE FUNCTION sync._wake() RETURNS void
+LANGUAGE c AS 'MODULE_PATHNAME', 'sync_wake';
+
+CREATE FUNCTION sync._wake_trigger() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'sync_wake_trigger';
+
+CREATE FUNCTION sync._register_database() RETURNS void
+LANGUAGE c AS 'MODULE_PATHNAME', 'sync_register_database';
+
+CREATE FUNCTION sync._wait_for_state(collection_id integer, timeout interval) RETURNS boolean
+LANGUAGE c STRICT SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'sync_wait_for_backfill';
+
+-- A committed configuration change wakes the database's worker at once.
+CREATE TRIGGER wake_worker AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON sync.sources
+    FOR EACH STATEMENT EXECUTE FUNCTION sync._wake_trigger();
+CREATE TRIGGER wake_worker AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON sync.collections
+    FOR EACH STATEMENT EXECUTE FUNCTION sync._wake_trigger();
+CREATE TRIGGER wake_worker AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON sync.source_secrets
+    FOR EACH STATEMENT EXECUTE FUNCTION sync._wake_trigger();
+
+CREATE FUNCTION sync._source_id(source text) RETURNS integer
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid integer;
+BEGIN
+    SELECT id INTO sid FROM sync.sources WHERE name = source;
+    IF sid IS NULL THEN
+        RAISE EXCEPTION 'source "%" does not exist', source
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Existing sources are listed in sync.sources; create one with sync.create_source().';
+    END IF;
+    RETURN sid;
+END $$;
+
+-- Collection names match exactly, or case-insensitively when that is unambiguous.
+CREATE FUNCTION sync._collection_id(source text, collection text) RETURNS integer
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid integer := sync._source_id(source);
+    cid integer;
+    n   integer;
+BEGIN
+    SELECT id INTO cid FROM sync.collections WHERE source_id = sid AND name = collection;
+    IF cid IS NULL THEN
+        SELECT min(id), count(*) INTO cid, n FROM sync.collections
+         WHERE source_id = sid AND lower(name) = lower(collection);
+        IF n <> 1 THEN
+            cid := NULL;
+        END IF;
+    END IF;
+    IF cid IS NULL THEN
+        RAISE EXCEPTION 'collection "%" of source "%" does not exist', collection, source
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Synced collections are listed in sync.status; add one with sync.add_collection().';
+    END IF;
+    RETURN cid;
+END $$;
+
+CREATE FUNCTION sync._require_admin() RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT has_table_privilege('sync.source_secrets', 'SELECT, UPDATE') THEN
+        RAISE EXCEPTION 'permission denied to configure sync sources'
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Configuring sources and collections needs access to their credentials.',
+                  HINT = 'Run this as the owner of the sync extension or a superuser.';
+    END IF;
+END $$;
+
+-------------------------------------------------------------------------------
+-- Public API
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION sync.create_source(name text, kind text, base_url text, credentials jsonb,
+                                   options jsonb DEFAULT '{}')
+RETURNS integer LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid integer;
+BEGIN
+    PERFORM sync._require_admin();
+    IF name IS NULL OR name !~ '^[a-z_][a-z0-9_]*$' OR length(name) > 63 THEN
+        RAISE EXCEPTION 'invalid source name "%"', name
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A source name is used as the default schema of its tables.',
+                  HINT = 'Use lower-case letters, digits and underscores, at most 63 characters, not starting with a digit.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM sync.sources s WHERE s.name = create_source.name) THEN
+        RAISE EXCEPTION 'source "%" already exists', name
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'Choose another name, or change the existing source with sync.alter_source().';
+    END IF;
+    PERFORM sync._validate_source(kind, base_url, credentials, coalesce(options, '{}'));
+    INSERT INTO sync.sources (name, kind, base_url, options)
+    VALUES (name, kind, base_url, coalesce(options, '{}'))
+    RETURNING id INTO sid;
+    INSERT INTO sync.source_secrets (source_id, credentials) VALUES (sid, credentials);
+    RETURN sid;
+END $$;
+COMMENT ON FUNCTION sync.create_source(text, text, text, jsonb, jsonb) IS 'create an API source (an account of a provider)';
+
+CREATE FUNCTION sync.alter_source(name text, base_url text DEFAULT NULL, credentials jsonb DEFAULT NULL,
+                                  options jsonb DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid integer;
+    src sync.sources;
+    new_credentials jsonb;
+BEGIN
+    PERFORM sync._require_admin();
+    sid := sync._source_id(name);
+    SELECT * INTO src FROM sync.sources WHERE id = sid FOR UPDATE;
+    SELECT coalesce(alter_source.credentials, ss.credentials) INTO new_credentials
+      FROM sync.source_secrets ss WHERE ss.source_id = sid;
+    PERFORM sync._validate_source(src.kind, coalesce(alter_source.base_url, src.base_url), new_credentials,
+                                  src.options || coalesce(alter_source.options, '{}'));
+    UPDATE sync.sources s
+       SET base_url = coalesce(alter_source.base_url, s.base_url),
+           options  = jsonb_strip_nulls(s.options || coalesce(alter_source.options, '{}'))
+     WHERE s.id = sid;
+    IF alter_source.credentials IS NOT NULL OR alter_source.base_url IS NOT NULL THEN
+        -- New credentials or a new host invalidate the cached token.
+        UPDATE sync.source_secrets ss
+           SET credentials = new_credentials, token = NULL, token_updated_at = now()
+         WHERE ss.source_id = sid;
+    END IF;
+    UPDATE sync.collection_state st SET consecutive_failures = 0, run_requested = true
+     WHERE st.collection_id IN (SELECT id FROM sync.collections WHERE source_id = sid);
+END $$;
+COMMENT ON FUNCTION sync.alter_source(text, text, jsonb, jsonb) IS 'change a source''s URL, credentials or options (options are merged; a null value removes a key)';
+
+CREATE FUNCTION sync.drop_source(name text, drop_tables boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid integer;
+    c record;
+BEGIN
+    PERFORM sync._require_admin();
+    sid := sync._source_id(name);
+    FOR c IN SELECT co.name FROM sync.collections co WHERE co.source_id = sid LOOP
+        PERFORM sync.remove_collection(name, c.name, drop_tables);
+    END LOOP;
+    DELETE FROM sync.sources WHERE id = sid;
+END $$;
+COMMENT ON FUNCTION sync.drop_source(text, boolean) IS 'stop syncing a source and forget it; its tables stay unless drop_tables';
+
+CREATE FUNCTION sync.add_collection(source text, collection text, options jsonb DEFAULT '{}')
+RETURNS regclass LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid         integer;
+    cid         integer;
+    canonical   text;
+    schema_name text;
+    table_name  text;
+    wanted      text[];
+    coldefs     text;
+    keycol      text;
+    rel         regclass;
+    unknown     text[];
+BEGIN
+    PERFORM sync._require_admin();
+    sid := sync._source_id(source);
+    options := coalesce(options, '{}');
+    IF jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF options ? 'fields' AND jsonb_typeof(options->'fields') <> 'array' THEN
+        RAISE EXCEPTION 'option "fields" must be a JSON array of API field names'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example {"fields": ["Id", "Email"]}.';
+    END IF;
+
+    CREATE TEMP TABLE IF NOT EXISTS _sync_described (LIKE sync.collection_columns) ON COMMIT DROP;
+    ALTER TABLE _sync_described ADD COLUMN IF NOT EXISTS canonical_name text;
+    TRUNCATE _sync_described;
+    INSERT INTO _sync_described (canonical_name, collection_id, position, api_field, api_type, column_name,
+                                 column_type, wire_type, convert_sql, is_key, is_version)
+    SELECT d.canonical_name, 0, d.position, d.api_field, d.api_type, d.column_name, d.column_type,
+           d.wire_type, d.convert_sql, d.is_key, d.is_version
+      FROM sync._describe(source, collection) d;
+    SELECT min(canonical_name) INTO canonical FROM _sync_described;
+
+    IF EXISTS (SELECT 1 FROM sync.collections c WHERE c.source_id = sid AND c.name = canonical) THEN
+        RAISE EXCEPTION 'collection "%" of source "%" is already synced', canonical, source
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'Its table and state are in sync.status; use sync.resync() to backfill it again.';
+    END IF;
+
+    IF options ? 'fields' THEN
+        SELECT array_agg(f) INTO wanted FROM jsonb_array_elements_text(options->'fields') f;
+        SELECT array_agg(w) INTO unknown FROM unnest(wanted) w
+         WHERE NOT EXISTS (SELECT 1 FROM _sync_described d WHERE lower(d.api_field) = lower(w));
+        IF unknown IS NOT NULL THEN
+            RAISE EXCEPTION 'collection "%" has no field %', canonical, array_to_string(unknown, ', ')
+                USING ERRCODE = 'undefined_column',
+                      HINT = 'Field names are the API''s; see the API''s schema of the collection.';
+        END IF;
+        DELETE FROM _sync_described d
+         WHERE NOT d.is_key AND NOT d.is_version AND lower(d.api_field) <> ALL (SELECT lower(w) FROM unnest(wanted) w);
+    END IF;
+
+    schema_name := coalesce(options->>'schema', source);
+    table_name  := coalesce(options->>'table', sync._identifier(canonical));
+    IF to_regclass(format('%I.%I', schema_name, table_name)) IS NOT NULL THEN
+        RAISE EXCEPTION 'table %.% already exists', quote_ident(schema_name), quote_ident(table_name)
+            USING ERRCODE = 'duplicate_table',
+                  HINT = 'Pass another name with options => ''{"table": "..."}'' or ''{"schema": "..."}''.';
+    END IF;
+
+    SELECT string_agg(format('%I %s', d.column_name, d.column_type), ', ' ORDER BY d.position),
+           min(d.column_name) FILTER (WHERE d.is_key)
+      INTO coldefs, keycol
+      FROM _sync_described d;
+    EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', schema_name);
+    EXECUTE format('CREATE TABLE %I.%I (%s, _synced_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (%I))',
+                   schema_name, table_name, coldefs, keycol);
+    rel := format('%I.%I', schema_name, table_name)::regclass;
+    EXECUTE format('COMMENT ON TABLE %s IS %L', rel,
+                   format('synced by sync from %s (source %s); changes made here are overwritten', canonical, source));
+    EXECUTE format('COMMENT ON COLUMN %s._synced_at IS %L', rel, 'when sync last wrote this row');
+
+    INSERT INTO sync.collections (source_id, name, relid, options)
+    VALUES (sid, canonical, rel, options - 'schema' - 'table')
+    RETURNING id INTO cid;
+    INSERT INTO sync.collection_columns (collection_id, position, api_field, api_type, column_name, column_type,
+                                         wire_type, convert_sql, is_key, is_version)
+    SELECT cid, row_number() OVER (ORDER BY d.position), d.api_field, d.api_type, d.column_name, d.column_type,
+           d.wire_type, d.convert_sql, d.is_key, d.is_version
+      FROM _sync_described d;
+    INSERT INTO sync.collection_state (collection_id, backfill_started_at) VALUES (cid, now());
+    DROP TABLE _sync_described;
+    RETURN rel;
+END $$;
+COMMENT ON FUNCTION sync.add_collection(text, text, jsonb) IS 'sync a collection of a source into a new typed table; its backfill starts at commit';
+
+CREATE FUNCTION sync.remove_collection(source text, collection text, drop_table boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cid integer;
+    rel oid;
+BEGIN
+    PERFORM sync._require_admin();
+    cid := sync._collection_id(source, collection);
+    SELECT relid INTO rel FROM sync.collections WHERE id = cid;
+    DELETE FROM sync.collections WHERE id = cid;
+    IF drop_table AND to_regclass(rel::regclass::text) IS NOT NULL THEN
+        EXECUTE format('DROP TABLE %s', rel::regclass);
+    END IF;
+END $$;
+COMMENT ON FUNCTION sync.remove_collection(text, text, boolean) IS 'stop syncing a collection; its table stays unless drop_table';
+
+CREATE FUNCTION sync.pause(source text, collection text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM sync._require_admin();
+    IF collection IS NULL THEN
+        UPDATE sync.sources SET paused = true WHERE id = sync._source_id(source);
+    ELSE
+        UPDATE sync.collections SET paused = true WHERE id = sync._collection_id(source, collection);
+    END IF;
+END $$;
+COMMENT ON FUNCTION sync.pause(text, text) IS 'stop making requests for a source, or one of its collections, until sync.resume()';
+
+CREATE FUNCTION sync.resume(source text, collection text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM sync._require_admin();
+    IF collection IS NULL THEN
+        UPDATE sync.sources SET paused = false WHERE id = sync._source_id(source);
+    ELSE
+        UPDATE sync.collections SET paused = false WHERE id = sync._collection_id(source, collection);
+    END IF;
+END $$;
+COMMENT ON FUNCTION sync.resume(text, text) IS 'resume a paused source or collection';
+
+CREATE FUNCTION sync.resync(source text, collection text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cid integer;
+BEGIN
+    PERFORM sync._require_admin();
+    cid := sync._collection_id(source, collection);
+    UPDATE sync.collection_state
+       SET phase = 'backfill', cursor = '{}', backfill_started_at = now(), backfill_completed_at = NULL,
+           backfill_records = 0, backfill_total = NULL, consecutive_failures = 0, run_requested = true
+     WHERE collection_id = cid;
+    PERFORM sync._wake();
+END $$;
+COMMENT ON FUNCTION sync.resync(text, text) IS 'backfill a collection again from the start; rows stay while it runs';
+
+CREATE FUNCTION sync.run_now(source text, collection text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM sync._require_admin();
+    UPDATE sync.collection_state
+       SET run_requested = true, consecutive_failures = 0
+     WHERE collection_id IN (SELECT id FROM sync.collections c
+                              WHERE c.source_id = sync._source_id(source)
+                                AND (run_now.collection IS NULL OR c.id = sync._collection_id(source, run_now.collection)));
+    PERFORM sync._wake();
+END $$;
+COMMENT ON FUNCTION sync.run_now(text, text) IS 'poll a source (or one collection) now, skipping any error backoff';
+
+CREATE FUNCTION sync.wait_for_backfill(source text, collection text, timeout interval)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF timeout IS NULL OR timeout < interval '0' THEN
+        RAISE EXCEPTION 'timeout must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN sync._wait_for_state(sync._collection_id(source, collection), timeout);
+END $$;
+COMMENT ON FUNCTION sync.wait_for_backfill(text, text, interval) IS 'wait until the collection''s backfill completed; false on timeout';
+
+CREATE FUNCTION sync.worker_pid() RETURNS integer
+LANGUAGE c AS 'MODULE_PATHNAME', 'sync_worker_pid';
+COMMENT ON FUNCTION sync.worker_pid() IS 'process id of this database''s sync worker, or null when none runs';
+
+REVOKE EXECUTE ON FUNCTION sync.create_source(text, text, text, jsonb, jsonb),
+                           sync.alter_source(text, text, jsonb, jsonb),
+                           sync.drop_source(text, boolean),
+                           sync.add_collection(text, text, jsonb),
+                           sync.remove_collection(text, text, boolean),
+                           sync.pause(text, text), sync.resume(text, text),
+                           sync.resync(text, text), sync.run_now(text, text),
+                           sync._describe(text, text), sync._validate_source(text, text, jsonb, jsonb)
+FROM PUBLIC;
+
+-- The database gets its worker when this transaction commits.
+SELECT sync._register_database();

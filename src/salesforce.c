@@ -1,0 +1,840 @@
+/*
+ * salesforce.c: the Salesforce provider (REST API).
+ *
+ * Backfill: one SOQL query over every field, ordered by SystemModstamp, Id,
+ * following nextRecordsUrl. Incremental: queryAll from a (SystemModstamp, Id)
+ * keyset, so records sharing one timestamp across a page boundary are neither
+ * missed nor repeated; queryAll also returns soft-deleted records. Each poll
+ * re-reads an overlap window, because a record's SystemModstamp is set when
+ * its transaction starts writing but becomes visible only at commit. Hard
+ * deletes come from the getDeleted resource, checked periodically.
+ *
+ * The cursor is a JSON object stored with each page:
+ *   mode          backfill | incremental
+ *   next_url      continuation of the query in progress
+ *   ts, id        keyset of the newest record applied (ts is a SOQL literal)
+ *   started       server time the backfill query or current poll began
+ *   safe_from     lower bound of the next poll: started - overlap
+ *   deleted_until getDeleted has been read up to here
+ *   deleted_at    local time of the last getDeleted call
+ */
+#include "sync.h"
+
+#include <curl/curl.h>
+#include <time.h>
+
+#include "utils/builtins.h"
+
+#define SF_DEFAULT_API_VERSION "66.0"
+#define SF_DEFAULT_BATCH_SIZE 2000
+#define SF_DEFAULT_OVERLAP_S 60
+#define SF_DEFAULT_DELETED_INTERVAL_S 300
+#define SF_DELETED_RETENTION_S (15 * 86400)
+#define SF_MAX_URL_BYTES 16000
+
+static const char *const sf_required_credentials[] = {"client_id", "client_secret", "refresh_token", NULL};
+
+/* ---------- options ---------- */
+
+static const char *
+sf_api_version(SyncSource *source)
+{
+	const char *v = sync_json_string(source->options, "api_version");
+
+	if (v == NULL)
+		return SF_DEFAULT_API_VERSION;
+	return (v[0] == 'v' || v[0] == 'V') ? v + 1 : v;
+}
+
+static const char *
+sf_login_url(SyncSource *source)
+{
+	const char *v = sync_json_string(source->options, "login_url");
+
+	return v ? v : source->base_url;
+}
+
+static void
+sf_validate_source(SyncSource *source)
+{
+	const char *version = sync_json_string(source->options, "api_version");
+	const char *login = sync_json_string(source->options, "login_url");
+	int64		batch = sync_json_int(source->options, "batch_size", SF_DEFAULT_BATCH_SIZE);
+	char	   *why;
+
+	if (version)
+	{
+		const char *v = (version[0] == 'v' || version[0] == 'V') ? version + 1 : version;
+		int			major,
+					minor;
+		char		extra;
+
+		if (sscanf(v, "%d.%d%c", &major, &minor, &extra) != 2 || major < 31 || minor != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid Salesforce api_version \"%s\"", version),
+					 errhint("Give a REST API version such as \"%s\" (31.0 or later).", SF_DEFAULT_API_VERSION)));
+	}
+	if (login && !sync_url_is_valid(login, &why))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid login_url \"%s\": %s", login, why),
+				 errhint("Use https://login.salesforce.com, https://test.salesforce.com or the org's My Domain URL.")));
+	if (batch < 200 || batch > 2000)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("option \"batch_size\" must be between 200 and 2000"),
+				 errdetail("Salesforce returns at most 2,000 records per query page.")));
+}
+
+/* ---------- time ---------- */
+
+/* Seconds since the epoch of "2024-05-01T12:34:56.000+0000", "…Z" or "…+00:00"; -1 if malformed. */
+static double
+sf_parse_datetime(const char *s)
+{
+	struct tm	tm;
+	int			n = 0;
+	double		frac = 0;
+	int			sign = 0,
+				oh = 0,
+				om = 0;
+	const char *p;
+
+	if (s == NULL)
+		return -1;
+	memset(&tm, 0, sizeof(tm));
+	if (sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d%n", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
+			   &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &n) != 6)
+		return -1;
+	p = s + n;
+	if (*p == '.')
+	{
+		char	   *end;
+
+		frac = strtod(p, &end);
+		p = end;
+	}
+	if (*p == '+' || *p == '-')
+	{
+		sign = (*p == '-') ? -1 : 1;
+		if (sscanf(p + 1, "%2d:%2d", &oh, &om) != 2 && sscanf(p + 1, "%2d%2d", &oh, &om) != 2)
+			return -1;
+	}
+	else if (*p != 'Z' && *p != '\0')
+		return -1;
+	tm.tm_year -= 1900;
+	tm.tm_mon -= 1;
+	return (double) timegm(&tm) + frac - sign * (oh * 3600 + om * 60);
+}
+
+/* SOQL datetime literal (whole seconds, UTC). */
+static char *
+sf_soql_datetime(double epoch)
+{
+	time_t		t = (time_t) epoch;
+	struct tm	tm;
+	char		buf[32];
+
+	gmtime_r(&t, &tm);
+	strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+	return pstrdup(buf);
+}
+
+/* Server time from the Date header, else our clock. */
+static double
+sf_server_time(SyncHttpResponse *resp)
+{
+	if (resp->date)
+	{
+		time_t		t = curl_getdate(resp->date, NULL);
+
+		if (t > 0)
+			return (double) t;
+	}
+	return (double) time(NULL);
+}
+
+/* ---------- requests ---------- */
+
+static void
+sf_raise(SyncHttpResponse *resp, const char *what)
+{
+	json_t	   *body = json_loadb(resp->body, resp->body_len, 0, NULL);
+	const char *code = NULL;
+	const char *message = NULL;
+	int			sqlstate;
+
+	if (body && json_is_array(body) && json_array_size(body) > 0)
+	{
+		code = sync_json_string(json_array_get(body, 0), "errorCode");
+		message = sync_json_string(json_array_get(body, 0), "message");
+	}
+	else if (body && json_is_object(body))
+	{
+		code = sync_json_string(body, "error");
+		message = sync_json_string(body, "error_description");
+	}
+	code = pstrdup(code ? code : "UNKNOWN");
+	message = pstrdup(message ? message : (resp->body_len ? "unexpected response body" : "empty response body"));
+	json_decref(body);
+
+	if (resp->status == 401)
+		sqlstate = ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
+	else if (strcmp(code, "REQUEST_LIMIT_EXCEEDED") == 0)
+		sqlstate = ERRCODE_CONFIGURATION_LIMIT_EXCEEDED;
+	else if (resp->status == 404 || strcmp(code, "INVALID_TYPE") == 0)
+		sqlstate = ERRCODE_UNDEFINED_OBJECT;
+	else if (strcmp(code, "INVALID_FIELD") == 0)
+		sqlstate = ERRCODE_UNDEFINED_COLUMN;
+	else if (resp->status >= 500)
+		sqlstate = ERRCODE_CONNECTION_FAILURE;
+	else
+		sqlstate = ERRCODE_DATA_EXCEPTION;
+
+	ereport(ERROR,
+			(errcode(sqlstate),
+			 errmsg("Salesforce %s failed with HTTP %ld %s: %s", what, resp->status, code, message),
+			 strcmp(code, "REQUEST_LIMIT_EXCEEDED") == 0 ?
+			 errhint("The org's API allocation is spent; sync retries with backoff. Lower requests_per_second to leave room for other integrations.") :
+			 strcmp(code, "invalid_grant") == 0 ?
+			 errhint("The refresh token was revoked or expired: authorize again and call sync.alter_source() with new credentials.") : 0));
+}
+
+/* Trade the refresh token for an access token and save it (with a rotated refresh token). */
+static void
+sf_refresh_token(SyncSource *source, SyncPage *page)
+{
+	char	   *url = psprintf("%s/services/oauth2/token", sf_login_url(source));
+	StringInfoData form;
+	SyncHttpResponse resp;
+	json_t	   *body;
+	json_t	   *token;
+	json_t	   *rotated = NULL;
+	const char *access;
+	const char *instance;
+	const char *new_refresh;
+
+	initStringInfo(&form);
+	appendStringInfo(&form, "grant_type=refresh_token&client_id=%s&client_secret=%s&refresh_token=%s&format=json",
+					 sync_http_urlencode(sync_json_string(source->credentials, "client_id")),
+					 sync_http_urlencode(sync_json_string(source->credentials, "client_secret")),
+					 sync_http_urlencode(sync_json_string(source->credentials, "refresh_token")));
+	sync_http_request("POST", url, NULL, 0, form.data, "application/x-www-form-urlencoded",
+					  source->verify_tls, &resp);
+	memset(form.data, 0, form.len);	/* holds secrets */
+	if (page)
+		page->requests++;
+	if (resp.status != 200)
+		sf_raise(&resp, "token refresh");
+
+	body = sync_json_parse(resp.body, resp.body_len, "Salesforce token response");
+	access = sync_json_string(body, "access_token");
+	instance = sync_json_string(body, "instance_url");
+	if (access == NULL || instance == NULL)
+	{
+		json_decref(body);
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+				 errmsg("Salesforce token response lacks access_token or instance_url")));
+	}
+	token = json_pack("{s:s, s:s}", "access_token", access, "instance_url", instance);
+	new_refresh = sync_json_string(body, "refresh_token");
+	if (new_refresh && strcmp(new_refresh, sync_json_string(source->credentials, "refresh_token")) != 0)
+	{
+		rotated = json_deep_copy(source->credentials);
+		json_object_set_new(rotated, "refresh_token", json_string(new_refresh));
+	}
+	json_decref(body);
+	PG_TRY();
+	{
+		sync_save_token(source, token, rotated);
+	}
+	PG_FINALLY();
+	{
+		json_decref(token);
+		json_decref(rotated);
+	}
+	PG_END_TRY();
+}
+
+static bool
+sf_session_expired(SyncHttpResponse *resp)
+{
+	return resp->status == 401;
+}
+
+/*
+ * GET an API path (or a nextRecordsUrl), refreshing the session once on 401.
+ * Returns the parsed body; the caller owns it.
+ */
+static json_t *
+sf_get(SyncSource *source, SyncPage *page, const char *path, const char *what,
+	   int batch_size, SyncHttpResponse *resp)
+{
+	for (int attempt = 0;; attempt++)
+	{
+		SyncHttpHeader headers[2];
+		int			nheaders = 0;
+		char	   *url;
+
+		if (source->token == NULL || sync_json_string(source->token, "access_token") == NULL)
+			sf_refresh_token(source, page);
+		url = psprintf("%s%s", sync_json_string(source->token, "instance_url"), path);
+		headers[nheaders].name = "Authorization";
+		headers[nheaders++].value = psprintf("Bearer %s", sync_json_string(source->token, "access_token"));
+		if (batch_size > 0)
+		{
+			headers[nheaders].name = "Sforce-Query-Options";
+			headers[nheaders++].value = psprintf("batchSize=%d", batch_size);
+		}
+		sync_http_request("GET", url, headers, nheaders, NULL, NULL, source->verify_tls, resp);
+		memset((char *) headers[0].value, 0, strlen(headers[0].value));
+		if (page)
+			page->requests++;
+		if (sf_session_expired(resp) && attempt == 0)
+		{
+			json_decref(source->token);
+			source->token = NULL;
+			continue;
+		}
+		if (resp->status < 200 || resp->status >= 300)
+			sf_raise(resp, what);
+		return sync_json_parse(resp->body, resp->body_len, psprintf("Salesforce %s response", what));
+	}
+}
+
+/* ---------- describe ---------- */
+
+typedef struct SfTypeMap
+{
+	const char *sf_type;
+	const char *column_type;	/* NULL: numeric(precision, scale) */
+	const char *wire_type;
+	const char *convert_sql;
+} SfTypeMap;
+
+static const SfTypeMap sf_types[] = {
+	{"id", "text", "text", NULL},
+	{"reference", "text", "text", NULL},
+	{"string", "text", "text", NULL},
+	{"textarea", "text", "text", NULL},
+	{"email", "text", "text", NULL},
+	{"phone", "text", "text", NULL},
+	{"url", "text", "text", NULL},
+	{"picklist", "text", "text", NULL},
+	{"combobox", "text", "text", NULL},
+	{"encryptedstring", "text", "text", NULL},
+	{"multipicklist", "text[]", "text", "string_to_array(%s, ';')"},
+	{"boolean", "boolean", "boolean", NULL},
+	{"int", "integer", "numeric", "%s::integer"},
+	{"long", "bigint", "numeric", "%s::bigint"},
+	{"double", NULL, "numeric", NULL},
+	{"currency", NULL, "numeric", NULL},
+	{"percent", NULL, "numeric", NULL},
+	{"date", "date", "date", NULL},
+	{"datetime", "timestamptz", "timestamptz", NULL},
+	{"time", "time", "time", NULL},
+	{"address", "jsonb", "jsonb", NULL},
+	{"location", "jsonb", "jsonb", NULL},
+	{"complexvalue", "jsonb", "jsonb", NULL},
+	{"json", "jsonb", "jsonb", NULL},
+	{"anyType", "text", "text", NULL},
+};
+
+static const SfTypeMap *
+sf_type_map(const char *sf_type)
+{
+	for (size_t i = 0; i < lengthof(sf_types); i++)
+		if (strcmp(sf_types[i].sf_type, sf_type) == 0)
+			return &sf_types[i];
+	return NULL;
+}
+
+static List *
+sf_describe(SyncSource *source, const char *collection, char **canonical_name)
+{
+	char	   *path;
+	json_t	   *volatile body = NULL;
+	List	   *volatile fields = NIL;
+	List	   *volatile taken = list_make1(pstrdup("_synced_at"));
+	SyncHttpResponse resp;
+	volatile bool has_modstamp = false;
+
+	for (const char *p = collection; *p; p++)
+		if (!isalnum((unsigned char) *p) && *p != '_')
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid Salesforce object name \"%s\"", collection),
+					 errhint("Object names are API names such as Contact or Invoice__c.")));
+
+	path = psprintf("/services/data/v%s/sobjects/%s/describe", sf_api_version(source), collection);
+	PG_TRY();
+	{
+		json_t	   *list;
+		size_t		i;
+		json_t	   *f;
+
+		PG_TRY();
+		{
+			body = sf_get(source, NULL, path, "describe", 0, &resp);
+		}
+		PG_CATCH();
+		{
+			if (resp.status == 404)
+			{
+				FlushErrorState();
+				ereport(ERROR,
+						(errcode(ERRCODE_UNDEFINED_OBJECT),
+						 errmsg("Salesforce has no object \"%s\"", collection),
+						 errhint("Use the object's API name, such as Contact or Invoice__c; custom objects end in __c.")));
+			}
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+
+		if (!sync_json_bool(body, "queryable", false) || !sync_json_bool(body, "replicateable", false))
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("Salesforce object \"%s\" cannot be synced", collection),
+					 errdetail("Only objects that are queryable and replicateable can be synced.")));
+		*canonical_name = pstrdup(sync_json_string(body, "name") ? sync_json_string(body, "name") : collection);
+
+		list = json_object_get(body, "fields");
+		if (!json_is_array(list))
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_EXCEPTION),
+					 errmsg("Salesforce describe of \"%s\" has no field list", collection)));
+		json_array_foreach(list, i, f)
+		{
+			const char *name = sync_json_string(f, "name");
+			const char *type = sync_json_string(f, "type");
+			const SfTypeMap *map;
+			SyncField  *field;
+
+			if (name == NULL || type == NULL || sync_json_bool(f, "deprecatedAndHidden", false))
+				continue;
+			if (strcmp(name, "IsDeleted") == 0 || strcmp(type, "base64") == 0)
+				continue;		/* deletes remove rows; base64 bodies are separate downloads */
+			map = sf_type_map(type);
+			field = palloc0(sizeof(SyncField));
+			field->api_field = pstrdup(name);
+			field->api_type = pstrdup(type);
+			field->column_name = sync_unique_identifier(sync_identifier_from_api_name(name), taken);
+			taken = lappend(taken, field->column_name);
+			if (map == NULL)
+			{
+				field->column_type = "text";
+				field->wire_type = "text";
+			}
+			else if (map->column_type == NULL)
+			{
+				int64		precision = sync_json_int(f, "precision", 0);
+				int64		scale = sync_json_int(f, "scale", 0);
+
+				field->column_type = (precision > 0 && precision <= 1000 && scale >= 0 && scale <= precision) ?
+					psprintf("numeric(%d,%d)", (int) precision, (int) scale) : "numeric";
+				field->wire_type = "numeric";
+			}
+			else
+			{
+				field->column_type = (char *) map->column_type;
+				field->wire_type = (char *) map->wire_type;
+				field->convert_sql = (char *) map->convert_sql;
+			}
+			field->is_key = strcmp(name, "Id") == 0;
+			field->is_version = strcmp(name, "SystemModstamp") == 0;
+			has_modstamp |= field->is_version;
+			fields = lappend(fields, field);
+		}
+		if (!has_modstamp)
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("Salesforce object \"%s\" has no SystemModstamp field", collection),
+					 errdetail("sync detects changes by SystemModstamp.")));
+	}
+	PG_FINALLY();
+	{
+		json_decref(body);
+	}
+	PG_END_TRY();
+	return fields;
+}
+
+/* ---------- sync steps ---------- */
+
+static char *
+sf_field_list(SyncCollection *c, bool with_is_deleted)
+{
+	StringInfoData buf;
+	ListCell   *lc;
+
+	initStringInfo(&buf);
+	foreach(lc, c->fields)
+		appendStringInfo(&buf, "%s%s", buf.len ? "," : "", ((SyncField *) lfirst(lc))->api_field);
+	if (with_is_deleted)
+		appendStringInfoString(&buf, ",IsDeleted");
+	return buf.data;
+}
+
+static char *
+sf_soql_string(const char *s)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '\'');
+	for (; *s; s++)
+	{
+		if (*s == '\'' || *s == '\\')
+			appendStringInfoChar(&buf, '\\');
+		appendStringInfoChar(&buf, *s);
+	}
+	appendStringInfoChar(&buf, '\'');
+	return buf.data;
+}
+
+/* The query path for SOQL, checked against the URL length limit. */
+static char *
+sf_query_path(SyncSource *source, SyncCollection *c, const char *resource, const char *soql)
+{
+	char	   *path = psprintf("/services/data/v%s/%s/?q=%s", sf_api_version(source), resource,
+								sync_http_urlencode(soql));
+
+	if (strlen(path) > SF_MAX_URL_BYTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("the query of \"%s\" is longer than Salesforce accepts", c->name),
+				 errhint("Sync fewer fields with the collection option \"fields\".")));
+	return path;
+}
+
+static int
+sf_batch_size(SyncSource *source)
+{
+	return (int) sync_json_int(source->options, "batch_size", SF_DEFAULT_BATCH_SIZE);
+}
+
+static void
+cursor_set_str(json_t *cursor, const char *key, const char *value)
+{
+	if (value)
+		json_object_set_new(cursor, key, json_string(value));
+	else
+		json_object_del(cursor, key);
+}
+
+/* (ts, id) keyset order; ts compared as time. */
+static int
+keyset_cmp(double ts_a, const char *id_a, double ts_b, const char *id_b)
+{
+	if (ts_a != ts_b)
+		return ts_a < ts_b ? -1 : 1;
+	return strcmp(id_a ? id_a : "", id_b ? id_b : "");
+}
+
+/*
+ * Split a page of records into upserts and deletions, and find the newest
+ * keyset among them (only records stamped no later than max_ts count, when
+ * given: records changed after the query began sit out of order).
+ */
+static void
+sf_take_records(json_t *records, SyncPage *page, json_t *cursor, double max_ts)
+{
+	size_t		i;
+	json_t	   *r;
+	double		best_ts = sf_parse_datetime(sync_json_string(cursor, "ts"));
+	const char *best_id = sync_json_string(cursor, "id");
+	char	   *best_id_copy = best_id ? pstrdup(best_id) : NULL;
+
+	if (!json_is_array(records))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("Salesforce query response has no records array")));
+	json_array_foreach(records, i, r)
+	{
+		const char *id = sync_json_string(r, "Id");
+		const char *stamp = sync_json_string(r, "SystemModstamp");
+		double		ts = sf_parse_datetime(stamp);
+
+		if (id == NULL || ts < 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_EXCEPTION),
+					 errmsg("Salesforce record without a valid Id and SystemModstamp"),
+					 errdetail("Record %zu of the page.", i)));
+		if (sync_json_bool(r, "IsDeleted", false))
+			json_array_append_new(page->deletions, json_pack("{s:s, s:s}", "id", id, "at", stamp));
+		else
+			json_array_append(page->records, r);
+		if ((max_ts < 0 || ts <= max_ts) && keyset_cmp(ts, id, best_ts, best_id_copy) > 0)
+		{
+			best_ts = ts;
+			best_id_copy = pstrdup(id);
+		}
+	}
+	if (best_id_copy && best_ts >= 0)
+	{
+		cursor_set_str(cursor, "ts", sf_soql_datetime(best_ts));
+		cursor_set_str(cursor, "id", best_id_copy);
+	}
+}
+
+/* Fetch one page of a query: its continuation, or a new query. Sets "next_url". */
+static json_t *
+sf_query_page(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor,
+			  const char *resource, const char *soql, SyncHttpResponse *resp, bool *is_new_query)
+{
+	const char *next = sync_json_string(cursor, "next_url");
+	json_t	   *body = NULL;
+
+	*is_new_query = false;
+	if (next)
+	{
+		MemoryContext ctx = CurrentMemoryContext;
+
+		PG_TRY();
+		{
+			body = sf_get(source, page, next, "query", sf_batch_size(source), resp);
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(ctx);
+			edata = CopyErrorData();
+			/* Query locators expire: start the query again from the keyset. */
+			if (resp->status != 400 || edata->message == NULL ||
+				strstr(edata->message, "INVALID_QUERY_LOCATOR") == NULL)
+				PG_RE_THROW();
+			FlushErrorState();
+			ereport(LOG,
+					(errmsg("query locator of collection \"%s\" expired; querying again from the cursor", c->name)));
+			body = NULL;
+		}
+		PG_END_TRY();
+	}
+	if (body == NULL)
+	{
+		body = sf_get(source, page, sf_query_path(source, c, resource, soql), "query", sf_batch_size(source), resp);
+		*is_new_query = true;
+	}
+	cursor_set_str(cursor, "next_url",
+				   sync_json_bool(body, "done", true) ? NULL : sync_json_string(body, "nextRecordsUrl"));
+	return body;
+}
+
+static char *
+sf_keyset_where(const char *ts, const char *id)
+{
+	return psprintf("(SystemModstamp > %s OR (SystemModstamp = %s AND Id > %s))", ts, ts, sf_soql_string(id));
+}
+
+static void
+sf_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor)
+{
+	const char *ts = sync_json_string(cursor, "ts");
+	const char *id = sync_json_string(cursor, "id");
+	char	   *soql = psprintf("SELECT %s FROM %s%s%s ORDER BY SystemModstamp, Id",
+								sf_field_list(c, false), c->name,
+								ts && id ? " WHERE " : "", ts && id ? sf_keyset_where(ts, id) : "");
+	SyncHttpResponse resp;
+	json_t	   *body;
+	bool		is_new;
+	double		started = sync_json_number(cursor, "started", -1);
+
+	body = sf_query_page(source, c, page, cursor, "query", soql, &resp, &is_new);
+	if (started < 0)
+	{
+		started = sf_server_time(&resp);
+		json_object_set_new(cursor, "started", json_real(started));
+	}
+	if (is_new && ts == NULL)
+		page->total = sync_json_int(body, "totalSize", -1);
+	PG_TRY();
+	{
+		sf_take_records(json_object_get(body, "records"), page, cursor, started);
+	}
+	PG_FINALLY();
+	{
+		json_decref(body);
+	}
+	PG_END_TRY();
+
+	page->activity = "backfilling";
+	if (sync_json_string(cursor, "next_url"))
+	{
+		page->more = true;
+		page->phase = "backfill";
+		return;
+	}
+	/* Done. Changes made while the backfill ran are re-read by the first poll. */
+	page->backfill_done = true;
+	page->more = true;
+	page->phase = "incremental";
+	json_object_set_new(cursor, "mode", json_string("incremental"));
+	json_object_set_new(cursor, "safe_from",
+						json_real(started - sync_json_int(source->options, "overlap", SF_DEFAULT_OVERLAP_S)));
+	json_object_del(cursor, "started");
+	if (!json_object_get(cursor, "deleted_until"))
+		json_object_set_new(cursor, "deleted_until", json_real(started));
+	json_object_set_new(cursor, "deleted_at", json_real((double) time(NULL)));
+}
+
+static void
+sf_poll_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor)
+{
+	const char *ts = sync_json_string(cursor, "ts");
+	const char *id = sync_json_string(cursor, "id");
+	double		safe_from = sync_json_number(cursor, "safe_from", -1);
+	double		ts_epoch = sf_parse_datetime(ts);
+	char	   *where;
+	char	   *soql;
+	SyncHttpResponse resp;
+	json_t	   *body;
+	bool		is_new;
+
+	if (safe_from >= 0 && (ts == NULL || ts_epoch >= safe_from))
+		where = psprintf("SystemModstamp >= %s", sf_soql_datetime(safe_from));
+	else if (ts && id)
+		where = sf_keyset_where(ts, id);
+	else
+		where = NULL;
+	soql = psprintf("SELECT %s FROM %s%s%s ORDER BY SystemModstamp, Id",
+					sf_field_list(c, true), c->name, where ? " WHERE " : "", where ? where : "");
+
+	body = sf_query_page(source, c, page, cursor, "queryAll", soql, &resp, &is_new);
+	if (is_new && !json_object_get(cursor, "started"))
+		json_object_set_new(cursor, "started", json_real(sf_server_time(&resp)));
+	PG_TRY();
+	{
+		sf_take_records(json_object_get(body, "records"), page, cursor, -1);
+	}
+	PG_FINALLY();
+	{
+		json_decref(body);
+	}
+	PG_END_TRY();
+
+	page->phase = "incremental";
+	page->activity = "polling for changes";
+	if (sync_json_string(cursor, "next_url"))
+	{
+		page->more = true;
+		return;
+	}
+	json_object_set_new(cursor, "safe_from",
+						json_real(sync_json_number(cursor, "started", (double) time(NULL)) -
+								  sync_json_int(source->options, "overlap", SF_DEFAULT_OVERLAP_S)));
+	json_object_del(cursor, "started");
+}
+
+static char *
+sf_iso_param(double epoch)
+{
+	time_t		t = (time_t) epoch;
+	struct tm	tm;
+	char		buf[40];
+
+	gmtime_r(&t, &tm);
+	strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S+00:00", &tm);
+	return sync_http_urlencode(buf);
+}
+
+/* Deletes the recycle bin no longer shows (hard deletes, emptied bin) from the delete log. */
+static void
+sf_deleted_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor)
+{
+	double		start = sync_json_number(cursor, "deleted_until", 0);
+	double		now = (double) time(NULL);
+	SyncHttpResponse resp;
+	json_t	   *body;
+	json_t	   *list;
+	json_t	   *r;
+	size_t		i;
+	volatile double covered = -1;
+	double		earliest;
+
+	if (start < now - SF_DELETED_RETENTION_S + 3600)
+	{
+		ereport(WARNING,
+				(errmsg("deletes of collection \"%s\" before %s may have been missed", c->name,
+						sf_soql_datetime(now - SF_DELETED_RETENTION_S + 3600)),
+				 errdetail("Salesforce keeps its delete log for 15 days only."),
+				 errhint("Run sync.resync() to backfill the collection again.")));
+		start = now - SF_DELETED_RETENTION_S + 3600;
+	}
+	body = sf_get(source, page,
+				  psprintf("/services/data/v%s/sobjects/%s/deleted/?start=%s&end=%s", sf_api_version(source),
+						   c->name, sf_iso_param(start), sf_iso_param(now)),
+				  "getDeleted", 0, &resp);
+	PG_TRY();
+	{
+		list = json_object_get(body, "deletedRecords");
+		if (!json_is_array(list))
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_EXCEPTION),
+					 errmsg("Salesforce getDeleted response has no deletedRecords array")));
+		json_array_foreach(list, i, r)
+		{
+			const char *id = sync_json_string(r, "id");
+			const char *at = sync_json_string(r, "deletedDate");
+
+			if (id)
+				json_array_append_new(page->deletions,
+									  json_pack("{s:s, s:s?}", "id", id, "at", at));
+		}
+		covered = sf_parse_datetime(sync_json_string(body, "latestDateCovered"));
+		earliest = sf_parse_datetime(sync_json_string(body, "earliestDateAvailable"));
+		if (earliest > start)
+			ereport(WARNING,
+					(errmsg("deletes of collection \"%s\" between %s and %s may have been missed", c->name,
+							sf_soql_datetime(start), sf_soql_datetime(earliest)),
+					 errdetail("Salesforce's delete log starts later than the last check."),
+					 errhint("Run sync.resync() to backfill the collection again.")));
+	}
+	PG_FINALLY();
+	{
+		json_decref(body);
+	}
+	PG_END_TRY();
+	if (covered > start)
+		json_object_set_new(cursor, "deleted_until", json_real(covered));
+	json_object_set_new(cursor, "deleted_at", json_real(now));
+	page->phase = "incremental";
+	page->activity = "checking for deletes";
+	page->more = true;			/* the poll is next */
+}
+
+static void
+sf_step(SyncSource *source, SyncCollection *c, SyncPage *page)
+{
+	json_t	   *cursor = json_is_object(c->cursor) ? json_deep_copy(c->cursor) : json_object();
+	const char *mode = sync_json_string(cursor, "mode");
+	double		interval = sync_json_number(c->options, "deleted_interval",
+											sync_json_number(source->options, "deleted_interval",
+															 SF_DEFAULT_DELETED_INTERVAL_S));
+
+	page->records = json_array();
+	page->deletions = json_array();
+	page->cursor = cursor;
+	if (mode == NULL || strcmp(mode, "backfill") == 0)
+	{
+		json_object_set_new(cursor, "mode", json_string("backfill"));
+		sf_backfill_step(source, c, page, cursor);
+	}
+	else if (sync_json_string(cursor, "next_url") == NULL &&
+			 (double) time(NULL) - sync_json_number(cursor, "deleted_at", 0) >= interval &&
+			 (double) time(NULL) - sync_json_number(cursor, "deleted_until", 0) >= 60)
+		sf_deleted_step(source, c, page, cursor);
+	else
+		sf_poll_step(source, c, page, cursor);
+}
+
+const SyncProvider sync_salesforce_provider = {
+	.kind = "salesforce",
+	.required_credentials = sf_required_credentials,
+	.default_requests_per_second = 1.0 / 3.0,
+	.validate_source = sf_validate_source,
+	.describe = sf_describe,
+	.step = sf_step,
+};

@@ -1,0 +1,372 @@
+/*
+ * store.c: applies a page of API records to its synced table. A page is one
+ * multi-row upsert and one multi-row delete, both prepared once per
+ * collection, plus the update of the collection's cursor, all in the
+ * caller's transaction. Rows never go backwards: a record older than the
+ * row (by the API's modification stamp) is skipped.
+ */
+#include "sync.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "lib/stringinfo.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+
+typedef struct CollectionPlans
+{
+	int32		collection_id;	/* hash key */
+	char	   *upsert_sql;
+	SPIPlanPtr	upsert;
+	char	   *delete_sql;
+	SPIPlanPtr	delete;
+} CollectionPlans;
+
+static HTAB *plans_by_collection = NULL;
+
+static const SyncField *
+find_field(List *fields, bool key)
+{
+	ListCell   *lc;
+
+	foreach(lc, fields)
+	{
+		SyncField  *f = lfirst(lc);
+
+		if (key ? f->is_key : f->is_version)
+			return f;
+	}
+	return NULL;
+}
+
+/* The expression that turns a record's wire value into the column's value. */
+static void
+append_value_expr(StringInfo buf, const SyncField *f)
+{
+	char	   *ref = psprintf("r.%s", quote_identifier(f->api_field));
+
+	if (f->convert_sql && f->convert_sql[0])
+	{
+		/* convert_sql holds one %s: the wire value */
+		const char *p = strstr(f->convert_sql, "%s");
+
+		if (p == NULL)
+			elog(ERROR, "conversion of field \"%s\" has no placeholder", f->api_field);
+		appendBinaryStringInfo(buf, f->convert_sql, p - f->convert_sql);
+		appendStringInfoString(buf, ref);
+		appendStringInfoString(buf, p + 2);
+	}
+	else
+		appendStringInfoString(buf, ref);
+}
+
+static char *
+qualified_table(SyncCollection *c)
+{
+	char	   *relname = get_rel_name(c->relid);
+
+	if (relname == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("the table of collection \"%s\" no longer exists", c->name),
+				 errhint("Remove the collection with sync.remove_collection() and add it again.")));
+	return quote_qualified_identifier(get_namespace_name(get_rel_namespace(c->relid)), relname);
+}
+
+static char *
+build_upsert_sql(SyncCollection *c, const char *table)
+{
+	StringInfoData sql;
+	const SyncField *key = find_field(c->fields, true);
+	const SyncField *version = find_field(c->fields, false);
+	ListCell   *lc;
+	bool		first;
+
+	initStringInfo(&sql);
+	appendStringInfo(&sql, "INSERT INTO %s AS t (", table);
+	foreach(lc, c->fields)
+		appendStringInfo(&sql, "%s, ", quote_identifier(((SyncField *) lfirst(lc))->column_name));
+	appendStringInfoString(&sql, "_synced_at) SELECT DISTINCT ON (");
+	append_value_expr(&sql, key);
+	appendStringInfoString(&sql, ") ");
+	foreach(lc, c->fields)
+	{
+		append_value_expr(&sql, lfirst(lc));
+		appendStringInfoString(&sql, ", ");
+	}
+	appendStringInfoString(&sql, "now() FROM json_to_recordset($1::json) AS r(");
+	first = true;
+	foreach(lc, c->fields)
+	{
+		SyncField  *f = lfirst(lc);
+
+		appendStringInfo(&sql, "%s%s %s", first ? "" : ", ", quote_identifier(f->api_field), f->wire_type);
+		first = false;
+	}
+	appendStringInfoString(&sql, ") ORDER BY ");
+	append_value_expr(&sql, key);
+	if (version)
+	{
+		appendStringInfoString(&sql, ", ");
+		append_value_expr(&sql, version);
+		appendStringInfoString(&sql, " DESC NULLS LAST");
+	}
+	appendStringInfo(&sql, " ON CONFLICT (%s) DO UPDATE SET ", quote_identifier(key->column_name));
+	foreach(lc, c->fields)
+	{
+		SyncField  *f = lfirst(lc);
+
+		if (!f->is_key)
+			appendStringInfo(&sql, "%s = EXCLUDED.%s, ", quote_identifier(f->column_name),
+							 quote_identifier(f->column_name));
+	}
+	appendStringInfoString(&sql, "_synced_at = EXCLUDED._synced_at WHERE ");
+	if (version)
+	{
+		const char *v = quote_identifier(version->column_name);
+
+		appendStringInfo(&sql, "t.%s IS NULL OR t.%s < EXCLUDED.%s OR (t.%s = EXCLUDED.%s AND ", v, v, v, v, v);
+	}
+	/* Re-reading an unchanged record must not rewrite the row. */
+	appendStringInfoString(&sql, "(");
+	first = true;
+	foreach(lc, c->fields)
+	{
+		SyncField  *f = lfirst(lc);
+
+		appendStringInfo(&sql, "%st.%s", first ? "" : ", ", quote_identifier(f->column_name));
+		first = false;
+	}
+	appendStringInfoString(&sql, ", NULL) IS DISTINCT FROM (");
+	first = true;
+	foreach(lc, c->fields)
+	{
+		SyncField  *f = lfirst(lc);
+
+		appendStringInfo(&sql, "%sEXCLUDED.%s", first ? "" : ", ", quote_identifier(f->column_name));
+		first = false;
+	}
+	appendStringInfoString(&sql, ", NULL)");
+	if (version)
+		appendStringInfoString(&sql, ")");
+	return sql.data;
+}
+
+static char *
+build_delete_sql(SyncCollection *c, const char *table)
+{
+	StringInfoData sql;
+	const SyncField *key = find_field(c->fields, true);
+	const SyncField *version = find_field(c->fields, false);
+
+	initStringInfo(&sql);
+	appendStringInfo(&sql, "DELETE FROM %s AS t USING json_to_recordset($1::json) AS d(id %s, at %s) "
+					 "WHERE t.%s = d.id",
+					 table, key->column_type, version ? version->column_type : "text",
+					 quote_identifier(key->column_name));
+	if (version)
+	{
+		const char *v = quote_identifier(version->column_name);
+
+		appendStringInfo(&sql, " AND (d.at IS NULL OR t.%s IS NULL OR t.%s <= d.at)", v, v);
+	}
+	return sql.data;
+}
+
+static SPIPlanPtr
+prepare_kept(const char *sql, char **cached_sql, SPIPlanPtr cached)
+{
+	Oid			argtype = TEXTOID;
+	SPIPlanPtr	plan;
+
+	if (cached && *cached_sql && strcmp(*cached_sql, sql) == 0)
+		return cached;
+	if (cached)
+		SPI_freeplan(cached);
+	if (*cached_sql)
+		pfree(*cached_sql);
+	*cached_sql = NULL;
+	plan = SPI_prepare(sql, 1, &argtype);
+	if (plan == NULL)
+		elog(ERROR, "could not prepare a sync statement: %s", SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "could not keep a sync statement");
+	*cached_sql = MemoryContextStrdup(TopMemoryContext, sql);
+	return plan;
+}
+
+static CollectionPlans *
+plans_for(SyncCollection *c)
+{
+	bool		found;
+	CollectionPlans *p;
+	char	   *table = qualified_table(c);
+
+	if (plans_by_collection == NULL)
+	{
+		HASHCTL		ctl;
+
+		memset(&ctl, 0, sizeof(ctl));
+		ctl.keysize = sizeof(int32);
+		ctl.entrysize = sizeof(CollectionPlans);
+		plans_by_collection = hash_create("sync plans", 64, &ctl, HASH_ELEM | HASH_BLOBS);
+	}
+	p = hash_search(plans_by_collection, &c->id, HASH_ENTER, &found);
+	if (!found)
+	{
+		p->upsert_sql = p->delete_sql = NULL;
+		p->upsert = p->delete = NULL;
+	}
+	if (find_field(c->fields, true) == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("collection \"%s\" has no key column", c->name)));
+	p->upsert = prepare_kept(build_upsert_sql(c, table), &p->upsert_sql, p->upsert);
+	p->delete = prepare_kept(build_delete_sql(c, table), &p->delete_sql, p->delete);
+	return p;
+}
+
+void
+sync_store_forget_plans(void)
+{
+	HASH_SEQ_STATUS seq;
+	CollectionPlans *p;
+
+	if (plans_by_collection == NULL)
+		return;
+	hash_seq_init(&seq, plans_by_collection);
+	while ((p = hash_seq_search(&seq)) != NULL)
+	{
+		if (p->upsert)
+			SPI_freeplan(p->upsert);
+		if (p->delete)
+			SPI_freeplan(p->delete);
+		hash_search(plans_by_collection, &p->collection_id, HASH_REMOVE, NULL);
+	}
+}
+
+static uint64
+run_with_json(SPIPlanPtr plan, json_t *array, int expected)
+{
+	char	   *text = sync_json_dump(array);
+	Datum		arg = CStringGetTextDatum(text);
+	int			ret;
+
+	free(text);
+	ret = SPI_execute_plan(plan, &arg, NULL, false, 0);
+	if (ret != expected)
+		elog(ERROR, "could not apply a page: %s", SPI_result_code_string(ret));
+	pfree(DatumGetPointer(arg));
+	return SPI_processed;
+}
+
+/*
+ * Advance the collection's state; false when its cursor changed since the
+ * step began (a resync), in which case the page is dropped.
+ */
+static bool
+update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
+{
+	Oid			types[11] = {INT4OID, TEXTOID, TEXTOID, INT8OID, INT8OID, BOOLOID, BOOLOID,
+	INT8OID, INT8OID, TEXTOID, TEXTOID};
+	Datum		args[11];
+	char		nulls[11];
+	char	   *cursor_text = sync_json_dump(page->cursor ? page->cursor : c->cursor);
+	char	   *old_cursor_text = sync_json_dump(c->cursor);
+	size_t		nrecords = page->records ? json_array_size(page->records) : 0;
+	int			ret;
+
+	memset(nulls, ' ', sizeof(nulls));
+	args[0] = Int32GetDatum(c->id);
+	args[1] = CStringGetTextDatum(cursor_text);
+	args[2] = CStringGetTextDatum(page->phase ? page->phase : c->phase);
+	args[3] = Int64GetDatum((int64) nrecords);
+	args[4] = Int64GetDatum(page->total);
+	if (page->total < 0)
+		nulls[4] = 'n';
+	args[5] = BoolGetDatum(page->backfill_done);
+	args[6] = BoolGetDatum(page->more);
+	args[7] = Int64GetDatum(upserted);
+	args[8] = Int64GetDatum((int64) page->requests);
+	args[9] = CStringGetTextDatum(page->activity ? page->activity : "");
+	args[10] = CStringGetTextDatum(old_cursor_text);
+	free(cursor_text);
+	free(old_cursor_text);
+
+	ret = SPI_execute_with_args(
+		"UPDATE sync.collection_state SET cursor = $2::jsonb, phase = $3, "
+		"  backfill_records = backfill_records + CASE WHEN phase = 'backfill' THEN $4 ELSE 0 END, "
+		"  backfill_total = coalesce($5, backfill_total), "
+		"  backfill_completed_at = CASE WHEN $6 THEN now() ELSE backfill_completed_at END, "
+		"  last_poll_at = now(), "
+		"  last_caught_up_at = CASE WHEN $3 = 'incremental' AND NOT $7 THEN now() ELSE last_caught_up_at END, "
+		"  records_upserted = records_upserted + $8, "
+		"  requests = requests + $9, consecutive_failures = 0, activity = nullif($10, ''), "
+		"  run_requested = false "
+		"WHERE collection_id = $1 AND cursor = $11::jsonb",
+		11, types, args, nulls, false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "could not update sync.collection_state: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+		return false;
+
+	if (deleted > 0)
+	{
+		Oid			dtypes[2] = {INT4OID, INT8OID};
+		Datum		dargs[2] = {Int32GetDatum(c->id), Int64GetDatum(deleted)};
+
+		ret = SPI_execute_with_args("UPDATE sync.collection_state SET records_deleted = records_deleted + $2 "
+									"WHERE collection_id = $1", 2, dtypes, dargs, NULL, false, 0);
+		if (ret != SPI_OK_UPDATE)
+			elog(ERROR, "could not update sync.collection_state: %s", SPI_result_code_string(ret));
+	}
+	return true;
+}
+
+/* Tell listeners, at commit and so exactly once, that a backfill completed. */
+static void
+notify_backfill_done(SyncCollection *c)
+{
+	Oid			argtype = INT4OID;
+	Datum		arg = Int32GetDatum(c->id);
+	int			ret;
+
+	ret = SPI_execute_with_args(
+		"SELECT pg_notify('sync_backfill_completed', json_build_object("
+		"  'source', s.name, 'collection', c.name, 'table', c.relid::regclass::text, "
+		"  'records', st.backfill_records, 'completed_at', st.backfill_completed_at)::text) "
+		"FROM sync.collections c JOIN sync.sources s ON s.id = c.source_id "
+		"JOIN sync.collection_state st ON st.collection_id = c.id WHERE c.id = $1",
+		1, &argtype, &arg, NULL, false, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not notify: %s", SPI_result_code_string(ret));
+}
+
+void
+sync_apply_page(SyncCollection *c, SyncPage *page)
+{
+	CollectionPlans *plans;
+	int64		upserted = 0;
+	int64		deleted = 0;
+	int64		pending_deletes = page->deletions ? (int64) json_array_size(page->deletions) : 0;
+
+	/* Counted after the state update succeeds; the counts are known from the page. */
+	plans = plans_for(c);
+	if (page->records && json_array_size(page->records) > 0)
+		upserted = (int64) run_with_json(plans->upsert, page->records, SPI_OK_INSERT);
+	if (pending_deletes > 0)
+		deleted = (int64) run_with_json(plans->delete, page->deletions, SPI_OK_DELETE);
+
+	if (!update_state(c, page, upserted, deleted))
+	{
+		/* A resync reset the cursor meanwhile: drop this page. */
+		ereport(ERROR,
+				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+				 errmsg("collection \"%s\" was reset while a page was in flight", c->name),
+				 errdetail("The page was discarded; the collection starts again from its new cursor.")));
+	}
+	if (page->backfill_done)
+		notify_backfill_done(c);
+}

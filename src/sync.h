@@ -1,0 +1,237 @@
+/*
+ * sync.h: declarations shared by the parts of the sync extension.
+ *
+ * The extension is split into small files with one job each:
+ *   sync.c        module load: GUCs, hooks, shared memory, launcher registration
+ *   launcher.c    the launcher background worker: one sync worker per database
+ *   worker.c      a database's sync worker: scheduling, transactions, errors
+ *   catalog.c     reading and writing the sync.* catalog tables through SPI
+ *   store.c       creating synced tables and applying pages of records
+ *   http.c        interruptible libcurl requests
+ *   ratelimit.c   per-source request budgets
+ *   provider.c    the registry of providers (one file per API)
+ *   salesforce.c  the Salesforce provider
+ *   api.c         SQL-callable functions
+ *   naming.c      API names to Postgres identifiers
+ */
+#ifndef PG_SYNC_EXTENSION_H
+#define PG_SYNC_EXTENSION_H
+
+#include "postgres.h"
+
+/*
+ * Postgres declares a SQL function json_object() that clashes with jansson's:
+ * hide Postgres's name before anyone includes fmgrprotos.h.
+ */
+#define json_object pg_sql_json_object
+#include "utils/builtins.h"
+#undef json_object
+#include <jansson.h>
+
+#include "datatype/timestamp.h"
+#include "lib/stringinfo.h"
+#include "nodes/pg_list.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "utils/wait_event.h"
+
+#define SYNC_EXTENSION_NAME "sync"
+#define SYNC_SCHEMA "sync"
+
+/* ---------- GUCs (sync.c) ---------- */
+extern bool sync_enabled;
+extern int	sync_max_databases;
+extern int	sync_launcher_naptime_s;
+extern int	sync_http_timeout_ms;
+extern int	sync_http_connect_timeout_ms;
+extern int	sync_max_response_bytes;
+extern int	sync_max_backoff_s;
+extern int	sync_lock_timeout_ms;
+extern char *sync_user_agent;
+extern bool sync_allow_insecure_tls;
+
+/* ---------- shared memory (shmem.c) ---------- */
+typedef enum SyncSlotState
+{
+	SYNC_SLOT_FREE = 0,
+	SYNC_SLOT_WANTED,			/* a worker should run here */
+	SYNC_SLOT_RUNNING,			/* a worker was started */
+	SYNC_SLOT_NO_EXTENSION		/* probed: extension not installed */
+} SyncSlotState;
+
+typedef struct SyncDatabaseSlot
+{
+	Oid			dboid;
+	SyncSlotState state;
+	pid_t		worker_pid;
+	Latch	   *worker_latch;
+	TimestampTz not_before;		/* do not (re)start before this time */
+	int			restarts;
+	bool		requested;		/* CREATE EXTENSION committed since the worker started */
+} SyncDatabaseSlot;
+
+typedef struct SyncShared
+{
+	pid_t		launcher_pid;
+	Latch	   *launcher_latch;
+	int			nslots;
+	SyncDatabaseSlot slots[FLEXIBLE_ARRAY_MEMBER];
+} SyncShared;
+
+extern SyncShared *sync_shared;
+extern LWLock *sync_shared_lock;
+
+extern Size sync_shmem_size(void);
+extern void sync_shmem_request(void);
+extern void sync_shmem_startup(void);
+extern SyncDatabaseSlot *sync_slot_find(Oid dboid);
+extern SyncDatabaseSlot *sync_slot_find_or_add(Oid dboid);
+extern void sync_wake_launcher(void);
+extern void sync_wake_database_worker(Oid dboid);
+extern void sync_request_worker_at_commit(void);
+extern void sync_wake_worker_at_commit(void);
+extern bool sync_stop_database_worker(Oid dboid, int wait_ms);
+
+/* ---------- background worker entry points ---------- */
+extern PGDLLEXPORT void sync_launcher_main(Datum arg) pg_attribute_noreturn();
+extern PGDLLEXPORT void sync_worker_main(Datum arg) pg_attribute_noreturn();
+extern void sync_register_launcher(void);
+
+/* ---------- HTTP (http.c) ---------- */
+typedef struct SyncHttpResponse
+{
+	long		status;
+	char	   *body;			/* NUL-terminated, malloc'd, owned by the client */
+	size_t		body_len;
+	char	   *date;			/* Date header, or NULL */
+	char	   *retry_after;	/* Retry-After header, or NULL */
+	char	   *limit_info;		/* provider usage header (e.g. Sforce-Limit-Info) */
+	double		elapsed_s;
+} SyncHttpResponse;
+
+typedef struct SyncHttpHeader
+{
+	const char *name;
+	const char *value;
+} SyncHttpHeader;
+
+extern void sync_http_init(void);
+extern void sync_http_cleanup(void);
+extern void sync_http_request(const char *method, const char *url,
+							  const SyncHttpHeader *headers, int nheaders,
+							  const char *body, const char *content_type,
+							  bool verify_tls, SyncHttpResponse *resp);
+extern char *sync_http_urlencode(const char *s);
+extern char *sync_http_host_of(const char *url);
+extern bool sync_url_is_valid(const char *url, char **why);
+
+/* ---------- naming (naming.c) ---------- */
+extern char *sync_identifier_from_api_name(const char *api_name);
+extern char *sync_unique_identifier(const char *wanted, List *taken);
+
+/* ---------- providers (provider.c and one file per API) ---------- */
+
+/* One API field and the column that holds it. */
+typedef struct SyncField
+{
+	char	   *api_field;		/* name in the API's records */
+	char	   *api_type;		/* the API's own type name */
+	char	   *column_name;	/* Postgres column */
+	char	   *column_type;	/* Postgres type, e.g. numeric(18,2) */
+	char	   *wire_type;		/* type jsonb_to_recordset reads the value as */
+	char	   *convert_sql;	/* expression turning %s (wire value) into column_type, or NULL */
+	bool		is_key;
+	bool		is_version;		/* the API's modification stamp: no row goes backwards */
+} SyncField;
+
+/* A source as the worker and the SQL functions see it. */
+typedef struct SyncSource
+{
+	int32		id;
+	char	   *name;
+	char	   *kind;
+	char	   *base_url;
+	json_t	   *credentials;	/* owned; never logged */
+	json_t	   *options;		/* owned */
+	json_t	   *token;			/* owned; provider-defined (access token, instance url) */
+	bool		verify_tls;
+	const struct SyncProvider *provider;
+} SyncSource;
+
+typedef struct SyncCollection
+{
+	int32		id;
+	int32		source_id;
+	char	   *name;
+	Oid			relid;
+	json_t	   *options;		/* owned */
+	json_t	   *cursor;			/* owned; provider-defined */
+	char	   *phase;			/* backfill | incremental */
+	List	   *fields;			/* SyncField * */
+} SyncCollection;
+
+/* What one step of a provider produced: applied and committed together. */
+typedef struct SyncPage
+{
+	json_t	   *records;		/* array of objects keyed by api field: upserts */
+	json_t	   *deletions;		/* array of {"id": text, "at": timestamp or null} */
+	json_t	   *cursor;			/* the collection's cursor after this page */
+	const char *phase;			/* phase after this page */
+	bool		backfill_done;	/* this page completed the backfill */
+	bool		more;			/* more pages are ready now: run again soon */
+	int64		total;			/* backfill total when the API tells, else -1 */
+	int			requests;		/* API requests this step made */
+	const char *activity;		/* what this step did, for the status */
+} SyncPage;
+
+typedef struct SyncProvider
+{
+	const char *kind;
+	const char *const *required_credentials;	/* NULL-terminated */
+	double		default_requests_per_second;
+
+	/* Check options at create_source/alter_source time; ereport on error. */
+	void		(*validate_source) (SyncSource *source);
+
+	/*
+	 * Fields of a collection, or ereport(ERROR) if the API does not know it.
+	 * Returns the API's canonical collection name in *canonical_name.
+	 */
+	List	   *(*describe) (SyncSource *source, const char *collection,
+							 char **canonical_name);
+
+	/*
+	 * One step of syncing: at most a few API requests, no transaction open.
+	 * Fills page; the caller commits it with the new cursor.
+	 */
+	void		(*step) (SyncSource *source, SyncCollection *collection,
+						 SyncPage *page);
+} SyncProvider;
+
+extern const SyncProvider *sync_find_provider(const char *kind);
+extern const char *sync_provider_kinds(void);
+extern const SyncProvider sync_salesforce_provider;
+
+/* Saves a source's token (and a rotated refresh token) in its own transaction if none is open. */
+extern void sync_save_token(SyncSource *source, json_t *token, json_t *rotated_credentials);
+
+/* ---------- catalog (catalog.c) ---------- */
+extern SyncSource *sync_load_source_by_name(const char *name, bool missing_ok);
+extern SyncSource *sync_load_source(int32 id);
+extern void sync_free_source(SyncSource *source);
+extern SyncCollection *sync_load_collection(int32 id);
+extern void sync_free_collection(SyncCollection *collection);
+
+/* ---------- store (store.c) ---------- */
+extern void sync_apply_page(SyncCollection *collection, SyncPage *page);
+extern void sync_store_forget_plans(void);
+
+/* ---------- json helpers (jsonutil.c) ---------- */
+extern json_t *sync_json_parse(const char *text, size_t len, const char *what);
+extern char *sync_json_dump(json_t *value);
+extern const char *sync_json_string(json_t *object, const char *key);
+extern int64 sync_json_int(json_t *object, const char *key, int64 dflt);
+extern double sync_json_number(json_t *object, const char *key, double dflt);
+extern bool sync_json_bool(json_t *object, const char *key, bool dflt);
+
+#endif							/* PG_SYNC_EXTENSION_H */

@@ -1,0 +1,504 @@
+/*
+ * worker.c: a database's sync worker. One process serves every source and
+ * collection of its database: it picks the collection that is due and whose
+ * source has budget, runs one provider step with no transaction open, and
+ * commits the page with its cursor. An error in one collection is recorded
+ * and backed off; it never stops the others.
+ */
+#include "sync.h"
+
+#include <math.h>
+
+#include "access/xact.h"
+#include "commands/dbcommands.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+/* What the worker remembers of a collection between steps. */
+typedef struct ScheduleEntry
+{
+	int32		collection_id;	/* hash key */
+	int32		source_id;
+	TimestampTz next_due;
+	TimestampTz last_run;
+	bool		seen;			/* still configured in this round */
+} ScheduleEntry;
+
+/* A source's request budget: a token bucket. */
+typedef struct BudgetEntry
+{
+	int32		source_id;		/* hash key */
+	double		rate;			/* requests per second */
+	double		burst;
+	double		tokens;
+	TimestampTz refilled_at;
+} BudgetEntry;
+
+typedef struct DueCollection
+{
+	int32		collection_id;
+	int32		source_id;
+	bool		run_requested;
+	int			failures;
+	double		rate;
+	double		burst;
+	double		poll_interval_s;
+} DueCollection;
+
+static HTAB *schedule = NULL;
+static HTAB *budgets = NULL;
+static MemoryContext loop_ctx = NULL;
+static MemoryContext step_ctx = NULL;
+
+static void
+worker_detach(int code, Datum arg)
+{
+	SyncDatabaseSlot *slot;
+
+	sync_http_cleanup();
+	LWLockAcquire(sync_shared_lock, LW_EXCLUSIVE);
+	slot = sync_slot_find(MyDatabaseId);
+	if (slot && slot->worker_pid == MyProcPid)
+	{
+		slot->worker_pid = 0;
+		slot->worker_latch = NULL;
+	}
+	LWLockRelease(sync_shared_lock);
+}
+
+/*
+ * Start a transaction with SPI connected; what the caller builds from query
+ * results in result_ctx outlives the commit.
+ */
+static void
+worker_begin(const char *activity, MemoryContext result_ctx)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	MemoryContextSwitchTo(result_ctx);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+static void
+worker_commit(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/* Exit quietly when the extension is gone (DROP EXTENSION, or a probe of a database without it). */
+static void
+worker_exit_if_extension_gone(void)
+{
+	bool		present;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	present = OidIsValid(get_extension_oid(SYNC_EXTENSION_NAME, true)) && !creating_extension;
+	CommitTransactionCommand();
+	if (present)
+		return;
+
+	LWLockAcquire(sync_shared_lock, LW_EXCLUSIVE);
+	{
+		SyncDatabaseSlot *slot = sync_slot_find(MyDatabaseId);
+
+		if (slot)
+			slot->state = slot->requested ? SYNC_SLOT_WANTED : SYNC_SLOT_NO_EXTENSION;
+	}
+	LWLockRelease(sync_shared_lock);
+	sync_wake_launcher();
+	proc_exit(0);
+}
+
+/* A user's lock on a synced table must delay that collection only. */
+static void
+worker_apply_settings(void)
+{
+	char		value[32];
+
+	snprintf(value, sizeof(value), "%d", sync_lock_timeout_ms);
+	SetConfigOption("lock_timeout", value, PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("TimeZone", "UTC", PGC_SUSET, PGC_S_OVERRIDE);
+}
+
+static double
+option_number(const char *text, double dflt)
+{
+	return text ? strtod(text, NULL) : dflt;
+}
+
+/*
+ * Read which collections are active. Cheap enough to do every round, which
+ * spares us invalidation logic: a committed change is seen at the next wake.
+ */
+static List *
+worker_load_active(void)
+{
+	List	   *result = NIL;
+	int			ret;
+
+	worker_begin("sync: reading configuration", loop_ctx);
+	ret = SPI_execute("SELECT c.id, c.source_id, s.kind, st.run_requested, st.consecutive_failures, "
+					  "       s.options->>'requests_per_second', s.options->>'burst', "
+					  "       coalesce(c.options->>'poll_interval', s.options->>'poll_interval') "
+					  "FROM sync.collections c "
+					  "JOIN sync.sources s ON s.id = c.source_id "
+					  "JOIN sync.collection_state st ON st.collection_id = c.id "
+					  "WHERE NOT c.paused AND NOT s.paused ORDER BY c.id", true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not read sync.collections: %s", SPI_result_code_string(ret));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		DueCollection *d = MemoryContextAllocZero(loop_ctx, sizeof(DueCollection));
+		bool		isnull;
+		const SyncProvider *provider = sync_find_provider(SPI_getvalue(tup, desc, 3));
+
+		d->collection_id = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
+		d->source_id = DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull));
+		d->run_requested = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
+		d->failures = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+		d->rate = option_number(SPI_getvalue(tup, desc, 6),
+									 provider ? provider->default_requests_per_second : 1.0);
+		d->burst = option_number(SPI_getvalue(tup, desc, 7), 1.0);
+		d->poll_interval_s = option_number(SPI_getvalue(tup, desc, 8), 0.0);
+		if (d->rate <= 0)
+			d->rate = 1.0;
+		if (d->burst < 1)
+			d->burst = 1;
+		result = lappend(result, d);
+	}
+	worker_commit();
+	return result;
+}
+
+static BudgetEntry *
+budget_for(DueCollection *d, TimestampTz now)
+{
+	bool		found;
+	BudgetEntry *b = hash_search(budgets, &d->source_id, HASH_ENTER, &found);
+
+	if (!found)
+	{
+		b->tokens = 1.0;
+		b->refilled_at = now;
+	}
+	b->rate = d->rate;
+	b->burst = d->burst;
+	if (now > b->refilled_at)
+	{
+		b->tokens += b->rate * (double) (now - b->refilled_at) / USECS_PER_SEC;
+		if (b->tokens > b->burst)
+			b->tokens = b->burst;
+		b->refilled_at = now;
+	}
+	return b;
+}
+
+/* Milliseconds until the bucket holds one whole request. */
+static long
+budget_wait_ms(BudgetEntry *b)
+{
+	if (b->tokens >= 1.0)
+		return 0;
+	return (long) ceil((1.0 - b->tokens) / b->rate * 1000.0);
+}
+
+static long
+backoff_ms(int failures)
+{
+	double		base = 1000.0 * pow(2.0, Min(failures - 1, 20));
+	double		cap = sync_max_backoff_s * 1000.0;
+	double		jitter = 0.9 + 0.2 * ((double) random() / (double) PG_INT32_MAX);
+
+	return (long) (Min(base, cap) * jitter);
+}
+
+static void
+worker_record_failure(int32 collection_id, ErrorData *edata)
+{
+	Datum		args[2];
+	Oid			types[2] = {INT4OID, TEXTOID};
+	StringInfoData msg;
+	int			ret;
+
+	initStringInfo(&msg);
+	appendStringInfoString(&msg, edata->message ? edata->message : "unknown error");
+	if (edata->detail)
+		appendStringInfo(&msg, " (%s)", edata->detail);
+
+	worker_begin("sync: recording an error", step_ctx);
+	args[0] = Int32GetDatum(collection_id);
+	args[1] = CStringGetTextDatum(msg.data);
+	ret = SPI_execute_with_args("UPDATE sync.collection_state SET consecutive_failures = consecutive_failures + 1, "
+								"last_error = $2, last_error_at = now(), run_requested = false, "
+								"activity = 'waiting to retry after an error' "
+								"WHERE collection_id = $1",
+								2, types, args, NULL, false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "could not record a sync error: %s", SPI_result_code_string(ret));
+	worker_commit();
+}
+
+/*
+ * Run one step of one collection: read its state, let the provider make its
+ * requests with no transaction open, then commit the page and cursor.
+ * Returns the number of API requests made.
+ */
+static int
+worker_run_step(DueCollection *due, bool *more, bool *failed)
+{
+	MemoryContext oldctx = MemoryContextSwitchTo(step_ctx);
+	SyncSource *volatile source = NULL;
+	SyncCollection *volatile collection = NULL;
+	SyncPage	page;
+	volatile int requests = 0;
+
+	memset(&page, 0, sizeof(page));
+	page.total = -1;
+	*more = false;
+	*failed = false;
+
+	PG_TRY();
+	{
+		worker_begin("sync: reading collection state", step_ctx);
+		source = sync_load_source(due->source_id);
+		collection = sync_load_collection(due->collection_id);
+		worker_commit();
+		MemoryContextSwitchTo(step_ctx);
+
+		if (source->provider == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("source \"%s\" has unknown kind \"%s\"", source->name, source->kind)));
+
+		pgstat_report_activity(STATE_RUNNING, "sync: waiting for the API");
+		source->provider->step(source, collection, &page);
+		requests = page.requests;
+
+		worker_begin("sync: applying a page", step_ctx);
+		sync_apply_page(collection, &page);
+		worker_commit();
+		MemoryContextSwitchTo(step_ctx);
+		*more = page.more;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(step_ctx);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		requests = Max(requests, page.requests);
+		ereport(LOG,
+				(errcode(edata->sqlerrcode),
+				 errmsg("sync of collection %d failed: %s", due->collection_id, edata->message),
+				 edata->detail ? errdetail_internal("%s", edata->detail) : 0));
+		worker_record_failure(due->collection_id, edata);
+		*failed = true;
+	}
+	PG_END_TRY();
+
+	json_decref(page.records);
+	json_decref(page.deletions);
+	json_decref(page.cursor);
+	if (collection)
+		sync_free_collection(collection);
+	if (source)
+		sync_free_source(source);
+	MemoryContextSwitchTo(oldctx);
+	MemoryContextReset(step_ctx);
+	return requests;
+}
+
+/*
+ * One round: pick the due collection that waited longest and whose source
+ * has budget, and run it. Returns how long to sleep before the next round.
+ */
+static long
+worker_round(void)
+{
+	List	   *active = worker_load_active();
+	TimestampTz now = GetCurrentTimestamp();
+	DueCollection *best = NULL;
+	ScheduleEntry *best_entry = NULL;
+	long		sleep_ms = 10000;
+	HASH_SEQ_STATUS seq;
+	ScheduleEntry *e;
+	ListCell   *lc;
+
+	hash_seq_init(&seq, schedule);
+	while ((e = hash_seq_search(&seq)) != NULL)
+		e->seen = false;
+
+	foreach(lc, active)
+	{
+		DueCollection *d = lfirst(lc);
+		bool		found;
+		ScheduleEntry *entry = hash_search(schedule, &d->collection_id, HASH_ENTER, &found);
+		BudgetEntry *budget;
+		long		wait_ms;
+
+		if (!found)
+		{
+			entry->next_due = now;
+			entry->last_run = 0;
+		}
+		entry->seen = true;
+		entry->source_id = d->source_id;
+		if (d->run_requested)
+			entry->next_due = Min(entry->next_due, now);
+
+		budget = budget_for(d, now);
+		wait_ms = Max(budget_wait_ms(budget),
+					  entry->next_due > now ? (long) ((entry->next_due - now) / 1000) + 1 : 0);
+		if (wait_ms > 0)
+		{
+			sleep_ms = Min(sleep_ms, wait_ms);
+			continue;
+		}
+		if (best == NULL || entry->last_run < best_entry->last_run)
+		{
+			best = d;
+			best_entry = entry;
+		}
+	}
+
+	/* Forget collections that were removed or paused. */
+	hash_seq_init(&seq, schedule);
+	while ((e = hash_seq_search(&seq)) != NULL)
+		if (!e->seen)
+			hash_search(schedule, &e->collection_id, HASH_REMOVE, NULL);
+
+	if (best != NULL && sync_enabled)
+	{
+		bool		more;
+		bool		failed;
+		int			requests;
+		BudgetEntry *budget;
+		int32		id = best->collection_id;
+
+		requests = worker_run_step(best, &more, &failed);
+		now = GetCurrentTimestamp();
+		budget = budget_for(best, now);
+		budget->tokens -= Max(requests, 1);
+		best_entry = hash_search(schedule, &id, HASH_FIND, NULL);
+		if (best_entry)
+		{
+			best_entry->last_run = now;
+			if (failed)
+				best_entry->next_due = TimestampTzPlusMilliseconds(now, backoff_ms(best->failures + 1));
+			else if (more)
+				best_entry->next_due = now;
+			else
+				best_entry->next_due = TimestampTzPlusMilliseconds(now, (long) (best->poll_interval_s * 1000));
+		}
+		sleep_ms = 0;
+	}
+	else if (!sync_enabled)
+		sleep_ms = 10000;
+
+	MemoryContextReset(loop_ctx);
+	return sleep_ms;
+}
+
+void
+sync_worker_main(Datum arg)
+{
+	Oid			dboid = DatumGetObjectId(arg);
+	HASHCTL		ctl;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+	pgstat_report_appname("sync worker");
+
+	LWLockAcquire(sync_shared_lock, LW_EXCLUSIVE);
+	{
+		SyncDatabaseSlot *slot = sync_slot_find_or_add(MyDatabaseId);
+
+		if (slot)
+		{
+			slot->worker_pid = MyProcPid;
+			slot->worker_latch = MyLatch;
+		}
+	}
+	LWLockRelease(sync_shared_lock);
+	before_shmem_exit(worker_detach, 0);
+
+	worker_apply_settings();
+	worker_exit_if_extension_gone();
+	ereport(LOG, (errmsg("sync worker started for database \"%s\"", get_database_name(MyDatabaseId))));
+
+	sync_http_init();
+	loop_ctx = AllocSetContextCreate(TopMemoryContext, "sync worker round", ALLOCSET_DEFAULT_SIZES);
+	step_ctx = AllocSetContextCreate(TopMemoryContext, "sync worker step", ALLOCSET_DEFAULT_SIZES);
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(int32);
+	ctl.entrysize = sizeof(ScheduleEntry);
+	schedule = hash_create("sync schedule", 64, &ctl, HASH_ELEM | HASH_BLOBS);
+	ctl.entrysize = sizeof(BudgetEntry);
+	budgets = hash_create("sync budgets", 16, &ctl, HASH_ELEM | HASH_BLOBS);
+
+	for (;;)
+	{
+		long		sleep_ms;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			worker_apply_settings();
+		}
+		worker_exit_if_extension_gone();
+		PG_TRY();
+		{
+			sleep_ms = worker_round();
+		}
+		PG_CATCH();
+		{
+			/* Reading the configuration failed, e.g. while DROP EXTENSION runs. */
+			MemoryContextSwitchTo(TopMemoryContext);
+			EmitErrorReport();
+			FlushErrorState();
+			AbortCurrentTransaction();
+			MemoryContextReset(loop_ctx);
+			sleep_ms = 1000;
+		}
+		PG_END_TRY();
+		if (sleep_ms > 0)
+		{
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 sleep_ms, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+		}
+	}
+}

@@ -1,0 +1,2279 @@
+#!/usr/bin/python3
+"""Fake Salesforce REST API for the `sync` test suite (Python 3.11, stdlib only).
+
+Run:  /usr/bin/python3 test/fake_salesforce.py --port 0 [--records 5000] [--seed 1]
+Prints "listening on PORT" once ready.  Binds 127.0.0.1 only.
+
+It imitates one org as strictly as we know how: OAuth refresh-token flow, versioned
+REST paths, describeGlobal/describe, SOQL query/queryAll with query locators,
+sObject Get Deleted/Updated, limits, the daily API allocation and Salesforce's
+error bodies (always a JSON array of {message, errorCode}).  Everything under
+/__admin/ is a test-control API (no auth, not counted, not logged); see
+ADMIN_HELP below or GET /__admin/ for the list.
+"""
+
+import argparse
+import base64
+import email.utils
+import gzip
+import hashlib
+import hmac
+import json
+import random
+import re
+import secrets
+import socket
+import sys
+import threading
+import time
+import traceback
+from datetime import date, datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+UTC = timezone.utc
+MIN_VERSION, MAX_VERSION = 31, 67
+DEFAULT_BATCH, MIN_BATCH, MAX_BATCH = 2000, 200, 2000
+LOCATOR_LIFETIME = timedelta(days=2)        # query cursors live 2 days since v56
+DELETED_WINDOW_DAYS = 15                    # getDeleted looks back at most 15 days
+UPDATED_WINDOW_DAYS = 30                    # getUpdated looks back at most 30 days
+MAX_REPLICATION_IDS = 600000
+MAX_URI_BYTES = 16384
+JSON_TYPE = "application/json;charset=UTF-8"
+
+ADMIN_HELP = {
+    "POST /__admin/records/{Obj}": "body {Field: value} -> 201 record (server sets Id, CreatedDate, "
+                                   "LastModifiedDate, SystemModstamp = now unless given)",
+    "GET /__admin/records/{Obj}[?include_deleted=1]": "-> [record, ...] sorted by Id",
+    "GET /__admin/records/{Obj}/{Id}": "-> record (also soft-deleted ones)",
+    "PATCH /__admin/records/{Obj}/{Id}[?bump=0]": "body {Field: value} -> record; bump=0 keeps "
+                                                  "SystemModstamp (like a formula change)",
+    "DELETE /__admin/records/{Obj}/{Id}[?hard=1]": "-> {id, deletedDate, hard}",
+    "POST /__admin/bulk_update/{Obj}": "body {ids:[...]|count:N, fields:{...}} -> {ids, SystemModstamp}",
+    "POST /__admin/undelete/{Obj}/{Id}": "-> record",
+    "POST /__admin/empty_recycle_bin": "-> {purged: N}",
+    "GET /__admin/delete_log": "-> [{object, id, deletedDate}]",
+    "POST /__admin/expire_tokens": "-> {expired: N}",
+    "POST /__admin/expire_locators": "-> {expired: N}",
+    "POST /__admin/set_earliest_deleted": "body {at: ISO, mode: 'error'|'report'} -> {earliestDateAvailable, mode}",
+    "POST /__admin/faults": "body {path_regex, status?, count?=1, body?, headers?, delay?, drop?, "
+                            "truncate?} -> {id}",
+    "GET /__admin/faults": "-> [fault, ...]",
+    "DELETE /__admin/faults": "-> {cleared: N}",
+    "GET /__admin/requests": "-> [{t, method, path, query, status}]",
+    "DELETE /__admin/requests": "-> {cleared: N}",
+    "GET /__admin/stats": "-> {requests: {endpoint: n}, api_usage: {used, max}, ...}",
+    "POST /__admin/limits": "body {used?, max?} -> {used, max}",
+    "POST /__admin/clock": "body {offset: seconds} or {now: ISO} -> {now, offset}",
+    "POST /__admin/fields/{Obj}": "body {name, type, label?, length?, precision?, scale?, "
+                                  "picklistValues?} -> describe of the new field",
+    "DELETE /__admin/fields/{Obj}/{Field}": "-> {removed: name}",
+    "POST /__admin/reset": "body {records?, accounts?, seed?, deleted?} -> {records: {...}}",
+}
+
+
+# ----------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """A Salesforce REST error: status plus the array body Salesforce sends."""
+
+    def __init__(self, status, code, message, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.body = [{"message": message, "errorCode": code}]
+        self.headers = headers or {}
+
+
+class OAuthError(Exception):
+    """An OAuth endpoint error: {"error", "error_description"} body."""
+
+    def __init__(self, status, error, description):
+        super().__init__(description)
+        self.status = status
+        self.body = {"error": error, "error_description": description}
+
+
+class AdminError(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def not_found():
+    return ApiError(404, "NOT_FOUND", "The requested resource does not exist")
+
+
+def invalid_session():
+    return ApiError(401, "INVALID_SESSION_ID", "Session expired or invalid",
+                    {"WWW-Authenticate": "Token"})
+
+
+# ----------------------------------------------------------------------------
+# Time helpers (everything is UTC)
+# ----------------------------------------------------------------------------
+
+def fmt_dt(dt):
+    """Salesforce wire form of a datetime: 2024-05-01T12:34:56.000+0000."""
+    return "%s.%03d+0000" % (dt.strftime("%Y-%m-%dT%H:%M:%S"), dt.microsecond // 1000)
+
+
+ISO_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+                    r"(Z|[+-]\d{2}:?\d{2})$")
+
+
+def parse_iso(text):
+    """Parse an ISO-8601 datetime with an explicit zone; None when malformed."""
+    m = ISO_RE.match(text or "")
+    if not m:
+        return None
+    y, mo, d, h, mi, s, frac, zone = m.groups()
+    try:
+        dt = datetime(int(y), int(mo), int(d), int(h), int(mi), int(s),
+                      int((frac or "0").ljust(6, "0")[:6]), tzinfo=UTC)
+    except ValueError:
+        return None
+    if zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        digits = zone[1:].replace(":", "")
+        hours, minutes = int(digits[:2]), int(digits[2:])
+        if hours > 23 or minutes > 59:
+            return None
+        dt -= sign * timedelta(hours=hours, minutes=minutes)
+    return dt
+
+
+def parse_any_dt(text):
+    """Datetime from wire form or ISO (admin input); raises AdminError."""
+    dt = parse_iso(text) if isinstance(text, str) else None
+    if dt is None:
+        raise AdminError(400, "bad datetime %r (want e.g. 2024-05-01T12:00:00Z)" % (text,))
+    return dt
+
+
+def floor_minute(dt):
+    return dt.replace(second=0, microsecond=0)
+
+
+# ----------------------------------------------------------------------------
+# Salesforce ids
+# ----------------------------------------------------------------------------
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+ID_RE = re.compile(r"^[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?$")
+
+
+def id_suffix(id15):
+    """The 3-char case-safe suffix: one char per 5-char chunk encoding which chars are upper case."""
+    out = ""
+    for chunk in range(3):
+        bits = 0
+        for j, ch in enumerate(id15[chunk * 5:chunk * 5 + 5]):
+            if "A" <= ch <= "Z":
+                bits |= 1 << j
+        out += "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"[bits]
+    return out
+
+
+def to_id18(text):
+    return text + id_suffix(text) if len(text) == 15 else text
+
+
+class IdFactory:
+    """Deterministic, unique 18-char ids: prefix + pod 'Hp' + '0' + 9 random base62 chars + suffix."""
+
+    def __init__(self, rng):
+        self.rng = rng
+        self.used = set()
+
+    def new(self, prefix):
+        while True:
+            body = prefix + "Hp0" + "".join(self.rng.choice(BASE62) for _ in range(9))
+            if body not in self.used:
+                self.used.add(body)
+                return body + id_suffix(body)
+
+
+# ----------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------
+
+SOAP_TYPES = {
+    "id": "tns:ID", "reference": "tns:ID", "boolean": "xsd:boolean", "int": "xsd:int",
+    "double": "xsd:double", "currency": "xsd:double", "percent": "xsd:double",
+    "date": "xsd:date", "datetime": "xsd:dateTime", "time": "xsd:time",
+    "address": "urn:address", "anyType": "xsd:anyType",
+}
+TEXT_TYPES = {"string", "textarea", "email", "phone", "url", "picklist", "combobox",
+              "multipicklist", "encryptedstring"}
+NUMBER_TYPES = {"int", "double", "currency", "percent"}
+DEFAULT_LENGTH = {"id": 18, "reference": 18, "string": 255, "textarea": 255, "email": 80,
+                  "phone": 40, "url": 255, "picklist": 255, "multipicklist": 4099,
+                  "combobox": 255, "anyType": 0}
+ADDRESS_PARTS = [("city", "City"), ("country", "Country"), ("geocodeAccuracy", "GeocodeAccuracy"),
+                 ("latitude", "Latitude"), ("longitude", "Longitude"), ("postalCode", "PostalCode"),
+                 ("state", "State"), ("street", "Street")]
+
+
+class Field:
+    """One sObject field: describe metadata plus how to read its value from a record."""
+
+    def __init__(self, name, ftype, label=None, length=None, precision=0, scale=0,
+                 nillable=True, picklist=None, reference_to=None, relationship=None,
+                 compound=None, custom=None, calculated=False, formula=None, createable=True,
+                 updateable=True, filterable=None, sortable=None, hidden=False,
+                 external_id=False, unique=False, name_field=False, defaulted=False,
+                 default_value=None, getter=None):
+        self.name = name
+        self.type = ftype
+        self.label = label or re.sub(r"__c$", "", name).replace("_", " ")
+        self.length = length if length is not None else DEFAULT_LENGTH.get(ftype, 0)
+        self.precision = precision
+        self.scale = scale
+        self.nillable = nillable
+        self.picklist = picklist or []
+        self.reference_to = reference_to or []
+        self.relationship = relationship
+        self.compound = compound
+        self.custom = name.endswith("__c") if custom is None else custom
+        self.calculated = calculated
+        self.formula = formula
+        self.createable = createable and not calculated
+        self.updateable = updateable and not calculated
+        long_text = ftype == "textarea" and self.length > 255
+        if filterable is None:
+            filterable = ftype not in ("address", "anyType") and not long_text
+        if sortable is None:
+            sortable = ftype not in ("address", "anyType", "multipicklist") and not long_text
+        self.filterable = filterable
+        self.sortable = sortable
+        self.hidden = hidden
+        self.external_id = external_id
+        self.unique = unique
+        self.name_field = name_field
+        self.defaulted = defaulted
+        self.default_value = default_value
+        # getter(record) -> wire value; plain fields read the record dict.
+        self.getter = getter or (lambda rec, n=name: rec.get(n))
+
+    def describe(self):
+        t = self.type
+        text = t in TEXT_TYPES or t in ("id", "reference")
+        return {
+            "aggregatable": self.sortable,
+            "aiPredictionField": False,
+            "autoNumber": False,
+            "byteLength": self.length * 3 if text and t not in ("id", "reference") else self.length,
+            "calculated": self.calculated,
+            "calculatedFormula": self.formula,
+            "cascadeDelete": False,
+            "caseSensitive": False,
+            "compoundFieldName": self.compound,
+            "controllerName": None,
+            "createable": self.createable,
+            "custom": self.custom,
+            "defaultValue": self.default_value,
+            "defaultValueFormula": None,
+            "defaultedOnCreate": self.defaulted,
+            "dependentPicklist": False,
+            "deprecatedAndHidden": self.hidden,
+            "digits": 9 if t == "int" else 0,
+            "displayLocationInDecimal": False,
+            "encrypted": False,
+            "externalId": self.external_id,
+            "extraTypeInfo": None,
+            "filterable": self.filterable,
+            "filteredLookupInfo": None,
+            "formulaTreatNullNumberAsZero": False,
+            "groupable": self.sortable and t not in NUMBER_TYPES,
+            "highScaleNumber": False,
+            "htmlFormatted": False,
+            "idLookup": t == "id" or self.external_id,
+            "inlineHelpText": None,
+            "label": self.label,
+            "length": self.length if text else 0,
+            "mask": None,
+            "maskType": None,
+            "name": self.name,
+            "nameField": self.name_field,
+            "namePointing": False,
+            "nillable": self.nillable,
+            "permissionable": self.nillable and not self.calculated and t != "id",
+            "picklistValues": [{"active": True, "defaultValue": False, "label": v,
+                                "validFor": None, "value": v} for v in self.picklist],
+            "polymorphicForeignKey": False,
+            "precision": self.precision if t in ("double", "currency", "percent") else 0,
+            "queryByDistance": False,
+            "referenceTargetField": None,
+            "referenceTo": self.reference_to,
+            "relationshipName": self.relationship,
+            "relationshipOrder": None,
+            "restrictedDelete": False,
+            "restrictedPicklist": False,
+            "scale": self.scale if t in ("double", "currency", "percent") else 0,
+            "searchPrefilterable": t == "reference",
+            "soapType": SOAP_TYPES.get(t, "xsd:string"),
+            "sortable": self.sortable,
+            "type": t,
+            "unique": self.unique,
+            "updateable": self.updateable,
+            "writeRequiresMasterRead": False,
+        }
+
+
+class SObjectType:
+    def __init__(self, name, label, key_prefix, fields, queryable=True, replicateable=True,
+                 retrieveable=True, custom=False, label_plural=None, createable=True):
+        self.name = name
+        self.label = label
+        self.label_plural = label_plural or label + "s"
+        self.key_prefix = key_prefix
+        self.queryable = queryable
+        self.replicateable = replicateable
+        self.retrieveable = retrieveable
+        self.createable = createable
+        self.custom = custom
+        self.fields = fields
+        self.records = {}          # Id -> record dict (replaced, never mutated: readers need no lock)
+        self.schema_changed = datetime(2024, 1, 1, tzinfo=UTC)
+        self._describe_cache = {}
+        self.reindex()
+
+    def reindex(self):
+        self.by_lower = {f.name.lower(): f for f in self.fields}
+        self._describe_cache.clear()
+
+    def field(self, name):
+        """Case-insensitive lookup; deprecatedAndHidden fields are invisible to queries."""
+        f = self.by_lower.get(name.lower())
+        return None if f is None or f.hidden else f
+
+    def global_entry(self, version):
+        base = "/services/data/v%s/sobjects/%s" % (version, self.name)
+        return {
+            "activateable": False, "associateEntityType": None, "associateParentEntity": None,
+            "createable": self.createable, "custom": self.custom, "customSetting": False,
+            "deepCloneable": False, "deletable": self.createable, "deprecatedAndHidden": False,
+            "feedEnabled": False, "hasSubtypes": False, "isInterface": False, "isSubtype": False,
+            "keyPrefix": self.key_prefix, "label": self.label, "labelPlural": self.label_plural,
+            "layoutable": self.createable, "mergeable": self.createable, "mruEnabled": self.createable,
+            "name": self.name, "queryable": self.queryable, "replicateable": self.replicateable,
+            "retrieveable": self.retrieveable, "searchable": self.createable,
+            "triggerable": self.createable, "undeletable": self.createable,
+            "updateable": self.createable,
+            "urls": {"rowTemplate": base + "/{ID}", "defaultValues": base + "/defaultValues?recordTypeId&fields",
+                     "describe": base + "/describe", "sobject": base},
+        }
+
+    def describe_bytes(self, version):
+        """Describe JSON, cached per API version until the schema changes."""
+        cached = self._describe_cache.get(version)
+        if cached is None:
+            d = self.global_entry(version)
+            d.update({
+                "actionOverrides": [], "childRelationships": [], "compactLayoutable": self.createable,
+                "defaultImplementation": None, "extendedBy": None, "extendsInterfaces": None,
+                "fields": [f.describe() for f in self.fields], "implementedBy": None,
+                "implementsInterfaces": None, "listviewable": None, "lookupLayoutable": None,
+                "namedLayoutInfos": [], "networkScopeFieldName": None, "recordTypeInfos": [],
+                "searchLayoutable": self.createable, "sobjectDescribeOption": "FULL",
+                "supportedScopes": [{"label": "All " + self.label_plural, "name": "everything"}],
+            })
+            d["urls"].update({"compactLayouts": "/services/data/v%s/sobjects/%s/describe/compactLayouts"
+                              % (version, self.name)})
+            cached = json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode()
+            self._describe_cache[version] = cached
+        return cached
+
+
+def F(*args, **kw):
+    return Field(*args, **kw)
+
+
+def system_fields(obj_name):
+    """Audit fields every replicateable object has."""
+    return [
+        F("OwnerId", "reference", "Owner ID", nillable=False, reference_to=["User"],
+          relationship="Owner", defaulted=True),
+        F("CreatedDate", "datetime", "Created Date", nillable=False, createable=False,
+          updateable=False, defaulted=True),
+        F("CreatedById", "reference", "Created By ID", nillable=False, reference_to=["User"],
+          relationship="CreatedBy", createable=False, updateable=False, defaulted=True),
+        F("LastModifiedDate", "datetime", "Last Modified Date", nillable=False,
+          createable=False, updateable=False, defaulted=True),
+        F("LastModifiedById", "reference", "Last Modified By ID", nillable=False,
+          reference_to=["User"], relationship="LastModifiedBy", createable=False,
+          updateable=False, defaulted=True),
+        F("SystemModstamp", "datetime", "System Modstamp", nillable=False, createable=False,
+          updateable=False, defaulted=True),
+    ]
+
+
+def address_fields(prefix, label):
+    """Component fields of a compound address plus the compound field itself."""
+    comp = prefix + "Address"
+    return [
+        F(prefix + "Street", "textarea", label + " Street", length=255, compound=comp),
+        F(prefix + "City", "string", label + " City", length=40, compound=comp),
+        F(prefix + "State", "string", label + " State/Province", length=80, compound=comp),
+        F(prefix + "PostalCode", "string", label + " Zip/Postal Code", length=20, compound=comp),
+        F(prefix + "Country", "string", label + " Country", length=80, compound=comp),
+        F(prefix + "Latitude", "double", label + " Latitude", precision=18, scale=15, compound=comp),
+        F(prefix + "Longitude", "double", label + " Longitude", precision=18, scale=15, compound=comp),
+        F(prefix + "GeocodeAccuracy", "picklist", label + " Geocode Accuracy", length=40, compound=comp,
+          picklist=["Address", "NearAddress", "Block", "Street", "ExtendedZip", "Zip",
+                    "Neighborhood", "City", "County", "State", "Unknown"]),
+        F(comp, "address", label + " Address", createable=False, updateable=False,
+          getter=address_getter(prefix)),
+    ]
+
+
+def address_getter(prefix):
+    keys = [(k, prefix + suffix) for k, suffix in ADDRESS_PARTS]
+
+    def get(rec):
+        value = {k: rec.get(src) for k, src in keys}
+        return value if any(v is not None for v in value.values()) else None
+    return get
+
+
+LEAD_SOURCES = ["Web", "Phone Inquiry", "Partner Referral", "Purchased List", "Other"]
+TIERS = ["Bronze", "Silver", "Gold", "Platinum"]
+INTERESTS = ["Sports", "Music", "Travel", "Food & Wine", "Technology", "Art"]
+
+
+def contact_type(org):
+    fields = [
+        F("Id", "id", "Contact ID", nillable=False, createable=False, updateable=False, defaulted=True),
+        F("IsDeleted", "boolean", "Deleted", nillable=False, createable=False, updateable=False,
+          defaulted=True, default_value=False),
+        F("MasterRecordId", "reference", "Master Record ID", reference_to=["Contact"],
+          relationship="MasterRecord", createable=False, updateable=False),
+        F("AccountId", "reference", "Account ID", reference_to=["Account"], relationship="Account"),
+        F("LastName", "string", "Last Name", length=80, nillable=False),
+        F("FirstName", "string", "First Name", length=40),
+        F("Salutation", "picklist", "Salutation", length=40,
+          picklist=["Mr.", "Ms.", "Mrs.", "Dr.", "Prof.", "Mx."]),
+        F("Name", "string", "Full Name", length=121, createable=False, updateable=False,
+          name_field=True, nillable=False),
+    ] + address_fields("Mailing", "Mailing") + [
+        F("Phone", "phone", "Business Phone"),
+        F("MobilePhone", "phone", "Mobile Phone"),
+        F("Email", "email", "Email", external_id=False),
+        F("Title", "string", "Title", length=128),
+        F("Department", "string", "Department", length=80),
+        F("LeadSource", "picklist", "Lead Source", picklist=LEAD_SOURCES),
+        F("Birthdate", "date", "Birthdate"),
+        F("Description", "textarea", "Contact Description", length=32000),
+        F("HasOptedOutOfEmail", "boolean", "Email Opt Out", nillable=False, defaulted=True,
+          default_value=False),
+        F("DoNotCall", "boolean", "Do Not Call", nillable=False, defaulted=True, default_value=False),
+    ] + system_fields("Contact") + [
+        F("LastActivityDate", "date", "Last Activity", createable=False, updateable=False),
+        F("EmailBouncedDate", "datetime", "Email Bounced Date"),
+        F("Loyalty_Tier__c", "picklist", "Loyalty Tier", picklist=TIERS),
+        F("Lifetime_Value__c", "currency", "Lifetime Value", precision=18, scale=2),
+        F("Engagement_Score__c", "double", "Engagement Score", precision=5, scale=1),
+        F("Discount_Rate__c", "percent", "Discount Rate", precision=5, scale=2),
+        F("Visit_Count__c", "int", "Visit Count"),
+        F("Interests__c", "multipicklist", "Interests", picklist=INTERESTS),
+        F("Website__c", "url", "Website"),
+        F("Preferred_Contact_Time__c", "time", "Preferred Contact Time"),
+        F("External_Key__c", "string", "External Key", length=36, external_id=True, unique=True),
+        # Cross-object formula: changes when the Account is renamed WITHOUT bumping the
+        # Contact's SystemModstamp -- the classic formula-field staleness pitfall.
+        F("Account_Name__c", "string", "Account Name", length=1300, calculated=True,
+          formula="Account.Name", getter=lambda rec: org.account_name(rec.get("AccountId"))),
+        # Shows up in describe but is invisible to SOQL, like a real deprecated field.
+        F("Legacy_Region__c", "string", "Legacy Region", length=20, hidden=True),
+    ]
+    return SObjectType("Contact", "Contact", "003", fields)
+
+
+def account_type():
+    fields = [
+        F("Id", "id", "Account ID", nillable=False, createable=False, updateable=False, defaulted=True),
+        F("IsDeleted", "boolean", "Deleted", nillable=False, createable=False, updateable=False,
+          defaulted=True, default_value=False),
+        F("Name", "string", "Account Name", length=255, nillable=False, name_field=True),
+        F("Type", "picklist", "Account Type",
+          picklist=["Prospect", "Customer - Direct", "Customer - Channel", "Partner", "Other"]),
+        F("Industry", "picklist", "Industry",
+          picklist=["Agriculture", "Banking", "Education", "Energy", "Retail", "Technology"]),
+    ] + address_fields("Billing", "Billing") + [
+        F("Phone", "phone", "Account Phone"),
+        F("Website", "url", "Website"),
+        F("AnnualRevenue", "currency", "Annual Revenue", precision=18, scale=0),
+        F("NumberOfEmployees", "int", "Employees"),
+        F("Description", "textarea", "Account Description", length=32000),
+    ] + system_fields("Account")
+    return SObjectType("Account", "Account", "001", fields)
+
+
+def contact_history_type():
+    """Queryable but not replicateable; no SystemModstamp (history objects only have CreatedDate)."""
+    fields = [
+        F("Id", "id", "Contact History ID", nillable=False, createable=False, updateable=False),
+        F("IsDeleted", "boolean", "Deleted", nillable=False, createable=False, updateable=False),
+        F("ContactId", "reference", "Contact ID", nillable=False, reference_to=["Contact"],
+          relationship="Contact", createable=False, updateable=False),
+        F("CreatedById", "reference", "Created By ID", nillable=False, reference_to=["User"],
+          relationship="CreatedBy", createable=False, updateable=False),
+        F("CreatedDate", "datetime", "Created Date", nillable=False, createable=False, updateable=False),
+        F("Field", "picklist", "Changed Field", nillable=False, createable=False, updateable=False,
+          picklist=["created", "Email", "Phone", "Title"]),
+        F("DataType", "picklist", "Data Type", createable=False, updateable=False,
+          picklist=["Text", "EmailAddress", "Phone"]),
+        F("OldValue", "anyType", "Old Value", createable=False, updateable=False),
+        F("NewValue", "anyType", "New Value", createable=False, updateable=False),
+    ]
+    return SObjectType("ContactHistory", "Contact History", "017", fields, replicateable=False,
+                       createable=False, label_plural="Contact History")
+
+
+def aggregate_result_type():
+    """Listed by describeGlobal but neither queryable nor replicateable."""
+    fields = [F("Id", "id", "AggregateResult ID", nillable=False, createable=False, updateable=False)]
+    return SObjectType("AggregateResult", "AggregateResult", None, fields, queryable=False,
+                       replicateable=False, retrieveable=False, createable=False,
+                       label_plural="AggregateResult")
+
+
+# ----------------------------------------------------------------------------
+# Seed data
+# ----------------------------------------------------------------------------
+
+FIRST_NAMES = ["James", "Mary", "José", "Zoë", "Łukasz", "Søren", "Aoife", "Nguyễn", "Ana María",
+               "Björn", "François", "Chloé", "Renée", "Jürgen", "Siobhán", "Mohammed", "Priya",
+               "Wei", "Yuki", "Olga", "Émile", "Ingrid", "Tomás", "Noël", "D'Arcy", "Anne-Marie",
+               "John", "Linda", "Michael", "Sarah", "David", "Emma", "Daniel", "Laura", "花子"]
+LAST_NAMES = ["Smith", "O'Brien", "Müller", "García", "Åkesson", "Kowalski", "Nakamura", "渡辺",
+              "Đặng", "Ivanov", "D'Angelo", "Nuñez", "Østergaard", "MacDonald", "Smith-Jones",
+              "Lee", "Papadopoulos", "Schröder", "Johnson", "Brown", "Wilson", "Taylor", "Martin",
+              "Thompson", "White", "Harris", "Clark", "Lewis", "Robinson", "Walker", "Young"]
+TITLES = ["CEO", "CTO", "VP, Sales", "Director of R&D", "Account Manager", "Engineer",
+          "Buyer \"Senior\"", "Head of Ops; EMEA", "Consultant", "Analyst"]
+DEPARTMENTS = ["Sales", "Finance", "Engineering", "Marketing", "Operations", "Legal"]
+CITIES = [("San Francisco", "CA", "94105", "USA", 37.7897, -122.3972),
+          ("New York", "NY", "10001", "USA", 40.7506, -73.9972),
+          ("München", "Bayern", "80331", "Germany", 48.1374, 11.5755),
+          ("Kraków", None, "30-001", "Poland", 50.0614, 19.9366),
+          ("São Paulo", "SP", "01000-000", "Brazil", -23.5505, -46.6333),
+          ("Montréal", "QC", "H2Y 1C6", "Canada", 45.5019, -73.5674),
+          ("Tokyo", None, "100-0001", "Japan", 35.6812, 139.7671),
+          ("Dublin", None, "D02 X285", "Ireland", 53.3498, -6.2603)]
+STREETS = ["1 Market St", "350 Fifth Avenue\nSuite 3300", "Marienplatz 8", "ul. Floriańska 12",
+           "Av. Paulista, 1000", "1000 Rue Saint-Antoine O", "1-1 Marunouchi", "12 O'Connell St"]
+DESCRIPTIONS = ["Prefers email; no calls", "Said \"call me later\"", "It's complicated; see notes",
+                "Line one\nLine two", "Tab\tseparated\tvalues", "Backslash \\ path C:\\temp\\x",
+                "Emoji 🎉 party", "Comma, semicolon; colon: done", "<b>html</b> & ampersand",
+                "Ünïcödé ✓ — dash", "50% off; 'quoted' value"]
+COMPANY_WORDS = ["Acme", "Globex", "Initech", "Umbrella", "Stark", "Wayne", "Hooli", "Vandelay",
+                 "Müller & Söhne", "O'Reilly", "Tyrell", "Soylent", "Cyberdyne", "Nakatomi"]
+COMPANY_SUFFIX = ["Inc.", "GmbH", "Ltd", "LLC", "S.A.", "Corp.", "& Co", "Group"]
+
+
+def timestamp_schedule(rng, count, end, first_batch, big_batch):
+    """SystemModstamps for `count` records in creation order, all before `end`.
+
+    Records come in bursts sharing ONE second (like a bulk update): the first
+    `first_batch` records share a timestamp, and when `big_batch` is set a burst
+    larger than a 2000-record page sits in the middle. Gaps between bursts are
+    up to 15 minutes, so a few thousand records spread over days."""
+    sizes = []
+    remaining = count
+    if first_batch and remaining >= first_batch:
+        sizes.append(first_batch)
+        remaining -= first_batch
+    big_at = count // 2 if big_batch and count - first_batch >= big_batch + 100 else None
+    placed = sum(sizes)
+    while remaining > 0:
+        if big_at is not None and placed >= big_at:
+            size, big_at = big_batch, None
+        else:
+            size = rng.choice([1, 1, 1, 1, 1, 1, 2, 2, 3, 5, 12])
+        size = min(size, remaining)
+        sizes.append(size)
+        remaining -= size
+        placed += size
+    gaps = [rng.randint(1, 900) for _ in sizes]
+    t = end - timedelta(hours=1) - timedelta(seconds=sum(gaps))
+    out = []
+    for size, gap in zip(sizes, gaps):
+        t += timedelta(seconds=gap)
+        out.extend([t] * size)
+    return out
+
+
+def maybe(rng, p, value):
+    """value with probability p, else None (seeded data has realistic nulls)."""
+    return value if rng.random() < p else None
+
+
+# ----------------------------------------------------------------------------
+# The org: all mutable state, guarded by one lock
+# ----------------------------------------------------------------------------
+
+class Org:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.lock = threading.RLock()
+        self.clock_offset = 0.0
+        self.tokens = {}               # access_token -> issued datetime
+        self.tokens_issued = 0
+        self.token_rng = random.Random(secrets.randbits(64))
+        self.faults = []
+        self.fault_seq = 0
+        self.request_log = []
+        self.endpoint_counts = {}
+        self.api_max = cfg.daily_limit
+        self.api_used = 0
+        self.base_url = None
+        self.org_id = "00DHp0000001SfK" + id_suffix("00DHp0000001SfK")
+        self.user_id = "005Hp00000AdMin" + id_suffix("005Hp00000AdMin")
+        self.seed_data(cfg.records, cfg.accounts, cfg.seed, cfg.deleted)
+
+    # -- clock ---------------------------------------------------------------
+
+    def now(self):
+        return datetime.now(UTC) + timedelta(seconds=self.clock_offset)
+
+    def now_second(self):
+        """Write timestamps are second-granular (.000), like SystemModstamp in practice."""
+        return self.now().replace(microsecond=0)
+
+    # -- seeding -------------------------------------------------------------
+
+    def seed_data(self, n_contacts, n_accounts, seed, n_deleted):
+        with self.lock:
+            self.seed = seed
+            rng = random.Random(seed)
+            self.ids = IdFactory(random.Random(seed * 7919 + 17))
+            self.users = [self.user_id] + [self.ids.new("005") for _ in range(4)]
+            self.types = {}
+            for t in (account_type(), contact_type(self), contact_history_type(), aggregate_result_type()):
+                self.types[t.name.lower()] = t
+            self.delete_log = []          # [{object, id, at}] in time order
+            self.earliest_deleted = None  # admin-set purge point
+            self.purge_mode = "error"
+            self.locators = {}
+            self.base_time = self.cfg.base_time or self.now().replace(minute=0, second=0, microsecond=0)
+            self.seed_accounts(rng, n_accounts)
+            self.seed_contacts(rng, n_contacts + n_deleted)
+            self.seed_history(rng)
+            self.seed_deletions(rng, n_deleted)
+
+    def seed_accounts(self, rng, count):
+        obj = self.types["account"]
+        stamps = timestamp_schedule(rng, count, self.base_time - timedelta(days=1), min(50, count // 2), 0)
+        for i in range(count):
+            city, state, postal, country, lat, lon = rng.choice(CITIES)
+            name = "%s %s %d" % (rng.choice(COMPANY_WORDS), rng.choice(COMPANY_SUFFIX), i + 1)
+            rec = {
+                "Id": self.ids.new("001"), "IsDeleted": False, "Name": name,
+                "Type": maybe(rng, 0.8, rng.choice(obj.field("Type").picklist)),
+                "Industry": maybe(rng, 0.7, rng.choice(obj.field("Industry").picklist)),
+                "BillingStreet": maybe(rng, 0.9, rng.choice(STREETS)), "BillingCity": city,
+                "BillingState": state, "BillingPostalCode": postal, "BillingCountry": country,
+                "BillingLatitude": maybe(rng, 0.6, lat), "BillingLongitude": None,
+                "BillingGeocodeAccuracy": None,
+                "Phone": maybe(rng, 0.8, "+1 (415) 555-%04d" % rng.randint(0, 9999)),
+                "Website": maybe(rng, 0.7, "https://www.example-%d.com/" % i),
+                "AnnualRevenue": maybe(rng, 0.6, float(rng.randint(1, 5000) * 10000)),
+                "NumberOfEmployees": maybe(rng, 0.7, rng.randint(1, 250000)),
+                "Description": maybe(rng, 0.4, rng.choice(DESCRIPTIONS)),
+            }
+            if rec["BillingLatitude"] is not None:
+                rec["BillingLongitude"], rec["BillingGeocodeAccuracy"] = lon, "Zip"
+            self.stamp_seeded(rng, rec, stamps[i])
+            obj.records[rec["Id"]] = rec
+
+    def seed_contacts(self, rng, count):
+        obj = self.types["contact"]
+        accounts = list(self.types["account"].records)
+        stamps = timestamp_schedule(rng, count, self.base_time, min(300, count),
+                                    2100 if count >= 4500 else 0)
+        for i in range(count):
+            first = maybe(rng, 0.95, rng.choice(FIRST_NAMES))
+            last = rng.choice(LAST_NAMES)
+            city, state, postal, country, lat, lon = rng.choice(CITIES)
+            has_addr = rng.random() < 0.85
+            geo = has_addr and rng.random() < 0.5
+            bday = date(1950, 1, 1) + timedelta(days=rng.randint(0, 365 * 55))
+            email_name = "%s.%s%d" % (re.sub(r"[^a-z]", "", (first or "x").lower()) or "x",
+                                      re.sub(r"[^a-z]", "", last.lower()) or "y", i)
+            rec = {
+                "Id": self.ids.new("003"), "IsDeleted": False, "MasterRecordId": None,
+                "AccountId": maybe(rng, 0.9, rng.choice(accounts)) if accounts else None,
+                "LastName": last, "FirstName": first,
+                "Salutation": maybe(rng, 0.5, rng.choice(obj.field("Salutation").picklist)),
+                "MailingStreet": rng.choice(STREETS) if has_addr else None,
+                "MailingCity": city if has_addr else None,
+                "MailingState": state if has_addr else None,
+                "MailingPostalCode": postal if has_addr else None,
+                "MailingCountry": country if has_addr else None,
+                "MailingLatitude": round(lat + rng.uniform(-0.05, 0.05), 6) if geo else None,
+                "MailingLongitude": round(lon + rng.uniform(-0.05, 0.05), 6) if geo else None,
+                "MailingGeocodeAccuracy": "Address" if geo else None,
+                "Phone": maybe(rng, 0.8, "+1 (%03d) 555-%04d" % (rng.randint(200, 999), rng.randint(0, 9999))),
+                "MobilePhone": maybe(rng, 0.5, "+44 7700 %06d" % rng.randint(0, 999999)),
+                "Email": maybe(rng, 0.9, email_name + "@example.com"),
+                "Title": maybe(rng, 0.7, rng.choice(TITLES)),
+                "Department": maybe(rng, 0.5, rng.choice(DEPARTMENTS)),
+                "LeadSource": maybe(rng, 0.6, rng.choice(LEAD_SOURCES)),
+                "Birthdate": maybe(rng, 0.6, bday.isoformat()),
+                "Description": maybe(rng, 0.35, rng.choice(DESCRIPTIONS)),
+                "HasOptedOutOfEmail": rng.random() < 0.1,
+                "DoNotCall": rng.random() < 0.05,
+                "LastActivityDate": None, "EmailBouncedDate": None,
+                "Loyalty_Tier__c": maybe(rng, 0.7, rng.choice(TIERS)),
+                "Lifetime_Value__c": maybe(rng, 0.8, round(rng.uniform(0, 250000), 2)),
+                "Engagement_Score__c": maybe(rng, 0.6, round(rng.uniform(0, 100), 1)),
+                "Discount_Rate__c": maybe(rng, 0.5, round(rng.uniform(0, 40), 2)),
+                "Visit_Count__c": maybe(rng, 0.8, rng.randint(0, 5000)),
+                "Interests__c": maybe(rng, 0.6, ";".join(sorted(rng.sample(INTERESTS, rng.randint(1, 3)),
+                                                                key=INTERESTS.index))),
+                "Website__c": maybe(rng, 0.3, "https://example.org/people/%d?ref=a&b=c" % i),
+                "Preferred_Contact_Time__c": maybe(rng, 0.4, "%02d:%02d:00.000Z" % (rng.randint(7, 19),
+                                                                                    rng.choice([0, 15, 30, 45]))),
+                "External_Key__c": "EXT-%06d" % (i + 1),
+                "Legacy_Region__c": maybe(rng, 0.3, "R%d" % rng.randint(1, 9)),
+            }
+            if rng.random() < 0.03:
+                rec["Lifetime_Value__c"] = 0.0
+            rec["Name"] = contact_name(rec)
+            self.stamp_seeded(rng, rec, stamps[i])
+            if rng.random() < 0.3:
+                rec["LastActivityDate"] = rec["SystemModstamp"][:10]
+            if rng.random() < 0.02:
+                rec["EmailBouncedDate"] = rec["SystemModstamp"]
+            obj.records[rec["Id"]] = rec
+
+    def stamp_seeded(self, rng, rec, modstamp):
+        created = modstamp - timedelta(seconds=rng.randint(0, 400 * 86400))
+        modified = modstamp if rng.random() < 0.85 else max(
+            created, modstamp - timedelta(seconds=rng.randint(1, 30 * 86400)))
+        rec["OwnerId"] = rng.choice(self.users)
+        rec["CreatedById"] = rng.choice(self.users)
+        rec["LastModifiedById"] = rng.choice(self.users)
+        rec["CreatedDate"] = fmt_dt(created)
+        rec["LastModifiedDate"] = fmt_dt(modified)
+        rec["SystemModstamp"] = fmt_dt(modstamp)
+
+    def seed_history(self, rng):
+        hist = self.types["contacthistory"]
+        for cid, c in list(self.types["contact"].records.items())[:50]:
+            for fname in ("created", "Email"):
+                old = new = None
+                if fname == "Email":
+                    old, new = "old%d@example.com" % rng.randint(0, 999), c.get("Email")
+                rid = self.ids.new("017")
+                hist.records[rid] = {
+                    "Id": rid, "IsDeleted": False, "ContactId": cid, "CreatedById": c["CreatedById"],
+                    "CreatedDate": c["CreatedDate"], "Field": fname,
+                    "DataType": "EmailAddress" if fname == "Email" else "Text",
+                    "OldValue": old, "NewValue": new,
+                }
+
+    def seed_deletions(self, rng, count):
+        """The last `count` seeded contacts start in the recycle bin (deleted at their SystemModstamp)."""
+        obj = self.types["contact"]
+        for cid in list(obj.records)[len(obj.records) - count:] if count else []:
+            rec = dict(obj.records[cid], IsDeleted=True)
+            obj.records[cid] = rec
+            self.delete_log.append({"object": obj.name, "id": cid,
+                                    "at": parse_iso(rec["SystemModstamp"].replace("+0000", "Z"))})
+        self.delete_log.sort(key=lambda e: e["at"])
+
+    # -- lookups ---------------------------------------------------------------
+
+    def sobject(self, name):
+        return self.types.get((name or "").lower())
+
+    def account_name(self, account_id):
+        acc = self.types["account"].records.get(account_id) if account_id else None
+        return acc["Name"] if acc and not acc["IsDeleted"] else None
+
+    # -- tokens ----------------------------------------------------------------
+
+    def issue_token(self):
+        with self.lock:
+            alphabet = BASE62 + "._"
+            token = self.org_id[:15] + "!" + "".join(self.token_rng.choice(alphabet) for _ in range(96))
+            self.tokens[token] = self.now()
+            self.tokens_issued += 1
+            return token
+
+    def token_valid(self, token):
+        with self.lock:
+            issued = self.tokens.get(token)
+            if issued is None:
+                return False
+            if (self.now() - issued).total_seconds() >= self.cfg.token_lifetime:
+                del self.tokens[token]
+                return False
+            return True
+
+    # -- writes (admin) -----------------------------------------------------------
+
+    def coerce(self, obj, values, creating):
+        """Validate admin-supplied field values and convert them to wire form."""
+        out = {}
+        overridable = {"systemmodstamp", "createddate", "lastmodifieddate", "ownerid", "lastactivitydate"}
+        for key, value in values.items():
+            f = obj.by_lower.get(key.lower())
+            if f is None:
+                raise AdminError(400, "No such column '%s' on entity '%s'" % (key, obj.name))
+            # Test hooks may backdate audit fields (e.g. a "late commit"); everything else
+            # follows describe's createable/updateable.
+            if not (f.createable if creating else f.updateable) and f.name.lower() not in overridable:
+                raise AdminError(400, "field %s is not writeable" % f.name)
+            out[f.name] = self.coerce_value(f, value)
+        return out
+
+    @staticmethod
+    def coerce_value(f, value):
+        if value is None:
+            if not f.nillable and f.type != "boolean":
+                raise AdminError(400, "field %s is required" % f.name)
+            return None
+        t = f.type
+        if t == "boolean":
+            if not isinstance(value, bool):
+                raise AdminError(400, "field %s wants a JSON boolean" % f.name)
+            return value
+        if t == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise AdminError(400, "field %s wants an integer" % f.name)
+            return value
+        if t in NUMBER_TYPES:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise AdminError(400, "field %s wants a number" % f.name)
+            return round(float(value), f.scale) if f.scale else float(value)
+        if t == "datetime":
+            return fmt_dt(parse_any_dt(value))
+        if t == "date":
+            try:
+                return date.fromisoformat(value).isoformat()
+            except (TypeError, ValueError):
+                raise AdminError(400, "field %s wants YYYY-MM-DD" % f.name)
+        if t == "time":
+            if not isinstance(value, str) or not re.match(r"^\d{2}:\d{2}:\d{2}(\.\d{3})?Z$", value):
+                raise AdminError(400, "field %s wants HH:MM:SS.000Z" % f.name)
+            return value if "." in value else value[:-1] + ".000Z"
+        if t == "multipicklist" and isinstance(value, list):
+            value = ";".join(value)
+        if not isinstance(value, str):
+            raise AdminError(400, "field %s wants a string" % f.name)
+        if t in ("id", "reference") and not ID_RE.match(value):
+            raise AdminError(400, "field %s wants a Salesforce id" % f.name)
+        if f.length and len(value) > f.length:
+            raise AdminError(400, "field %s longer than %d" % (f.name, f.length))
+        return to_id18(value) if t in ("id", "reference") else value
+
+    def writable_type(self, name):
+        obj = self.sobject(name)
+        if obj is None:
+            raise AdminError(404, "unknown sObject %s" % name)
+        if not obj.createable:
+            raise AdminError(400, "%s is read-only" % obj.name)
+        return obj
+
+    def create(self, obj_name, values):
+        with self.lock:
+            obj = self.writable_type(obj_name)
+            fields = self.coerce(obj, values, creating=True)
+            stamp = fmt_dt(self.now_second())
+            rec = {}
+            for f in obj.fields:
+                if f.type != "address" and not f.calculated:
+                    rec[f.name] = (f.default_value or False) if f.type == "boolean" else None
+            rec.update({"Id": self.ids.new(obj.key_prefix), "IsDeleted": False,
+                        "OwnerId": self.user_id, "CreatedById": self.user_id,
+                        "LastModifiedById": self.user_id, "CreatedDate": stamp,
+                        "LastModifiedDate": stamp, "SystemModstamp": stamp})
+            rec.update(fields)
+            for f in obj.fields:
+                if not f.nillable and rec.get(f.name) is None and not (obj.name == "Contact" and f.name == "Name"):
+                    raise AdminError(400, "Required fields are missing: [%s]" % f.name)
+            if obj.name == "Contact":
+                rec["Name"] = contact_name(rec)
+            obj.records[rec["Id"]] = rec
+            return rec
+
+    def live_record(self, obj, rec_id):
+        rec = obj.records.get(to_id18(rec_id))
+        if rec is None or rec["IsDeleted"]:
+            raise AdminError(404, "no live %s with id %s" % (obj.name, rec_id))
+        return rec
+
+    def update(self, obj_name, rec_id, values, bump=True, stamp=None):
+        with self.lock:
+            obj = self.writable_type(obj_name)
+            rec = dict(self.live_record(obj, rec_id))
+            rec.update(self.coerce(obj, values, creating=False))
+            if bump:
+                stamp = stamp or fmt_dt(self.now_second())
+                if not any(k.lower() == "systemmodstamp" for k in values):
+                    rec["SystemModstamp"] = stamp
+                if not any(k.lower() == "lastmodifieddate" for k in values):
+                    rec["LastModifiedDate"] = stamp
+                rec["LastModifiedById"] = self.user_id
+            if obj.name == "Contact":
+                rec["Name"] = contact_name(rec)
+            obj.records[rec["Id"]] = rec
+            return rec
+
+    def bulk_update(self, obj_name, ids, count, values):
+        """One 'transaction': every touched record gets the SAME SystemModstamp."""
+        with self.lock:
+            obj = self.writable_type(obj_name)
+            if ids is None:
+                ids = [i for i, r in obj.records.items() if not r["IsDeleted"]][:count]
+            for rec_id in ids:
+                self.live_record(obj, rec_id)
+            stamp = fmt_dt(self.now_second())
+            done = [self.update(obj.name, rec_id, values, stamp=stamp)["Id"] for rec_id in ids]
+            return {"ids": done, "SystemModstamp": stamp}
+
+    def delete(self, obj_name, rec_id, hard):
+        with self.lock:
+            obj = self.writable_type(obj_name)
+            rec = obj.records.get(to_id18(rec_id))
+            if rec is None or (rec["IsDeleted"] and not hard):
+                raise AdminError(404, "no %s record %s to delete" % (obj.name, rec_id))
+            now = self.now_second()
+            if not rec["IsDeleted"]:
+                self.delete_log.append({"object": obj.name, "id": rec["Id"], "at": now})
+            if hard:
+                del obj.records[rec["Id"]]
+            else:
+                obj.records[rec["Id"]] = dict(rec, IsDeleted=True, SystemModstamp=fmt_dt(now),
+                                              LastModifiedDate=fmt_dt(now))
+            return {"id": rec["Id"], "hard": bool(hard), "deletedDate": fmt_dt(now)}
+
+    def undelete(self, obj_name, rec_id):
+        with self.lock:
+            obj = self.writable_type(obj_name)
+            rec = obj.records.get(to_id18(rec_id))
+            if rec is None or not rec["IsDeleted"]:
+                raise AdminError(404, "no %s record %s in the recycle bin" % (obj.name, rec_id))
+            stamp = fmt_dt(self.now_second())
+            rec = dict(rec, IsDeleted=False, SystemModstamp=stamp, LastModifiedDate=stamp)
+            obj.records[rec["Id"]] = rec
+            # An undeleted record is no longer "deleted": drop it from the delete log.
+            self.delete_log = [e for e in self.delete_log if e["id"] != rec["Id"]]
+            return rec
+
+    def empty_recycle_bin(self):
+        with self.lock:
+            purged = 0
+            for obj in self.types.values():
+                for rec_id in [i for i, r in obj.records.items() if r["IsDeleted"]]:
+                    del obj.records[rec_id]
+                    purged += 1
+            return purged
+
+    def add_field(self, obj_name, spec):
+        with self.lock:
+            obj = self.writable_type(obj_name)
+            name = spec.get("name") or ""
+            ftype = spec.get("type")
+            if not re.match(r"^[A-Za-z][A-Za-z0-9_]*__c$", name) or obj.by_lower.get(name.lower()):
+                raise AdminError(400, "field name must be new and end in __c")
+            if ftype not in TEXT_TYPES | NUMBER_TYPES | {"boolean", "date", "datetime", "time", "reference"}:
+                raise AdminError(400, "unsupported field type %r" % ftype)
+            f = Field(name, ftype, spec.get("label"), length=spec.get("length"),
+                      precision=spec.get("precision", 18 if ftype in NUMBER_TYPES else 0),
+                      scale=spec.get("scale", 0), picklist=spec.get("picklistValues"),
+                      reference_to=spec.get("referenceTo"), nillable=True,
+                      default_value=False if ftype == "boolean" else None,
+                      defaulted=ftype == "boolean", calculated=bool(spec.get("formula")),
+                      formula=spec.get("formula"))
+            obj.fields.append(f)
+            obj.reindex()
+            obj.schema_changed = self.now_second()
+            # Adding a field does not touch SystemModstamp of existing rows.
+            for rec_id, rec in list(obj.records.items()):
+                obj.records[rec_id] = dict(rec, **{name: False if ftype == "boolean" else None})
+            return f.describe()
+
+    def remove_field(self, obj_name, field_name):
+        with self.lock:
+            obj = self.writable_type(obj_name)
+            f = obj.by_lower.get(field_name.lower())
+            if f is None or not f.custom:
+                raise AdminError(404, "no custom field %s on %s" % (field_name, obj.name))
+            obj.fields.remove(f)
+            obj.reindex()
+            obj.schema_changed = self.now_second()
+            return {"removed": f.name}
+
+    # -- API usage -------------------------------------------------------------
+
+    def count_api_call(self):
+        """True when the call fits in the daily allocation (and is counted)."""
+        with self.lock:
+            if self.api_used >= self.api_max:
+                return False
+            self.api_used += 1
+            return True
+
+    def limit_header(self):
+        return "api-usage=%d/%d" % (self.api_used, self.api_max)
+
+    # -- faults ----------------------------------------------------------------
+
+    def take_fault(self, target):
+        with self.lock:
+            for fault in self.faults:
+                if fault["remaining"] > 0 and re.search(fault["path_regex"], target):
+                    fault["remaining"] -= 1
+                    fault["hits"] += 1
+                    return dict(fault)
+            return None
+
+    def log_request(self, entry, endpoint):
+        with self.lock:
+            self.request_log.append(entry)
+            if len(self.request_log) > 100000:
+                del self.request_log[:50000]
+            self.endpoint_counts[endpoint] = self.endpoint_counts.get(endpoint, 0) + 1
+
+
+def contact_name(rec):
+    return " ".join(p for p in (rec.get("FirstName"), rec.get("LastName")) if p)
+
+
+# ----------------------------------------------------------------------------
+# SOQL: tokenizer, parser, compiler
+# ----------------------------------------------------------------------------
+
+TOKEN_RE = re.compile(r"""
+   (?P<ws>\s+)
+ | (?P<datetime>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,3})?(?:Z|[+-]\d{2}:?\d{2}))(?![\w:.+-])
+ | (?P<date>\d{4}-\d{2}-\d{2})(?![\w:.+-])
+ | (?P<time>\d{2}:\d{2}:\d{2}(?:\.\d{1,3})?Z)(?![\w:.])
+ | (?P<number>[-+]?\d+(?:\.\d+)?)(?![\w.])
+ | (?P<ident>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)
+ | (?P<string>'(?:[^'\\]|\\.)*')
+ | (?P<op>!=|<>|<=|>=|=|<|>)
+ | (?P<punct>[(),])
+""", re.X | re.S)
+STRING_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f", "'": "'", '"': '"',
+                  "\\": "\\", "_": "\\_", "%": "\\%"}
+CLAUSE_WORDS = {"SELECT", "FROM", "WHERE", "ORDER", "BY", "LIMIT", "OFFSET", "AND", "OR", "NOT",
+                "IN", "LIKE", "INCLUDES", "EXCLUDES", "ASC", "DESC", "NULLS", "FIRST", "LAST",
+                "GROUP", "HAVING", "WITH", "FOR", "USING", "TYPEOF"}
+
+
+class Token:
+    __slots__ = ("kind", "text", "value", "pos")
+
+    def __init__(self, kind, text, value, pos):
+        self.kind, self.text, self.value, self.pos = kind, text, value, pos
+
+    def kw(self):
+        return self.text.upper() if self.kind == "ident" else None
+
+
+class SoqlError(ApiError):
+    """400 with Salesforce's caret-annotated message pointing at the offending spot."""
+
+    def __init__(self, soql, pos, code, message):
+        row = soql.count("\n", 0, pos) + 1
+        line_start = soql.rfind("\n", 0, pos) + 1
+        line_end = soql.find("\n", pos)
+        line = soql[line_start:line_end if line_end >= 0 else len(soql)]
+        col = pos - line_start + 1
+        super().__init__(400, code, "\n%s\n%s^\nERROR at Row:%d:Column:%d\n%s"
+                         % (line, " " * (col - 1), row, col, message))
+
+
+def tokenize(soql):
+    tokens, pos = [], 0
+    while pos < len(soql):
+        m = TOKEN_RE.match(soql, pos)
+        if not m:
+            raise ApiError(400, "MALFORMED_QUERY",
+                           "line 1:%d no viable alternative at character '%s'" % (pos, soql[pos]))
+        kind = m.lastgroup
+        text = m.group(kind)
+        if kind != "ws":
+            tokens.append(Token(kind, text, literal_value(soql, kind, text, pos), pos))
+        pos = m.end()
+    tokens.append(Token("eof", "<EOF>", None, len(soql)))
+    return tokens
+
+
+def literal_value(soql, kind, text, pos):
+    if kind == "string":
+        out, i, body = [], 0, text[1:-1]
+        while i < len(body):
+            ch = body[i]
+            if ch == "\\":
+                nxt = body[i + 1]
+                if nxt not in STRING_ESCAPES:
+                    raise SoqlError(soql, pos, "MALFORMED_QUERY", "Invalid string literal '%s'. "
+                                    "Illegal character sequence '\\%s' in string literal." % (text, nxt))
+                out.append(STRING_ESCAPES[nxt])
+                i += 2
+            else:
+                out.append(ch)
+                i += 1
+        return "".join(out)
+    if kind == "datetime":
+        dt = parse_iso(text)
+        if dt is None:
+            raise SoqlError(soql, pos, "MALFORMED_QUERY", "line 1:%d no viable alternative at "
+                            "character '%s'" % (pos, text[0]))
+        return fmt_dt(dt)
+    if kind == "date":
+        try:
+            return date.fromisoformat(text).isoformat()
+        except ValueError:
+            raise SoqlError(soql, pos, "MALFORMED_QUERY", "line 1:%d no viable alternative at "
+                            "character '%s'" % (pos, text[0]))
+    if kind == "time":
+        return text if "." in text else text[:-1] + ".000Z"
+    if kind == "number":
+        return float(text) if "." in text else int(text)
+    return None
+
+
+class Parser:
+    """Recursive descent over the SOQL subset sync needs. Produces a plain AST:
+
+    select: ("count", None) | ("count", tok) | ("fields", [tok, ...])
+    where:  ("and"|"or", [node...]) | ("not", node) | ("cmp", fieldtok, op, littok)
+            | ("in", fieldtok, negated, [littok...]) | ("like", fieldtok, littok)
+            | ("includes"|"excludes", fieldtok, [littok...])
+    """
+
+    def __init__(self, soql):
+        self.soql = soql
+        self.toks = tokenize(soql)
+        self.i = 0
+
+    def peek(self, ahead=0):
+        return self.toks[min(self.i + ahead, len(self.toks) - 1)]
+
+    def next(self):
+        tok = self.peek()
+        self.i += 1
+        return tok
+
+    def unexpected(self, tok=None):
+        tok = tok or self.peek()
+        return SoqlError(self.soql, tok.pos, "MALFORMED_QUERY", "unexpected token: '%s'" % tok.text
+                         if tok.kind != "eof" else "unexpected token: <EOF>")
+
+    def accept_kw(self, *words):
+        if self.peek().kw() in words:
+            return self.next()
+        return None
+
+    def expect_kw(self, word):
+        tok = self.accept_kw(word)
+        if tok is None:
+            raise self.unexpected()
+        return tok
+
+    def expect_punct(self, ch):
+        tok = self.peek()
+        if tok.kind != "punct" or tok.text != ch:
+            raise self.unexpected()
+        return self.next()
+
+    def field_token(self):
+        tok = self.peek()
+        if tok.kind != "ident" or tok.kw() in CLAUSE_WORDS:
+            raise self.unexpected()
+        return self.next()
+
+    def parse(self):
+        q = {"where": None, "order": [], "limit": None, "offset": None}
+        self.expect_kw("SELECT")
+        q["select"] = self.parse_select()
+        self.expect_kw("FROM")
+        q["from"] = self.field_token()
+        if self.accept_kw("WHERE"):
+            q["where"] = self.parse_condition()
+        if self.accept_kw("ORDER"):
+            self.expect_kw("BY")
+            q["order"] = self.parse_order()
+        if self.accept_kw("LIMIT"):
+            q["limit"] = self.parse_count_number()
+        if self.accept_kw("OFFSET"):
+            q["offset"] = self.parse_count_number()
+        if self.peek().kind != "eof":
+            raise self.unexpected()
+        return q
+
+    def parse_select(self):
+        if self.peek().kw() == "COUNT" and self.peek(1).text == "(":
+            self.next()
+            self.next()
+            arg = None
+            if not (self.peek().kind == "punct" and self.peek().text == ")"):
+                arg = self.field_token()
+            self.expect_punct(")")
+            return ("count", arg)
+        fields = [self.field_token()]
+        while self.peek().text == ",":
+            self.next()
+            fields.append(self.field_token())
+        return ("fields", fields)
+
+    def parse_count_number(self):
+        tok = self.next()
+        if tok.kind != "number" or not isinstance(tok.value, int) or tok.value < 0:
+            raise self.unexpected(tok)
+        return tok.value
+
+    def parse_order(self):
+        items = []
+        while True:
+            tok = self.field_token()
+            desc = self.accept_kw("DESC") is not None
+            if not desc:
+                self.accept_kw("ASC")
+            nulls_first = not desc
+            if self.accept_kw("NULLS"):
+                which = self.accept_kw("FIRST", "LAST")
+                if which is None:
+                    raise self.unexpected()
+                nulls_first = which.kw() == "FIRST"
+            items.append((tok, desc, nulls_first))
+            if self.peek().text != ",":
+                return items
+            self.next()
+
+    def parse_condition(self):
+        """SOQL has no AND/OR precedence: mixing them without parentheses is an error."""
+        first = self.parse_simple()
+        joiner = self.peek().kw()
+        if joiner not in ("AND", "OR"):
+            return first
+        parts = [first]
+        while self.peek().kw() in ("AND", "OR"):
+            if self.peek().kw() != joiner:
+                raise self.unexpected()
+            self.next()
+            parts.append(self.parse_simple())
+        return (joiner.lower(), parts)
+
+    def parse_simple(self):
+        if self.accept_kw("NOT"):
+            return ("not", self.parse_simple())
+        if self.peek().kind == "punct" and self.peek().text == "(":
+            self.next()
+            node = self.parse_condition()
+            self.expect_punct(")")
+            return node
+        field = self.field_token()
+        tok = self.peek()
+        if tok.kw() == "NOT" and self.peek(1).kw() == "IN":
+            self.i += 2
+            return ("in", field, True, self.parse_list())
+        if tok.kw() == "IN":
+            self.next()
+            return ("in", field, False, self.parse_list())
+        if tok.kw() == "LIKE":
+            self.next()
+            return ("like", field, self.parse_literal())
+        if tok.kw() in ("INCLUDES", "EXCLUDES"):
+            self.next()
+            return (tok.kw().lower(), field, self.parse_list())
+        if tok.kind != "op":
+            raise self.unexpected()
+        self.next()
+        op = "!=" if tok.text == "<>" else tok.text
+        return ("cmp", field, op, self.parse_literal())
+
+    def parse_list(self):
+        self.expect_punct("(")
+        items = [self.parse_literal()]
+        while self.peek().text == ",":
+            self.next()
+            items.append(self.parse_literal())
+        self.expect_punct(")")
+        return items
+
+    def parse_literal(self):
+        tok = self.next()
+        if tok.kind in ("string", "number", "datetime", "date", "time"):
+            return tok
+        if tok.kind == "ident" and tok.kw() in ("TRUE", "FALSE", "NULL"):
+            tok.kind = tok.kw().lower()
+            tok.value = {"TRUE": True, "FALSE": False, "NULL": None}[tok.kw()]
+            return tok
+        raise self.unexpected(tok)
+
+
+# Which literal kind each field type accepts in WHERE, and the name SF's message uses.
+LITERAL_FOR_TYPE = {
+    "boolean": ({"true", "false"}, "boolean"), "int": ({"number"}, "int"),
+    "double": ({"number"}, "double"), "currency": ({"number"}, "currency"),
+    "percent": ({"number"}, "percent"), "date": ({"date"}, "date"),
+    "datetime": ({"datetime"}, "dateTime"), "time": ({"time"}, "time"),
+}
+
+
+class CompiledQuery:
+    def __init__(self, obj, fields, count, count_field, predicate, order, limit, offset):
+        self.obj = obj
+        self.fields = fields            # [Field] in SELECT order
+        self.count = count              # COUNT() / COUNT(field)
+        self.count_field = count_field
+        self.predicate = predicate
+        self.order = order
+        self.limit = limit
+        self.offset = offset
+
+
+def compile_soql(org, soql):
+    q = Parser(soql).parse()
+    obj_tok = q["from"]
+    obj = org.sobject(obj_tok.text)
+    if obj is None or "." in obj_tok.text:
+        raise SoqlError(soql, obj_tok.pos, "INVALID_TYPE",
+                        "sObject type '%s' is not supported. If you are attempting to use a custom "
+                        "object, be sure to append the '__c' after the entity name. Please reference "
+                        "your WSDL or the describe call for the appropriate names." % obj_tok.text)
+    if not obj.queryable:
+        raise SoqlError(soql, obj_tok.pos, "INVALID_TYPE",
+                        "entity type %s does not support query" % obj.name)
+
+    def resolve(tok):
+        if "." in tok.text:
+            raise SoqlError(soql, tok.pos, "INVALID_FIELD",
+                            "Didn't understand relationship '%s' in field path. If you are attempting "
+                            "to use a custom relationship, be sure to append the '__r' after the custom "
+                            "relationship name. Please reference your WSDL or the describe call for the "
+                            "appropriate names." % tok.text.split(".")[0])
+        f = obj.field(tok.text)
+        if f is None:
+            raise SoqlError(soql, tok.pos, "INVALID_FIELD",
+                            "No such column '%s' on entity '%s'. If you are attempting to use a custom "
+                            "field, be sure to append the '__c' after the custom field name. Please "
+                            "reference your WSDL or the describe call for the appropriate names."
+                            % (tok.text, obj.name))
+        return f
+
+    kind, payload = q["select"]
+    fields, count_field = [], None
+    if kind == "fields":
+        seen = set()
+        for tok in payload:
+            f = resolve(tok)
+            if f.name in seen:
+                raise SoqlError(soql, tok.pos, "INVALID_FIELD", "duplicate field selected: %s" % f.name)
+            seen.add(f.name)
+            fields.append(f)
+    elif payload is not None:
+        count_field = resolve(payload)
+    predicate = compile_where(soql, q["where"], resolve) if q["where"] else None
+    order = []
+    for tok, desc, nulls_first in q["order"]:
+        f = resolve(tok)
+        if not f.sortable:
+            raise SoqlError(soql, tok.pos, "INVALID_FIELD",
+                            "field '%s' can not be sorted in a query call" % f.name)
+        order.append((f, desc, nulls_first))
+    if kind == "count" and order:
+        raise SoqlError(soql, q["order"][0][0].pos, "MALFORMED_QUERY",
+                        "Ordered field cannot be aggregated in a query that is not grouped: %s"
+                        % q["order"][0][0].text)
+    if q["offset"] is not None and q["offset"] > 2000:
+        raise ApiError(400, "NUMBER_OUTSIDE_VALID_RANGE", "Maximum SOQL offset allowed is 2000")
+    return CompiledQuery(obj, fields, kind == "count", count_field, predicate, order,
+                         q["limit"], q["offset"])
+
+
+def sort_key_fn(f):
+    """Text compares case-insensitively in SOQL; ids compare as plain (case-sensitive) strings."""
+    if f.type in TEXT_TYPES or f.type == "anyType":
+        return lambda v: v.casefold()
+    return lambda v: v
+
+
+def compile_where(soql, node, resolve):
+    kind = node[0]
+    if kind in ("and", "or"):
+        parts = [compile_where(soql, n, resolve) for n in node[1]]
+        return (lambda r: all(p(r) for p in parts)) if kind == "and" else (lambda r: any(p(r) for p in parts))
+    if kind == "not":
+        inner = compile_where(soql, node[1], resolve)
+        return lambda r: not inner(r)
+    field_tok = node[1]
+    f = resolve(field_tok)
+    if not f.filterable:
+        raise SoqlError(soql, field_tok.pos, "INVALID_FIELD",
+                        "field '%s' can not be filtered in a query call" % f.name)
+    get, norm = f.getter, sort_key_fn(f)
+    if kind == "cmp":
+        op, lit = node[2], node[3]
+        value = check_literal(soql, f, lit)
+        if value is None:
+            if op not in ("=", "!="):
+                return lambda r: False
+            return (lambda r: get(r) is None) if op == "=" else (lambda r: get(r) is not None)
+        if f.type == "multipicklist" and op in ("=", "!="):
+            want = frozenset(v.casefold() for v in value.split(";"))
+            test = lambda v: frozenset(x.casefold() for x in v.split(";")) == want
+            return (lambda r: get(r) is not None and test(get(r))) if op == "=" else \
+                (lambda r: get(r) is None or not test(get(r)))
+        key = norm(value)
+        cmp = {"=": lambda a: a == key, "!=": lambda a: a != key, "<": lambda a: a < key,
+               "<=": lambda a: a <= key, ">": lambda a: a > key, ">=": lambda a: a >= key}[op]
+        if op == "!=":
+            return lambda r: get(r) is None or cmp(norm(get(r)))
+        return lambda r: (lambda v: v is not None and cmp(norm(v)))(get(r))
+    if kind == "in":
+        negated = node[2]
+        values = [check_literal(soql, f, lit) for lit in node[3]]
+        keys = {norm(v) for v in values if v is not None}
+        has_null = any(v is None for v in values)
+        if negated:
+            return lambda r: (lambda v: (v is not None or not has_null) and (v is None or norm(v) not in keys))(get(r))
+        return lambda r: (lambda v: has_null if v is None else norm(v) in keys)(get(r))
+    if kind == "like":
+        if f.type not in TEXT_TYPES and f.type not in ("id", "reference"):
+            raise SoqlError(soql, field_tok.pos, "INVALID_FIELD",
+                            "invalid operator on %s field" % f.type)
+        pattern = check_literal(soql, f, node[2])
+        rx = like_regex(pattern)
+        return lambda r: (lambda v: v is not None and rx.match(v) is not None)(get(r))
+    # includes / excludes: multipicklist only; each literal is 'a' or 'a;b' (all of)
+    if f.type != "multipicklist":
+        raise SoqlError(soql, field_tok.pos, "INVALID_FIELD",
+                        "includes or excludes operator only valid on multipicklist field")
+    groups = [frozenset(x.casefold() for x in check_literal(soql, f, lit).split(";")) for lit in node[2]]
+    has_any = lambda v: v is not None and any(g <= {x.casefold() for x in v.split(";")} for g in groups)
+    return (lambda r: has_any(get(r))) if kind == "includes" else (lambda r: not has_any(get(r)))
+
+
+def like_regex(pattern):
+    out = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        out.append(".*" if ch == "%" else "." if ch == "_" else re.escape(ch))
+        i += 1
+    return re.compile("^" + "".join(out) + "$", re.S | re.I)
+
+
+def check_literal(soql, f, lit):
+    """Type-check a WHERE literal against the field as SOQL does; returns the comparable value."""
+    if lit.kind == "null":
+        return None
+    if f.type in LITERAL_FOR_TYPE:
+        kinds, type_name = LITERAL_FOR_TYPE[f.type]
+        if lit.kind not in kinds:
+            quoted = lit.kind == "string"
+            raise SoqlError(soql, lit.pos, "INVALID_FIELD",
+                            "value of filter criterion for field '%s' must be of type %s and should "
+                            "not be enclosed in quotes" % (f.name, type_name) if quoted else
+                            "value of filter criterion for field '%s' must be of type %s"
+                            % (f.name, type_name))
+        if f.type in ("double", "currency", "percent"):
+            return float(lit.value)
+        return lit.value
+    if lit.kind != "string":
+        raise SoqlError(soql, lit.pos, "INVALID_FIELD",
+                        "value of filter criterion for field '%s' must be of type %s and should be "
+                        "enclosed in quotes" % (f.name, "id" if f.type in ("id", "reference") else "string"))
+    if f.type in ("id", "reference"):
+        if not ID_RE.match(lit.value):
+            raise SoqlError(soql, lit.pos, "INVALID_QUERY_FILTER_OPERATOR", "invalid ID field: %s" % lit.value)
+        return to_id18(lit.value)
+    return lit.value
+
+
+def run_query(org, cq, include_deleted):
+    """Evaluate a compiled query; returns the ordered list of matching records."""
+    recs = list(cq.obj.records.values())
+    if not include_deleted:
+        recs = [r for r in recs if not r.get("IsDeleted")]
+    if cq.predicate:
+        recs = [r for r in recs if cq.predicate(r)]
+    # Multi-key sort with per-key direction: stable passes from the last key to the first.
+    for f, desc, nulls_first in reversed(cq.order):
+        null_rank = 0 if nulls_first != desc else 1
+        get, norm = f.getter, sort_key_fn(f)
+
+        def key(r, get=get, norm=norm, null_rank=null_rank):
+            v = get(r)
+            return (null_rank, "") if v is None else (1 - null_rank, norm(v))
+        recs.sort(key=key, reverse=desc)
+    if cq.offset:
+        recs = recs[cq.offset:]
+    if cq.limit is not None:
+        recs = recs[:cq.limit]
+    return recs
+
+
+# ----------------------------------------------------------------------------
+# HTTP handler
+# ----------------------------------------------------------------------------
+
+VERSION_PATH_RE = re.compile(r"^v(\d+)\.0$")
+
+
+def version_label(v):
+    n = v - 32
+    return "%s '%02d" % (["Winter", "Spring", "Summer"][n % 3], 15 + n // 3)
+
+
+def dumps(obj):
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "SFDC"
+    org: Org = None       # set by main()
+    verbose = False
+
+    # -- plumbing --------------------------------------------------------------
+
+    def version_string(self):
+        return self.server_version
+
+    def log_message(self, fmt, *args):
+        if self.verbose:
+            sys.stderr.write("fake_salesforce: " + (fmt % args) + "\n")
+
+    def date_time_string(self, timestamp=None):
+        """Date header follows the (possibly shifted) server clock; clients use it as server time."""
+        return email.utils.formatdate(self.org.now().timestamp(), usegmt=True)
+
+    def do_GET(self):
+        self.dispatch("GET")
+
+    def do_POST(self):
+        self.dispatch("POST")
+
+    def do_PATCH(self):
+        self.dispatch("PATCH")
+
+    def do_DELETE(self):
+        self.dispatch("DELETE")
+
+    def do_PUT(self):
+        self.dispatch("PUT")
+
+    def do_HEAD(self):
+        self.dispatch("HEAD")
+
+    def read_body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def send(self, status, body=b"", ctype=JSON_TYPE, headers=None):
+        """Write a complete response (always with Content-Length, so keep-alive works)."""
+        if body and "gzip" in (self.headers.get("Accept-Encoding") or "") and len(body) > 1024:
+            body = gzip.compress(body, compresslevel=1)
+            headers = dict(headers or {}, **{"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+        self.send_response(status)
+        if body or status not in (204, 304):
+            self.send_header("Content-Type", ctype)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", "0" if status in (204, 304) else str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD" and status not in (204, 304):
+            self.wfile.write(body)
+        self.status_sent = status
+
+    def dispatch(self, method):
+        self.status_sent = 0
+        split = urlsplit(self.path)
+        path, query = split.path, split.query
+        body = self.read_body() if method in ("POST", "PATCH", "PUT") else b""
+        if path.startswith("/__admin"):
+            self.handle_admin(method, path, query, body)
+            return
+        started = time.time()
+        endpoint = "other"
+        try:
+            endpoint = self.handle_api(method, path, query, body)
+        finally:
+            self.org.log_request({"t": started, "method": method, "path": path, "query": query,
+                                  "status": self.status_sent}, endpoint)
+
+    # -- public API --------------------------------------------------------------
+
+    def handle_api(self, method, path, query, body):
+        """Serve one non-admin request; returns the endpoint label for stats."""
+        endpoint = classify(path)
+        fault = self.org.take_fault(path + ("?" + query if query else ""))
+        if fault and self.apply_fault(fault, path):
+            return endpoint
+        extra = {}
+        try:
+            if path == "/services/oauth2/token":
+                self.handle_token(method, body)
+                return endpoint
+            if path.startswith("/services/data"):
+                extra["Sforce-Limit-Info"] = None   # filled in after counting
+                status, payload, headers = self.handle_rest(method, path, query)
+                extra.update(headers)
+                extra["Sforce-Limit-Info"] = self.org.limit_header()
+                self.send(status, payload, headers=extra)
+                return endpoint
+            raise not_found()
+        except OAuthError as e:
+            self.send(e.status, dumps(e.body), headers={"Cache-Control": "no-cache,must-revalidate,max-age=0,no-store,private"})
+        except ApiError as e:
+            headers = dict(e.headers)
+            if "Sforce-Limit-Info" in extra:
+                headers["Sforce-Limit-Info"] = self.org.limit_header()
+            self.send(e.status, dumps(e.body), headers=headers)
+        except Exception:
+            # A bug in the fake must show up as a loud 500, not as a silently dropped connection.
+            traceback.print_exc()
+            self.send(500, dumps(default_error_body(500, path)))
+        return endpoint
+
+    def apply_fault(self, fault, path):
+        """Inject a configured failure. Returns True when the request was fully handled."""
+        if fault.get("delay"):
+            time.sleep(float(fault["delay"]))
+        if fault.get("drop"):
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return True
+        status = fault.get("status")
+        if not status:
+            return False            # delay-only fault: now answer normally
+        if "body" in fault and fault["body"] is not None:
+            body = fault["body"]
+            payload = body.encode() if isinstance(body, str) else dumps(body)
+        else:
+            payload = dumps(default_error_body(status, path))
+        headers = dict(fault.get("headers") or {})
+        if status == 401 and path.startswith("/services/data"):
+            headers.setdefault("WWW-Authenticate", "Token")
+        if path.startswith("/services/data"):
+            headers.setdefault("Sforce-Limit-Info", self.org.limit_header())
+        if fault.get("truncate"):
+            # Promise the full length, send half, hang up: a broken transfer for the client.
+            self.send_response(status)
+            self.send_header("Content-Type", JSON_TYPE)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload[:len(payload) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.status_sent = status
+            return True
+        self.send(status, payload, ctype=fault.get("content_type") or JSON_TYPE, headers=headers)
+        return True
+
+    def handle_token(self, method, body):
+        if method != "POST":
+            raise OAuthError(400, "invalid_request", "must use HTTP POST")
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        form = {}
+        if ctype == "application/x-www-form-urlencoded":
+            form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"),
+                                                  keep_blank_values=True).items()}
+        cfg = self.org.cfg
+        if form.get("grant_type") != "refresh_token":
+            raise OAuthError(400, "unsupported_grant_type", "grant type not supported")
+        if form.get("client_id") != cfg.client_id:
+            raise OAuthError(400, "invalid_client_id", "client identifier invalid")
+        if form.get("client_secret") != cfg.client_secret:
+            raise OAuthError(400, "invalid_client", "invalid client credentials")
+        if form.get("refresh_token") != cfg.refresh_token:
+            raise OAuthError(400, "invalid_grant", "expired access/refresh token")
+        org = self.org
+        token = org.issue_token()
+        issued = str(int(org.now().timestamp() * 1000))
+        ident = "%s/id/%s/%s" % (org.base_url, org.org_id, org.user_id)
+        sig = base64.b64encode(hmac.new(cfg.client_secret.encode(), (ident + issued).encode(),
+                                        hashlib.sha256).digest()).decode()
+        self.send(200, dumps({"access_token": token, "signature": sig, "scope": "refresh_token api",
+                              "instance_url": org.base_url, "id": ident, "token_type": "Bearer",
+                              "issued_at": issued}),
+                  headers={"Cache-Control": "no-cache,must-revalidate,max-age=0,no-store,private"})
+
+    def authenticate(self):
+        auth = self.headers.get("Authorization") or ""
+        parts = auth.split(None, 1)
+        if len(parts) != 2 or parts[0] not in ("Bearer", "OAuth") or not self.org.token_valid(parts[1].strip()):
+            raise invalid_session()
+
+    def handle_rest(self, method, path, query):
+        """Returns (status, body bytes, headers) for everything under /services/data."""
+        org = self.org
+        if len(self.requestline) > MAX_URI_BYTES:
+            raise ApiError(414, "URI_TOO_LONG", "URI Too Long")
+        segs = path.split("/")[3:]          # after '', 'services', 'data'
+        if segs and segs[-1] == "":
+            segs = segs[:-1]
+        if not segs:
+            if method not in ("GET", "HEAD"):
+                raise method_not_allowed(method)
+            return 200, dumps([{"label": version_label(v), "url": "/services/data/v%d.0" % v,
+                                "version": "%d.0" % v} for v in range(MIN_VERSION, MAX_VERSION + 1)]), {}
+        self.authenticate()
+        if not org.count_api_call():
+            raise ApiError(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.")
+        m = VERSION_PATH_RE.match(segs[0])
+        if not m or not MIN_VERSION <= int(m.group(1)) <= MAX_VERSION or "" in segs[1:]:
+            raise not_found()
+        version = "%s.0" % m.group(1)
+        rest = segs[1:]
+        if method not in ("GET", "HEAD"):
+            raise method_not_allowed(method)
+        params = parse_qs(query, keep_blank_values=True)
+        if not rest:
+            return 200, dumps({k: "/services/data/v%s/%s" % (version, k) for k in
+                               ("tooling", "metadata", "eclair", "folders", "prechatForms", "chatter",
+                                "tabs", "appMenu", "quickActions", "queryAll", "commerce", "wave",
+                                "analytics", "search", "identity", "composite", "parameterizedSearch",
+                                "theme", "nouns", "recent", "connect", "licensing", "limits",
+                                "process", "async-queries", "query", "jobs", "sobjects", "actions",
+                                "support")}), {}
+        head = rest[0]
+        if head == "sobjects":
+            return self.handle_sobjects(version, rest[1:], params)
+        if head in ("query", "queryAll"):
+            if len(rest) == 1:
+                return self.handle_query(version, params, head == "queryAll")
+            if len(rest) == 2:
+                return self.handle_query_more(version, rest[1])
+            raise not_found()
+        if head == "limits":
+            if len(rest) == 1:
+                return 200, dumps(self.limits_body()), {}
+            if len(rest) == 2 and rest[1] == "recordCount":
+                return self.handle_record_count(params)
+        raise not_found()
+
+    # -- sobjects -------------------------------------------------------------------
+
+    def handle_sobjects(self, version, rest, params):
+        org = self.org
+        if not rest:
+            body = {"encoding": "UTF-8", "maxBatchSize": 200,
+                    "sobjects": [t.global_entry(version) for t in sorted(org.types.values(), key=lambda t: t.name)]}
+            return 200, dumps(body), {}
+        obj = org.sobject(rest[0])
+        if obj is None:
+            raise not_found()
+        if len(rest) == 1:
+            recent = []
+            return 200, dumps({"objectDescribe": obj.global_entry(version), "recentItems": recent}), {}
+        action = rest[1]
+        if len(rest) == 2 and action == "describe":
+            return self.handle_describe(obj, version)
+        if len(rest) == 2 and action == "deleted":
+            return 200, dumps(self.get_deleted(obj, params)), {}
+        if len(rest) == 2 and action == "updated":
+            return 200, dumps(self.get_updated(obj, params)), {}
+        if len(rest) == 2 and obj.retrieveable:
+            return self.retrieve(obj, version, action, params)
+        raise not_found()
+
+    def handle_describe(self, obj, version):
+        last_mod = email.utils.format_datetime(obj.schema_changed, usegmt=True)
+        ims = self.headers.get("If-Modified-Since")
+        if ims:
+            try:
+                since = email.utils.parsedate_to_datetime(ims)
+                if since.tzinfo is None:
+                    since = since.replace(tzinfo=UTC)
+                if obj.schema_changed <= since:
+                    return 304, b"", {"Last-Modified": last_mod}
+            except (TypeError, ValueError):
+                pass
+        return 200, obj.describe_bytes(version), {"Last-Modified": last_mod}
+
+    def retrieve(self, obj, version, rec_id, params):
+        rec = obj.records.get(to_id18(rec_id)) if ID_RE.match(rec_id) else None
+        if rec is None or rec["IsDeleted"]:
+            raise not_found()
+        wanted = params.get("fields", [""])[0]
+        if wanted:
+            fields = []
+            for name in wanted.split(","):
+                f = obj.field(name.strip())
+                if f is None:
+                    raise ApiError(400, "INVALID_FIELD", "No such column '%s' on sobject of type %s"
+                                   % (name.strip(), obj.name))
+                fields.append(f)
+        else:
+            fields = [f for f in obj.fields if not f.hidden]
+        return 200, dumps(render_records(obj, [rec], fields, version)[0]), {}
+
+    def replication_window(self, obj, params, max_days):
+        """Validate start/end like getDeleted/getUpdated: both required, truncated to the minute."""
+        if not obj.replicateable:
+            raise ApiError(400, "INVALID_TYPE_FOR_OPERATION",
+                           "entity type %s does not support replication" % obj.name)
+        raw = {}
+        for name in ("start", "end"):
+            values = params.get(name)
+            if not values or not values[0]:
+                raise ApiError(400, "MISSING_ARGUMENT", "%s was not specified" % name)
+            dt = parse_iso(values[0])
+            if dt is None:
+                raise ApiError(400, "INVALID_REPLICATION_DATE",
+                               "Invalid %s date: %s" % (name, values[0]))
+            raw[name] = floor_minute(dt)
+        start, end = raw["start"], raw["end"]
+        if end - start < timedelta(minutes=1):
+            raise ApiError(400, "INVALID_REPLICATION_DATE",
+                           "startDate must be at least one minute greater than endDate")
+        now = self.org.now()
+        oldest = now.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=max_days)
+        if start < oldest:
+            raise ApiError(400, "INVALID_REPLICATION_DATE",
+                           "startDate cannot be more than %d days ago" % max_days)
+        # Never claim coverage of the future: a delete in the rest of this minute must be
+        # found by the next call, which starts at latestDateCovered.
+        covered = min(end, floor_minute(now))
+        return start, end, covered
+
+    def get_deleted(self, obj, params):
+        org = self.org
+        start, end, covered = self.replication_window(obj, params, DELETED_WINDOW_DAYS)
+        with org.lock:
+            earliest = org.now().replace(hour=0, minute=0, second=0, microsecond=0) - \
+                timedelta(days=DELETED_WINDOW_DAYS)
+            if org.earliest_deleted and org.earliest_deleted > earliest:
+                earliest = org.earliest_deleted
+                if start < earliest and org.purge_mode == "error":
+                    raise ApiError(400, "INVALID_REPLICATION_DATE",
+                                   "startDate before earliest date available: %s" % fmt_dt(earliest))
+            hits = [e for e in org.delete_log if e["object"] == obj.name
+                    and max(start, earliest) <= e["at"] < covered]
+        if len(hits) > MAX_REPLICATION_IDS:
+            raise ApiError(400, "EXCEEDED_ID_LIMIT", "Too many ids were requested, please narrow "
+                           "the date range. Maximum is %d" % MAX_REPLICATION_IDS)
+        hits.sort(key=lambda e: (e["at"], e["id"]))
+        return {"deletedRecords": [{"id": e["id"], "deletedDate": fmt_dt(e["at"])} for e in hits],
+                "earliestDateAvailable": fmt_dt(floor_minute(earliest)),
+                "latestDateCovered": fmt_dt(covered)}
+
+    def get_updated(self, obj, params):
+        start, end, covered = self.replication_window(obj, params, UPDATED_WINDOW_DAYS)
+        lo, hi = fmt_dt(start), fmt_dt(covered)
+        ids = [r["Id"] for r in list(obj.records.values())
+               if not r["IsDeleted"] and lo <= r.get("SystemModstamp", "") < hi]
+        if len(ids) > MAX_REPLICATION_IDS:
+            raise ApiError(400, "EXCEEDED_ID_LIMIT", "Too many ids were requested, please narrow "
+                           "the date range. Maximum is %d" % MAX_REPLICATION_IDS)
+        return {"ids": ids, "latestDateCovered": hi}
+
+    # -- query --------------------------------------------------------------------
+
+    def batch_size(self):
+        m = re.search(r"batchSize\s*=\s*(\d+)", self.headers.get("Sforce-Query-Options") or "", re.I)
+        if not m:
+            return DEFAULT_BATCH
+        # A hint, not a contract: out-of-range values are clamped.
+        return max(MIN_BATCH, min(MAX_BATCH, int(m.group(1))))
+
+    def handle_query(self, version, params, include_deleted):
+        org = self.org
+        soql = params.get("q", [""])[0]
+        if not soql.strip():
+            raise ApiError(400, "MALFORMED_QUERY", "A query string has to be specified")
+        cq = compile_soql(org, soql)
+        with org.lock:
+            recs = run_query(org, cq, include_deleted)
+            if cq.count:
+                if cq.count_field is None:
+                    return 200, dumps({"totalSize": len(recs), "done": True, "records": []}), {}
+                n = sum(1 for r in recs if cq.count_field.getter(r) is not None)
+                return 200, dumps({"totalSize": 1, "done": True, "records": [
+                    {"attributes": {"type": "AggregateResult"}, "expr0": n}]}), {}
+            batch = self.batch_size()
+            ids = [r["Id"] for r in recs]
+            locator = None
+            if len(ids) > batch:
+                locator = self.new_locator(cq, ids, batch, include_deleted)
+        return 200, self.page_bytes(version, cq.obj, cq.fields, recs[:batch], len(ids), locator, batch), {}
+
+    def new_locator(self, cq, ids, batch, include_deleted):
+        org = self.org
+        loc_id = org.ids.new("01g")
+        org.locators[loc_id] = {"obj": cq.obj, "fields": cq.fields, "ids": ids, "batch": batch,
+                                "include_deleted": include_deleted, "created": org.now()}
+        if len(org.locators) > 5000:            # bound memory: drop the oldest cursors
+            for old in list(org.locators)[:1000]:
+                del org.locators[old]
+        return loc_id
+
+    def handle_query_more(self, version, token):
+        org = self.org
+        m = re.match(r"^([A-Za-z0-9]{15,18})-(\d+)$", token)
+        if not m:
+            raise not_found()
+        with org.lock:
+            loc = org.locators.get(m.group(1))
+            offset = int(m.group(2))
+            if loc is None or org.now() - loc["created"] > LOCATOR_LIFETIME \
+                    or offset <= 0 or offset >= len(loc["ids"]):
+                raise ApiError(400, "INVALID_QUERY_LOCATOR", "invalid query locator")
+            batch, obj = loc["batch"], loc["obj"]
+            # The id list was fixed when the query ran; values are read now, and rows
+            # deleted since then are skipped (their slot stays, so pages can be short).
+            recs = []
+            for rec_id in loc["ids"][offset:offset + batch]:
+                rec = obj.records.get(rec_id)
+                if rec is not None and (loc["include_deleted"] or not rec["IsDeleted"]):
+                    recs.append(rec)
+            more = m.group(1) if offset + batch < len(loc["ids"]) else None
+        return 200, self.page_bytes(version, obj, loc["fields"], recs, len(loc["ids"]), more,
+                                    offset + batch), {}
+
+    @staticmethod
+    def page_bytes(version, obj, fields, recs, total, locator, next_offset):
+        body = {"totalSize": total, "done": locator is None}
+        if locator:
+            body["nextRecordsUrl"] = "/services/data/v%s/query/%s-%d" % (version, locator, next_offset)
+        body["records"] = render_records(obj, recs, fields, version)
+        return dumps(body)
+
+    # -- limits ---------------------------------------------------------------------
+
+    def limits_body(self):
+        org = self.org
+        remaining = max(0, org.api_max - org.api_used)
+
+        def pair(mx, rem=None):
+            return {"Max": mx, "Remaining": mx if rem is None else rem}
+        return {
+            "ActiveScratchOrgs": pair(3), "AnalyticsExternalDataSizeMB": pair(40960),
+            "ConcurrentAsyncGetReportInstances": pair(200), "ConcurrentSyncReportRuns": pair(20),
+            "DailyApiRequests": pair(org.api_max, remaining), "DailyAsyncApexExecutions": pair(250000),
+            "DailyBulkApiBatches": pair(15000), "DailyBulkV2QueryFileStorageMB": pair(976562),
+            "DailyBulkV2QueryJobs": pair(10000), "DailyDurableStreamingApiEvents": pair(1000000),
+            "DailyStreamingApiEvents": pair(1000000), "DailyWorkflowEmails": pair(2000000),
+            "DataStorageMB": pair(1024, 1000), "FileStorageMB": pair(10240, 10200),
+            "HourlyDashboardRefreshes": pair(200), "HourlyODataCallout": pair(20000),
+            "HourlySyncReportRuns": pair(500), "MassEmail": pair(5000), "SingleEmail": pair(5000),
+        }
+
+    def handle_record_count(self, params):
+        names = [n for n in params.get("sObjects", [""])[0].split(",") if n]
+        objs = [self.org.sobject(n) for n in names] if names else \
+            [t for t in self.org.types.values() if t.queryable]
+        out = [{"count": sum(1 for r in list(t.records.values()) if not r["IsDeleted"]), "name": t.name}
+               for t in objs if t is not None]
+        return 200, dumps({"sObjects": out}), {}
+
+    # -- admin ------------------------------------------------------------------------
+
+    def handle_admin(self, method, path, query, body):
+        try:
+            payload = json.loads(body) if body.strip() else {}
+        except ValueError:
+            self.send(400, dumps({"error": "body is not JSON"}))
+            return
+        params = {k: v[0] for k, v in parse_qs(query).items()}
+        try:
+            status, result = admin_route(self.org, method, path.rstrip("/").split("/")[2:], params, payload)
+        except AdminError as e:
+            status, result = e.status, {"error": str(e)}
+        except Exception as e:
+            traceback.print_exc()
+            status, result = 500, {"error": "fake_salesforce bug: %r" % e}
+        self.send(status, dumps(result))
+
+
+def method_not_allowed(method):
+    return ApiError(405, "METHOD_NOT_ALLOWED", "HTTP Method '%s' not allowed. Allowed are HEAD,GET" % method)
+
+
+def classify(path):
+    """Endpoint label for /__admin/stats."""
+    if path == "/services/oauth2/token":
+        return "token"
+    parts = [p for p in path.split("/") if p]
+    if parts[:2] != ["services", "data"]:
+        return "other"
+    rest = parts[3:]
+    if len(parts) <= 2:
+        return "versions"
+    if not rest:
+        return "resources"
+    if rest[0] in ("query", "queryAll"):
+        return rest[0] if len(rest) == 1 else "queryMore"
+    if rest[0] == "sobjects":
+        if len(rest) == 1:
+            return "describeGlobal"
+        if len(rest) >= 3 and rest[2] in ("describe", "deleted", "updated"):
+            return rest[2]
+        return "sobject"
+    if rest[0] == "limits":
+        return "limits"
+    return "other"
+
+
+def render_records(obj, recs, fields, version):
+    """Records as the REST API returns them: attributes first, then fields in SELECT order."""
+    prefix = "/services/data/v%s/sobjects/%s/" % (version, obj.name)
+    getters = [(f.name, f.getter) for f in fields]
+    out = []
+    for r in recs:
+        d = {"attributes": {"type": obj.name, "url": prefix + r["Id"]}}
+        for name, get in getters:
+            d[name] = get(r)
+        out.append(d)
+    return out
+
+
+def default_error_body(status, path):
+    """What Salesforce sends for a given status when a fault has no explicit body."""
+    if path.startswith("/services/oauth2"):
+        if status >= 500:
+            return {"error": "unknown_error", "error_description": "retry your request"}
+        return {"error": "invalid_grant", "error_description": "expired access/refresh token"}
+    table = {
+        400: ("MALFORMED_QUERY", "Bad request"),
+        401: ("INVALID_SESSION_ID", "Session expired or invalid"),
+        403: ("REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded."),
+        404: ("NOT_FOUND", "The requested resource does not exist"),
+        500: ("UNKNOWN_EXCEPTION", "An unexpected error occurred. Please include this ErrorId if you "
+                                   "contact support: 1387914624-52417 (-1181116375)"),
+        502: ("SERVER_UNAVAILABLE", "Server temporarily unavailable. Please try again later."),
+        503: ("SERVER_UNAVAILABLE", "Server temporarily unavailable. Please try again later."),
+        504: ("SERVER_UNAVAILABLE", "Server temporarily unavailable. Please try again later."),
+    }
+    code, message = table.get(status, ("UNKNOWN_EXCEPTION", "HTTP %d" % status))
+    return [{"message": message, "errorCode": code}]
+
+
+def admin_record_view(obj, rec):
+    """Full field set as the API would return it, without attributes."""
+    return {f.name: f.getter(rec) for f in obj.fields if not f.hidden}
+
+
+def admin_route(org, method, parts, params, payload):
+    """Dispatch /__admin/...; returns (status, JSON-able result)."""
+    key = (method, parts[0] if parts else "")
+    n = len(parts)
+    if key == ("GET", ""):
+        return 200, ADMIN_HELP
+    if parts[0] == "records" and n >= 2:
+        obj = org.sobject(parts[1])
+        if obj is None:
+            raise AdminError(404, "unknown sObject %s" % parts[1])
+        if method == "POST" and n == 2:
+            return 201, admin_record_view(obj, org.create(obj.name, payload))
+        if method == "GET" and n == 2:
+            with org.lock:
+                recs = [r for r in obj.records.values()
+                        if params.get("include_deleted") == "1" or not r["IsDeleted"]]
+            return 200, [admin_record_view(obj, r) for r in sorted(recs, key=lambda r: r["Id"])]
+        if method == "GET" and n == 3:
+            rec = obj.records.get(to_id18(parts[2]))
+            if rec is None:
+                raise AdminError(404, "no %s record %s" % (obj.name, parts[2]))
+            return 200, admin_record_view(obj, rec)
+        if method == "PATCH" and n == 3:
+            rec = org.update(obj.name, parts[2], payload, bump=params.get("bump", "1") != "0")
+            return 200, admin_record_view(obj, rec)
+        if method == "DELETE" and n == 3:
+            return 200, org.delete(obj.name, parts[2], params.get("hard") == "1")
+    if key == ("POST", "bulk_update") and n == 2:
+        ids, count = payload.get("ids"), payload.get("count")
+        if (ids is None) == (count is None):
+            raise AdminError(400, "give exactly one of ids or count")
+        return 200, org.bulk_update(parts[1], ids, count, payload.get("fields") or {})
+    if key == ("POST", "undelete") and n == 3:
+        obj = org.writable_type(parts[1])
+        return 200, admin_record_view(obj, org.undelete(obj.name, parts[2]))
+    if key == ("POST", "empty_recycle_bin"):
+        return 200, {"purged": org.empty_recycle_bin()}
+    if key == ("GET", "delete_log"):
+        with org.lock:
+            return 200, [{"object": e["object"], "id": e["id"], "deletedDate": fmt_dt(e["at"])}
+                         for e in org.delete_log]
+    if key == ("POST", "expire_tokens"):
+        with org.lock:
+            n_tokens = len(org.tokens)
+            org.tokens.clear()
+        return 200, {"expired": n_tokens}
+    if key == ("POST", "expire_locators"):
+        with org.lock:
+            n_locs = len(org.locators)
+            org.locators.clear()
+        return 200, {"expired": n_locs}
+    if key == ("POST", "set_earliest_deleted"):
+        at = parse_any_dt(payload.get("at"))
+        mode = payload.get("mode", "error")
+        if mode not in ("error", "report"):
+            raise AdminError(400, "mode must be 'error' or 'report'")
+        with org.lock:
+            org.earliest_deleted, org.purge_mode = floor_minute(at), mode
+            # The purged part of the delete log is gone for good.
+            org.delete_log = [e for e in org.delete_log if e["at"] >= org.earliest_deleted]
+        return 200, {"earliestDateAvailable": fmt_dt(org.earliest_deleted), "mode": mode}
+    if parts[0] == "faults":
+        return admin_faults(org, method, payload)
+    if parts[0] == "requests":
+        with org.lock:
+            if method == "DELETE":
+                cleared = len(org.request_log)
+                org.request_log = []
+                return 200, {"cleared": cleared}
+            if method == "GET":
+                return 200, list(org.request_log)
+    if key == ("GET", "stats"):
+        with org.lock:
+            return 200, {
+                "requests": dict(org.endpoint_counts),
+                "total_requests": sum(org.endpoint_counts.values()),
+                "api_usage": {"used": org.api_used, "max": org.api_max},
+                "tokens_issued": org.tokens_issued, "tokens_active": len(org.tokens),
+                "locators": len(org.locators),
+                "records": {t.name: sum(1 for r in t.records.values() if not r["IsDeleted"])
+                            for t in org.types.values()},
+                "recycle_bin": {t.name: sum(1 for r in t.records.values() if r["IsDeleted"])
+                                for t in org.types.values()},
+                "delete_log": len(org.delete_log),
+            }
+    if key == ("POST", "limits"):
+        with org.lock:
+            if "used" in payload:
+                org.api_used = int(payload["used"])
+            if "max" in payload:
+                org.api_max = int(payload["max"])
+            return 200, {"used": org.api_used, "max": org.api_max}
+    if key == ("POST", "clock"):
+        with org.lock:
+            if "now" in payload:
+                org.clock_offset = (parse_any_dt(payload["now"]) - datetime.now(UTC)).total_seconds()
+            elif "offset" in payload:
+                org.clock_offset = float(payload["offset"])
+            return 200, {"now": fmt_dt(org.now()), "offset": org.clock_offset}
+    if parts[0] == "fields":
+        if method == "POST" and n == 2:
+            return 201, org.add_field(parts[1], payload)
+        if method == "DELETE" and n == 3:
+            return 200, org.remove_field(parts[1], parts[2])
+    if key == ("POST", "reset"):
+        cfg = org.cfg
+        with org.lock:
+            org.seed_data(int(payload.get("records", cfg.records)), int(payload.get("accounts", cfg.accounts)),
+                          int(payload.get("seed", cfg.seed)), int(payload.get("deleted", cfg.deleted)))
+            org.faults, org.request_log, org.endpoint_counts = [], [], {}
+            org.api_used, org.api_max, org.clock_offset = 0, cfg.daily_limit, 0.0
+            return 200, {"records": {t.name: len(t.records) for t in org.types.values()}}
+    raise AdminError(404, "no admin endpoint %s /__admin/%s" % (method, "/".join(parts)))
+
+
+def admin_faults(org, method, payload):
+    with org.lock:
+        if method == "GET":
+            return 200, org.faults
+        if method == "DELETE":
+            cleared = len(org.faults)
+            org.faults = []
+            return 200, {"cleared": cleared}
+        if method != "POST":
+            raise AdminError(405, "faults: GET, POST or DELETE")
+        regex = payload.get("path_regex")
+        try:
+            re.compile(regex or "")
+        except re.error as e:
+            raise AdminError(400, "bad path_regex: %s" % e)
+        if not regex:
+            raise AdminError(400, "path_regex is required")
+        if not (payload.get("status") or payload.get("drop") or payload.get("delay")):
+            raise AdminError(400, "a fault needs status, drop or delay")
+        org.fault_seq += 1
+        fault = {"id": org.fault_seq, "path_regex": regex, "status": payload.get("status"),
+                 "remaining": int(payload.get("count", 1)), "hits": 0,
+                 "delay": payload.get("delay"), "drop": bool(payload.get("drop")),
+                 "truncate": bool(payload.get("truncate")), "headers": payload.get("headers"),
+                 "content_type": payload.get("content_type")}
+        if "body" in payload:
+            fault["body"] = payload["body"]
+        org.faults.append(fault)
+        return 201, {"id": fault["id"]}
+
+
+# ----------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Fake Salesforce REST API for sync's tests")
+    p.add_argument("--port", type=int, default=0, help="0 = pick a free port (printed)")
+    p.add_argument("--records", type=int, default=5000, help="live Contacts to seed")
+    p.add_argument("--accounts", type=int, default=None, help="Accounts to seed (default records/20, min 10)")
+    p.add_argument("--deleted", type=int, default=0, help="extra seeded Contacts already in the recycle bin")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--base-time", default="2025-03-01T00:00:00Z",
+                   help="seeded SystemModstamps end before this ISO time ('now' = current hour)")
+    p.add_argument("--token-lifetime", type=float, default=7200, help="access token lifetime, seconds")
+    p.add_argument("--daily-limit", type=int, default=1000000, help="DailyApiRequests Max")
+    p.add_argument("--client-id", default="test-client")
+    p.add_argument("--client-secret", default="test-secret")
+    p.add_argument("--refresh-token", default="test-refresh")
+    p.add_argument("--state-file", default=None, help="accepted for compatibility; ignored")
+    p.add_argument("--verbose", action="store_true", help="log requests to stderr")
+    cfg = p.parse_args(argv)
+    if cfg.accounts is None:
+        cfg.accounts = max(10, cfg.records // 20)
+    if cfg.base_time == "now":
+        cfg.base_time = None
+    else:
+        cfg.base_time = parse_iso(cfg.base_time)
+        if cfg.base_time is None:
+            p.error("--base-time must be ISO-8601 with a zone, or 'now'")
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    org = Org(cfg)
+    Handler.org = org
+    Handler.verbose = cfg.verbose
+    server = Server(("127.0.0.1", cfg.port), Handler)
+    port = server.server_address[1]
+    org.base_url = "http://127.0.0.1:%d" % port
+    print("listening on %d" % port, flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
