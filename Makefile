@@ -6,7 +6,7 @@ DATA         = $(wildcard sql/sync--*.sql)
 PG_CPPFLAGS  = -Isrc -DSYNC_VERSION=\"$(EXTVERSION)\" -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare -Wno-missing-field-initializers -Werror
 SHLIB_LINK   = -lcurl -ljansson
 
-REGRESS      = api errors upgrade
+REGRESS      = api errors
 REGRESS_OPTS = --temp-config=test/regress.conf --temp-instance=tmp_regress
 TAP_TESTS    = 1
 PROVE_TESTS  = $(sort $(wildcard test/t/*.pl))

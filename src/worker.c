@@ -454,7 +454,9 @@ sync_worker_main(Datum arg)
 
 	worker_apply_settings();
 	worker_exit_if_extension_gone();
+	StartTransactionCommand();
 	ereport(LOG, (errmsg("sync worker started for database \"%s\"", get_database_name(MyDatabaseId))));
+	CommitTransactionCommand();
 
 	sync_http_init();
 	loop_ctx = AllocSetContextCreate(TopMemoryContext, "sync worker round", ALLOCSET_DEFAULT_SIZES);

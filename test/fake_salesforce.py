@@ -668,13 +668,14 @@ class Org:
         obj = self.types["account"]
         stamps = timestamp_schedule(rng, count, self.base_time - timedelta(days=1), min(50, count // 2), 0)
         for i in range(count):
-            city, state, postal, country, lat, lon = rng.choice(CITIES)
+            k = rng.randrange(len(CITIES))
+            city, state, postal, country, lat, lon = CITIES[k]
             name = "%s %s %d" % (rng.choice(COMPANY_WORDS), rng.choice(COMPANY_SUFFIX), i + 1)
             rec = {
                 "Id": self.ids.new("001"), "IsDeleted": False, "Name": name,
                 "Type": maybe(rng, 0.8, rng.choice(obj.field("Type").picklist)),
                 "Industry": maybe(rng, 0.7, rng.choice(obj.field("Industry").picklist)),
-                "BillingStreet": maybe(rng, 0.9, rng.choice(STREETS)), "BillingCity": city,
+                "BillingStreet": maybe(rng, 0.9, STREETS[k]), "BillingCity": city,
                 "BillingState": state, "BillingPostalCode": postal, "BillingCountry": country,
                 "BillingLatitude": maybe(rng, 0.6, lat), "BillingLongitude": None,
                 "BillingGeocodeAccuracy": None,
@@ -697,7 +698,8 @@ class Org:
         for i in range(count):
             first = maybe(rng, 0.95, rng.choice(FIRST_NAMES))
             last = rng.choice(LAST_NAMES)
-            city, state, postal, country, lat, lon = rng.choice(CITIES)
+            k = rng.randrange(len(CITIES))
+            city, state, postal, country, lat, lon = CITIES[k]
             has_addr = rng.random() < 0.85
             geo = has_addr and rng.random() < 0.5
             bday = date(1950, 1, 1) + timedelta(days=rng.randint(0, 365 * 55))
@@ -708,7 +710,7 @@ class Org:
                 "AccountId": maybe(rng, 0.9, rng.choice(accounts)) if accounts else None,
                 "LastName": last, "FirstName": first,
                 "Salutation": maybe(rng, 0.5, rng.choice(obj.field("Salutation").picklist)),
-                "MailingStreet": rng.choice(STREETS) if has_addr else None,
+                "MailingStreet": STREETS[k] if has_addr else None,
                 "MailingCity": city if has_addr else None,
                 "MailingState": state if has_addr else None,
                 "MailingPostalCode": postal if has_addr else None,
