@@ -654,6 +654,8 @@ class Org:
             self.types = {}
             for t in (account_type(), contact_type(self), contact_history_type(), aggregate_result_type()):
                 self.types[t.name.lower()] = t
+            self.render_cache = {}
+            self.write_gen = 0
             self.delete_log = []          # [{object, id, at}] in time order
             self.earliest_deleted = None  # admin-set purge point
             self.purge_mode = "error"
@@ -788,6 +790,36 @@ class Org:
                                     "at": parse_iso(rec["SystemModstamp"].replace("+0000", "Z"))})
         self.delete_log.sort(key=lambda e: e["at"])
 
+    # -- serialisation -------------------------------------------------------------
+
+    def render_array(self, obj, recs, fields, version):
+        """JSON array of records as the REST API returns them, as UTF-8 bytes.
+
+        Each record's JSON is cached per (field list, API version). Records are
+        replaced (never mutated) on write, so an identity check on the record dict
+        detects staleness; formula fields read other records, so their cache
+        entries also carry the org-wide write generation."""
+        sig = (obj.name, version, tuple(f.name for f in fields))
+        gen = self.write_gen if any(f.calculated for f in fields) else 0
+        cache = self.render_cache
+        if len(cache) > 300000:
+            cache.clear()
+        parts, missing = [], []
+        for rec in recs:
+            hit = cache.get((rec["Id"], sig))
+            if hit is not None and hit[0] is rec and hit[1] == gen:
+                parts.append(hit[2])
+            else:
+                parts.append(None)
+                missing.append(len(parts) - 1)
+        if missing:
+            fresh = render_records(obj, [recs[i] for i in missing], fields, version)
+            for i, d in zip(missing, fresh):
+                data = RECORD_ENCODER.encode(d).encode()
+                cache[(recs[i]["Id"], sig)] = (recs[i], gen, data)
+                parts[i] = data
+        return b"[" + b",".join(parts) + b"]"
+
     # -- lookups ---------------------------------------------------------------
 
     def sobject(self, name):
@@ -884,6 +916,7 @@ class Org:
 
     def create(self, obj_name, values):
         with self.lock:
+            self.write_gen += 1
             obj = self.writable_type(obj_name)
             fields = self.coerce(obj, values, creating=True)
             stamp = fmt_dt(self.now_second())
@@ -912,6 +945,7 @@ class Org:
 
     def update(self, obj_name, rec_id, values, bump=True, stamp=None):
         with self.lock:
+            self.write_gen += 1
             obj = self.writable_type(obj_name)
             rec = dict(self.live_record(obj, rec_id))
             rec.update(self.coerce(obj, values, creating=False))
@@ -941,6 +975,7 @@ class Org:
 
     def delete(self, obj_name, rec_id, hard):
         with self.lock:
+            self.write_gen += 1
             obj = self.writable_type(obj_name)
             rec = obj.records.get(to_id18(rec_id))
             if rec is None or (rec["IsDeleted"] and not hard):
@@ -957,6 +992,7 @@ class Org:
 
     def undelete(self, obj_name, rec_id):
         with self.lock:
+            self.write_gen += 1
             obj = self.writable_type(obj_name)
             rec = obj.records.get(to_id18(rec_id))
             if rec is None or not rec["IsDeleted"]:
@@ -979,6 +1015,7 @@ class Org:
 
     def add_field(self, obj_name, spec):
         with self.lock:
+            self.write_gen += 1
             obj = self.writable_type(obj_name)
             name = spec.get("name") or ""
             ftype = spec.get("type")
@@ -1003,6 +1040,7 @@ class Org:
 
     def remove_field(self, obj_name, field_name):
         with self.lock:
+            self.write_gen += 1
             obj = self.writable_type(obj_name)
             f = obj.by_lower.get(field_name.lower())
             if f is None or not f.custom:
@@ -1042,6 +1080,9 @@ class Org:
             if len(self.request_log) > 100000:
                 del self.request_log[:50000]
             self.endpoint_counts[endpoint] = self.endpoint_counts.get(endpoint, 0) + 1
+
+
+RECORD_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def contact_name(rec):
@@ -1307,9 +1348,10 @@ class Parser:
         tok = self.next()
         if tok.kind in ("string", "number", "datetime", "date", "time"):
             return tok
-        if tok.kind == "ident" and tok.kw() in ("TRUE", "FALSE", "NULL"):
-            tok.kind = tok.kw().lower()
-            tok.value = {"TRUE": True, "FALSE": False, "NULL": None}[tok.kw()]
+        word = tok.kw()
+        if word in ("TRUE", "FALSE", "NULL"):
+            tok.kind = word.lower()
+            tok.value = {"TRUE": True, "FALSE": False, "NULL": None}[word]
             return tok
         raise self.unexpected(tok)
 
@@ -1953,13 +1995,12 @@ class Handler(BaseHTTPRequestHandler):
         return 200, self.page_bytes(version, obj, loc["fields"], recs, len(loc["ids"]), more,
                                     offset + batch), {}
 
-    @staticmethod
-    def page_bytes(version, obj, fields, recs, total, locator, next_offset):
-        body = {"totalSize": total, "done": locator is None}
+    def page_bytes(self, version, obj, fields, recs, total, locator, next_offset):
+        head = {"totalSize": total, "done": locator is None}
         if locator:
-            body["nextRecordsUrl"] = "/services/data/v%s/query/%s-%d" % (version, locator, next_offset)
-        body["records"] = render_records(obj, recs, fields, version)
-        return dumps(body)
+            head["nextRecordsUrl"] = "/services/data/v%s/query/%s-%d" % (version, locator, next_offset)
+        # Splice the pre-serialised records array into the envelope (keeps key order too).
+        return dumps(head)[:-1] + b',"records":' + self.org.render_array(obj, recs, fields, version) + b"}"
 
     # -- limits ---------------------------------------------------------------------
 
