@@ -28,8 +28,6 @@ static bool curl_ready = false;
 /* Response buffers are malloc'd: a palloc failure must not longjmp out of curl. */
 static HttpBuffer body_buf;
 static HttpBuffer header_date;
-static HttpBuffer header_retry_after;
-static HttpBuffer header_limit_info;
 
 static void
 buffer_reset(HttpBuffer *b)
@@ -102,8 +100,6 @@ write_header(char *ptr, size_t size, size_t nmemb, void *userdata)
 	size_t		n = size * nmemb;
 
 	capture_header(ptr, n, "Date", &header_date);
-	capture_header(ptr, n, "Retry-After", &header_retry_after);
-	capture_header(ptr, n, "Sforce-Limit-Info", &header_limit_info);
 	return n;
 }
 
@@ -252,8 +248,6 @@ sync_http_request(const char *method, const char *url,
 	curl_easy_reset(easy);
 	buffer_reset(&body_buf);
 	buffer_reset(&header_date);
-	buffer_reset(&header_retry_after);
-	buffer_reset(&header_limit_info);
 	errbuf[0] = '\0';
 
 	for (int i = 0; i < nheaders; i++)
@@ -344,12 +338,9 @@ sync_http_request(const char *method, const char *url,
 	}
 
 	curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &resp->status);
-	curl_easy_getinfo(easy, CURLINFO_TOTAL_TIME, &resp->elapsed_s);
 	if (body_buf.data == NULL)
 		buffer_append(&body_buf, "", 0, 1);
 	resp->body = body_buf.data;
 	resp->body_len = body_buf.len;
 	resp->date = dup_header(&header_date);
-	resp->retry_after = dup_header(&header_retry_after);
-	resp->limit_info = dup_header(&header_limit_info);
 }

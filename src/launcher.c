@@ -182,7 +182,6 @@ launcher_manage_workers(void)
 			{
 				/* It exited without saying why: an error. Restart after a pause. */
 				slot->state = SYNC_SLOT_WANTED;
-				slot->restarts++;
 				if (slot->not_before < TimestampTzPlusMilliseconds(now, SYNC_RESTART_DELAY_MS))
 					slot->not_before = TimestampTzPlusMilliseconds(now, SYNC_RESTART_DELAY_MS);
 			}

@@ -228,25 +228,6 @@ plans_for(SyncCollection *c)
 	return p;
 }
 
-void
-sync_store_forget_plans(void)
-{
-	HASH_SEQ_STATUS seq;
-	CollectionPlans *p;
-
-	if (plans_by_collection == NULL)
-		return;
-	hash_seq_init(&seq, plans_by_collection);
-	while ((p = hash_seq_search(&seq)) != NULL)
-	{
-		if (p->upsert)
-			SPI_freeplan(p->upsert);
-		if (p->delete)
-			SPI_freeplan(p->delete);
-		hash_search(plans_by_collection, &p->collection_id, HASH_REMOVE, NULL);
-	}
-}
-
 static uint64
 run_with_json(SPIPlanPtr plan, json_t *array, int expected)
 {

@@ -66,7 +66,6 @@ typedef struct SyncDatabaseSlot
 	pid_t		worker_pid;
 	Latch	   *worker_latch;
 	TimestampTz not_before;		/* do not (re)start before this time */
-	int			restarts;
 	bool		requested;		/* CREATE EXTENSION committed since the worker started */
 } SyncDatabaseSlot;
 
@@ -104,9 +103,6 @@ typedef struct SyncHttpResponse
 	char	   *body;			/* NUL-terminated, malloc'd, owned by the client */
 	size_t		body_len;
 	char	   *date;			/* Date header, or NULL */
-	char	   *retry_after;	/* Retry-After header, or NULL */
-	char	   *limit_info;		/* provider usage header (e.g. Sforce-Limit-Info) */
-	double		elapsed_s;
 } SyncHttpResponse;
 
 typedef struct SyncHttpHeader
@@ -224,7 +220,6 @@ extern void sync_free_collection(SyncCollection *collection);
 
 /* ---------- store (store.c) ---------- */
 extern void sync_apply_page(SyncCollection *collection, SyncPage *page);
-extern void sync_store_forget_plans(void);
 
 /* ---------- json helpers (jsonutil.c) ---------- */
 extern json_t *sync_json_parse(const char *text, size_t len, const char *what);

@@ -2,14 +2,36 @@
 """Fake Salesforce REST API for the `sync` test suite (Python 3.11, stdlib only).
 
 Run:  /usr/bin/python3 test/fake_salesforce.py --port 0 [--records 5000] [--seed 1]
-Prints "listening on PORT" once ready.  Binds 127.0.0.1 only.
+      [--accounts N] [--deleted N] [--base-time ISO|now] [--token-lifetime S]
+      [--daily-limit N] [--client-id ..] [--client-secret ..] [--refresh-token ..] [--verbose]
+Prints "listening on PORT" once ready (stdout, flushed). Binds 127.0.0.1 only.
 
-It imitates one org as strictly as we know how: OAuth refresh-token flow, versioned
-REST paths, describeGlobal/describe, SOQL query/queryAll with query locators,
-sObject Get Deleted/Updated, limits, the daily API allocation and Salesforce's
-error bodies (always a JSON array of {message, errorCode}).  Everything under
-/__admin/ is a test-control API (no auth, not counted, not logged); see
-ADMIN_HELP below or GET /__admin/ for the list.
+Imitates one org as strictly as we know how: OAuth refresh-token flow, versioned REST
+paths (v31.0..v67.0), describeGlobal/describe, SOQL query/queryAll with query locators,
+sObject Get Deleted/Updated, limits, the daily API allocation, and Salesforce's error
+bodies (a JSON array of {message, errorCode}). Every response has a Date header (the
+server clock, shiftable via /__admin/clock); /services/data responses carry
+Sforce-Limit-Info. Bodies above 1 KB are gzipped when the client sends Accept-Encoding: gzip.
+
+Seeded data (deterministic per --seed): Accounts, Contacts, ContactHistory. Contact
+SystemModstamps come in bursts sharing one second: the first 300 contacts (creation
+order) share one; with >= 4500 contacts a burst of 2100 shares another (more than one
+2000-record page). All seeded stamps end 1 h before --base-time (default
+2025-03-01T00:00:00Z, so seeded data is stable across runs). Writes use the current
+clock, truncated to whole seconds.
+
+Behaviour worth knowing:
+  * getDeleted/getUpdated truncate start/end to the minute and never report
+    latestDateCovered later than the current minute, so a delete made "now" shows up
+    only once the clock has moved to the next minute (tests: POST /__admin/clock).
+  * Query locators keep the id list fixed at query time; values are read when a page
+    is served and rows deleted since are skipped (pages can come back short).
+  * Account_Name__c is a cross-object formula: renaming the Account changes it
+    without bumping the Contact's SystemModstamp. Legacy_Region__c is
+    deprecatedAndHidden (in describe, invisible to SOQL).
+
+/__admin/ is the test-control API (JSON in/out, no auth, not counted, not logged);
+GET /__admin/ lists every endpoint with its shape (ADMIN_HELP below).
 """
 
 import argparse
@@ -64,6 +86,8 @@ ADMIN_HELP = {
     "DELETE /__admin/requests": "-> {cleared: N}",
     "GET /__admin/stats": "-> {requests: {endpoint: n}, api_usage: {used, max}, ...}",
     "POST /__admin/limits": "body {used?, max?} -> {used, max}",
+    "POST /__admin/query_options": "body {page_cap: N|null} -> pages hold at most N records "
+                                   "whatever batchSize says",
     "POST /__admin/clock": "body {offset: seconds} or {now: ISO} -> {now, offset}",
     "POST /__admin/fields/{Obj}": "body {name, type, label?, length?, precision?, scale?, "
                                   "picklistValues?} -> describe of the new field",
@@ -630,6 +654,7 @@ class Org:
         self.api_max = cfg.daily_limit
         self.api_used = 0
         self.base_url = None
+        self.page_cap = None
         self.org_id = "00DHp0000001SfK" + id_suffix("00DHp0000001SfK")
         self.user_id = "005Hp00000AdMin" + id_suffix("005Hp00000AdMin")
         self.seed_data(cfg.records, cfg.accounts, cfg.seed, cfg.deleted)
@@ -1675,7 +1700,7 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/services/oauth2/token":
                 self.handle_token(method, body)
                 return endpoint
-            if path.startswith("/services/data"):
+            if path == "/services/data" or path.startswith("/services/data/"):
                 extra["Sforce-Limit-Info"] = None   # filled in after counting
                 status, payload, headers = self.handle_rest(method, path, query)
                 extra.update(headers)
@@ -1936,10 +1961,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def batch_size(self):
         m = re.search(r"batchSize\s*=\s*(\d+)", self.headers.get("Sforce-Query-Options") or "", re.I)
-        if not m:
-            return DEFAULT_BATCH
-        # A hint, not a contract: out-of-range values are clamped.
-        return max(MIN_BATCH, min(MAX_BATCH, int(m.group(1))))
+        size = int(m.group(1)) if m else DEFAULT_BATCH
+        # A hint, not a contract: out-of-range values are clamped, and the admin page cap
+        # imitates Salesforce returning smaller pages for wide/complex records.
+        size = max(MIN_BATCH, min(MAX_BATCH, size))
+        return min(size, self.org.page_cap) if self.org.page_cap else size
 
     def handle_query(self, version, params, include_deleted):
         org = self.org
@@ -2209,6 +2235,11 @@ def admin_route(org, method, parts, params, payload):
             if "max" in payload:
                 org.api_max = int(payload["max"])
             return 200, {"used": org.api_used, "max": org.api_max}
+    if key == ("POST", "query_options"):
+        with org.lock:
+            cap = payload.get("page_cap")
+            org.page_cap = int(cap) if cap else None
+            return 200, {"page_cap": org.page_cap}
     if key == ("POST", "clock"):
         with org.lock:
             if "now" in payload:
@@ -2228,6 +2259,7 @@ def admin_route(org, method, parts, params, payload):
                           int(payload.get("seed", cfg.seed)), int(payload.get("deleted", cfg.deleted)))
             org.faults, org.request_log, org.endpoint_counts = [], [], {}
             org.api_used, org.api_max, org.clock_offset = 0, cfg.daily_limit, 0.0
+            org.page_cap = None
             return 200, {"records": {t.name: len(t.records) for t in org.types.values()}}
     raise AdminError(404, "no admin endpoint %s /__admin/%s" % (method, "/".join(parts)))
 

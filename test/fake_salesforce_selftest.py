@@ -10,7 +10,6 @@ import gzip
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -284,6 +283,25 @@ def test_limits(fk):
     fk.admin("POST", "limits", {"max": 1000000})
 
 
+def test_misc(fk):
+    fk.admin("POST", "query_options", {"page_cap": 137})
+    recs, sizes = fk.query_all_pages("SELECT Id FROM Account", endpoint="queryAll", batch=500)
+    check(sizes[0] == 137 and len(recs) == len({r["Id"] for r in recs}) == sum(sizes),
+          "page cap: client must not assume page size == batchSize")
+    _, _, page = fk.query("SELECT Id FROM Account", endpoint="queryAll")
+    check("/query/" in page["nextRecordsUrl"], "queryAll nextRecordsUrl uses /query/")
+    status, _, more = fk.api(page["nextRecordsUrl"].replace("/query/", "/queryAll/"))
+    check(status == 200 and len(more["records"]) == min(137, page["totalSize"] - 137), "queryAll/{locator} also works")
+    fk.admin("POST", "query_options", {"page_cap": None})
+    acc = fk.admin("GET", "records/Account")[0]
+    c = [r for r in fk.admin("GET", "records/Contact") if r["AccountId"] == acc["Id"]][0]
+    fk.admin("PATCH", "records/Account/" + acc["Id"], {"Name": "Renamed Co"})
+    _, _, res = fk.query("SELECT Account_Name__c, SystemModstamp FROM Contact WHERE Id = '%s'" % c["Id"])
+    check(res["records"][0]["Account_Name__c"] == "Renamed Co"
+          and res["records"][0]["SystemModstamp"] == c["SystemModstamp"],
+          "cross-object formula changes without a SystemModstamp bump")
+
+
 def test_keepalive_gzip_speed(fk):
     conn = http.client.HTTPConnection("127.0.0.1", fk.port, timeout=30)
     d = fk.api(V + "/sobjects/Contact/describe")[2]
@@ -312,6 +330,7 @@ def main():
         test_tokens_locators(fk)
         test_faults(fk)
         test_limits(fk)
+        test_misc(fk)
         test_keepalive_gzip_speed(fk)
     finally:
         fk.stop()
