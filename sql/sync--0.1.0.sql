@@ -383,28 +383,25 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION sync.remove_collection(text, text, boolean) IS 'stop syncing a collection; its table stays unless drop_table';
 
-CREATE FUNCTION sync.pause(source text, collection text DEFAULT NULL)
+CREATE FUNCTION sync._set_paused(source text, collection text, paused boolean)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM sync._require_admin();
     IF collection IS NULL THEN
-        UPDATE sync.sources SET paused = true WHERE id = sync._source_id(source);
+        UPDATE sync.sources s SET paused = _set_paused.paused WHERE s.id = sync._source_id(source);
     ELSE
-        UPDATE sync.collections SET paused = true WHERE id = sync._collection_id(source, collection);
+        UPDATE sync.collections c SET paused = _set_paused.paused WHERE c.id = sync._collection_id(source, collection);
     END IF;
 END $$;
+
+CREATE FUNCTION sync.pause(source text, collection text DEFAULT NULL)
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp
+RETURN sync._set_paused(source, collection, true);
 COMMENT ON FUNCTION sync.pause(text, text) IS 'stop making requests for a source, or one of its collections, until sync.resume()';
 
 CREATE FUNCTION sync.resume(source text, collection text DEFAULT NULL)
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    PERFORM sync._require_admin();
-    IF collection IS NULL THEN
-        UPDATE sync.sources SET paused = false WHERE id = sync._source_id(source);
-    ELSE
-        UPDATE sync.collections SET paused = false WHERE id = sync._collection_id(source, collection);
-    END IF;
-END $$;
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp
+RETURN sync._set_paused(source, collection, false);
 COMMENT ON FUNCTION sync.resume(text, text) IS 'resume a paused source or collection';
 
 CREATE FUNCTION sync.resync(source text, collection text)
@@ -454,7 +451,7 @@ REVOKE EXECUTE ON FUNCTION sync.create_source(text, text, text, jsonb, jsonb),
                            sync.drop_source(text, boolean),
                            sync.add_collection(text, text, jsonb),
                            sync.remove_collection(text, text, boolean),
-                           sync.pause(text, text), sync.resume(text, text),
+                           sync.pause(text, text), sync.resume(text, text), sync._set_paused(text, text, boolean),
                            sync.resync(text, text), sync.run_now(text, text),
                            sync._describe(text, text), sync._validate_source(text, text, jsonb, jsonb)
 FROM PUBLIC;

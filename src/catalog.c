@@ -5,7 +5,10 @@
  */
 #include "sync.h"
 
+#include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "storage/lmgr.h"
 #include "executor/spi.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
@@ -200,6 +203,24 @@ sync_free_collection(SyncCollection *collection)
 }
 
 /*
+ * Every worker transaction first takes a share lock on the extension itself.
+ * DROP EXTENSION (and ALTER EXTENSION) lock it exclusively before touching any
+ * of our tables, so a worker never holds a table lock they wait for: no
+ * deadlock, and the worker simply skips its turn while they run.
+ */
+void
+sync_lock_extension(void)
+{
+	Oid			extension = get_extension_oid(SYNC_EXTENSION_NAME, true);
+
+	if (!OidIsValid(extension) ||
+		!ConditionalLockDatabaseObject(ExtensionRelationId, extension, 0, AccessShareLock))
+		ereport(ERROR,
+				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+				 errmsg("the sync extension is being dropped or altered")));
+}
+
+/*
  * Save a refreshed token, and a rotated refresh token, so the next step and
  * other backends use it. Runs in its own transaction when none is open (the
  * worker between requests); inside the caller's otherwise (sync.add_collection).
@@ -219,6 +240,7 @@ sync_save_token(SyncSource *source, json_t *token, json_t *rotated_credentials)
 	{
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
+		sync_lock_extension();
 		PushActiveSnapshot(GetTransactionSnapshot());
 	}
 	if (SPI_connect() != SPI_OK_CONNECT)

@@ -128,17 +128,23 @@ sf_parse_datetime(const char *s)
 	return (double) timegm(&tm) + frac - sign * (oh * 3600 + om * 60);
 }
 
+static char *
+sf_format_utc(double epoch, const char *format)
+{
+	time_t		t = (time_t) epoch;
+	struct tm	tm;
+	char		buf[64];
+
+	gmtime_r(&t, &tm);
+	strftime(buf, sizeof(buf), format, &tm);
+	return pstrdup(buf);
+}
+
 /* SOQL datetime literal (whole seconds, UTC). */
 static char *
 sf_soql_datetime(double epoch)
 {
-	time_t		t = (time_t) epoch;
-	struct tm	tm;
-	char		buf[32];
-
-	gmtime_r(&t, &tm);
-	strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
-	return pstrdup(buf);
+	return sf_format_utc(epoch, "%Y-%m-%dT%H:%M:%SZ");
 }
 
 /* Server time from the Date header, else our clock. */
@@ -728,16 +734,11 @@ sf_poll_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 	json_object_del(cursor, "started");
 }
 
+/* getDeleted's start and end: ISO 8601 with an explicit offset, URL-encoded ('+'). */
 static char *
 sf_iso_param(double epoch)
 {
-	time_t		t = (time_t) epoch;
-	struct tm	tm;
-	char		buf[40];
-
-	gmtime_r(&t, &tm);
-	strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S+00:00", &tm);
-	return sync_http_urlencode(buf);
+	return sync_http_urlencode(sf_format_utc(epoch, "%Y-%m-%dT%H:%M:%S+00:00"));
 }
 
 /* Deletes the recycle bin no longer shows (hard deletes, emptied bin) from the delete log. */

@@ -217,6 +217,7 @@ extern SyncSource *sync_load_source(int32 id);
 extern void sync_free_source(SyncSource *source);
 extern SyncCollection *sync_load_collection(int32 id);
 extern void sync_free_collection(SyncCollection *collection);
+extern void sync_lock_extension(void);
 
 /* ---------- store (store.c) ---------- */
 extern void sync_apply_page(SyncCollection *collection, SyncPage *page);

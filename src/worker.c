@@ -90,6 +90,7 @@ worker_begin(const char *activity, MemoryContext result_ctx)
 {
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	sync_lock_extension();
 	MemoryContextSwitchTo(result_ctx);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -489,7 +490,8 @@ sync_worker_main(Datum arg)
 		{
 			/* Reading the configuration failed, e.g. while DROP EXTENSION runs. */
 			MemoryContextSwitchTo(TopMemoryContext);
-			EmitErrorReport();
+			if (geterrcode() != ERRCODE_LOCK_NOT_AVAILABLE)
+				EmitErrorReport();
 			FlushErrorState();
 			AbortCurrentTransaction();
 			MemoryContextReset(loop_ctx);

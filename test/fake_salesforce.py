@@ -39,6 +39,7 @@ import base64
 import email.utils
 import gzip
 import hashlib
+import heapq
 import hmac
 import json
 import random
@@ -1565,6 +1566,18 @@ def check_literal(soql, f, lit):
     return lit.value
 
 
+def order_key(f, desc, nulls_first):
+    """Sort key for one ORDER BY item: (null rank, value), nulls placed as SOQL says
+    (ASC NULLS FIRST / DESC NULLS LAST by default)."""
+    null_rank = 0 if nulls_first != desc else 1
+    get, norm = f.getter, sort_key_fn(f)
+
+    def key(r):
+        v = get(r)
+        return (null_rank, "") if v is None else (1 - null_rank, norm(v))
+    return key
+
+
 def run_query(org, cq, include_deleted):
     """Evaluate a compiled query; returns the ordered list of matching records."""
     recs = list(cq.obj.records.values())
@@ -1572,15 +1585,22 @@ def run_query(org, cq, include_deleted):
         recs = [r for r in recs if not r.get("IsDeleted")]
     if cq.predicate:
         recs = [r for r in recs if cq.predicate(r)]
-    # Multi-key sort with per-key direction: stable passes from the last key to the first.
-    for f, desc, nulls_first in reversed(cq.order):
-        null_rank = 0 if nulls_first != desc else 1
-        get, norm = f.getter, sort_key_fn(f)
-
-        def key(r, get=get, norm=norm, null_rank=null_rank):
-            v = get(r)
-            return (null_rank, "") if v is None else (1 - null_rank, norm(v))
-        recs.sort(key=key, reverse=desc)
+    wanted = None if cq.limit is None else cq.limit + (cq.offset or 0)
+    directions = {desc for _, desc, _ in cq.order}
+    if len(directions) == 1:
+        # One direction for every key (the keyset case): a single composite key, and
+        # with LIMIT only the first `wanted` rows need ordering.
+        keys = [order_key(*item) for item in cq.order]
+        key = keys[0] if len(keys) == 1 else (lambda r: tuple(k(r) for k in keys))
+        desc = directions.pop()
+        if wanted is not None and wanted * 4 < len(recs):
+            recs = (heapq.nlargest if desc else heapq.nsmallest)(wanted, recs, key=key)
+        else:
+            recs.sort(key=key, reverse=desc)
+    else:
+        # Mixed directions: stable passes from the last key to the first.
+        for f, desc, nulls_first in reversed(cq.order):
+            recs.sort(key=order_key(f, desc, nulls_first), reverse=desc)
     if cq.offset:
         recs = recs[cq.offset:]
     if cq.limit is not None:
