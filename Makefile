@@ -18,3 +18,5 @@ include $(PGXS)
 
 # No JIT bitcode: it would need clang on every machine that builds sync.
 override with_llvm = no
+
+$(OBJS): src/sync.h

@@ -27,7 +27,7 @@ psql_demo() { as_user "$BIN/psql" -X -q -h "$DIR" -p "$PORT" -d postgres -v ON_E
 cleanup() {
   if [ -z "${KEEP:-}" ]; then
     as_user "$BIN/pg_ctl" -D "$DIR/data" -m fast stop >/dev/null 2>&1 || true
-    [ -n "${FAKE_PID:-}" ] && kill "$FAKE_PID" 2>/dev/null || true
+    pkill -f "fake_salesforce.py --port $FAKE_PORT" 2>/dev/null || true
   fi
 }
 trap cleanup EXIT

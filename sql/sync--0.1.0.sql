@@ -70,7 +70,17 @@ CREATE TABLE sync.collection_state (
     last_error            text,
     last_error_at         timestamptz,
     activity              text,
-    run_requested         boolean NOT NULL DEFAULT false
+    run_requested         boolean NOT NULL DEFAULT false,
+    reconcile_requested   boolean NOT NULL DEFAULT false,
+    sweep_started_at      timestamptz,
+    last_sweep_at         timestamptz
+);
+
+-- Ids seen by the delete sweep in progress: rows not seen by its end were deleted in the API.
+CREATE TABLE sync.sweep_ids (
+    collection_id integer NOT NULL REFERENCES sync.collections ON DELETE CASCADE,
+    id            text NOT NULL,
+    PRIMARY KEY (collection_id, id)
 );
 
 -------------------------------------------------------------------------------
@@ -99,7 +109,9 @@ SELECT s.name                          AS source,
        st.consecutive_failures,
        st.last_error,
        st.last_error_at,
-       st.activity
+       st.activity,
+       st.sweep_started_at,
+       st.last_sweep_at
 FROM sync.collections c
 JOIN sync.sources s ON s.id = c.source_id
 JOIN sync.collection_state st ON st.collection_id = c.id;
@@ -419,6 +431,17 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION sync.resync(text, text) IS 'backfill a collection again from the start; rows stay while it runs';
 
+CREATE FUNCTION sync.reconcile(source text, collection text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM sync._require_admin();
+    UPDATE sync.collection_state
+       SET reconcile_requested = true, run_requested = true
+     WHERE collection_id = sync._collection_id(source, collection);
+    PERFORM sync._wake();
+END $$;
+COMMENT ON FUNCTION sync.reconcile(text, text) IS 'sweep every id of the collection in the API and delete rows whose record is gone';
+
 CREATE FUNCTION sync.run_now(source text, collection text DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -452,7 +475,7 @@ REVOKE EXECUTE ON FUNCTION sync.create_source(text, text, text, jsonb, jsonb),
                            sync.add_collection(text, text, jsonb),
                            sync.remove_collection(text, text, boolean),
                            sync.pause(text, text), sync.resume(text, text), sync._set_paused(text, text, boolean),
-                           sync.resync(text, text), sync.run_now(text, text),
+                           sync.resync(text, text), sync.run_now(text, text), sync.reconcile(text, text),
                            sync._describe(text, text), sync._validate_source(text, text, jsonb, jsonb)
 FROM PUBLIC;
 

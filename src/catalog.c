@@ -168,7 +168,7 @@ sync_load_collection(int32 id)
 	int			ret;
 	MemoryContext oldctx;
 
-	ret = SPI_execute_with_args("SELECT c.id, c.source_id, c.name, c.relid, c.options, st.cursor, st.phase "
+	ret = SPI_execute_with_args("SELECT c.id, c.source_id, c.name, c.relid, c.options, st.cursor, st.phase, st.reconcile_requested "
 								"FROM sync.collections c JOIN sync.collection_state st ON st.collection_id = c.id "
 								"WHERE c.id = $1",
 								1, &argtype, &arg, NULL, true, 1);
@@ -189,6 +189,7 @@ sync_load_collection(int32 id)
 	c->options = spi_json(tup, desc, 5, "collection options");
 	c->cursor = spi_json(tup, desc, 6, "collection cursor");
 	c->phase = spi_text(tup, desc, 7);
+	c->reconcile_requested = DatumGetBool(SPI_getbinval(tup, desc, 8, &isnull));
 	MemoryContextSwitchTo(oldctx);
 	c->fields = load_fields(id);
 	return c;

@@ -22,6 +22,19 @@ sync_json_parse(const char *text, size_t len, const char *what)
 	return value;
 }
 
+/* An empty object, built by jansson itself (see sync.h for why not json_object()). */
+json_t *
+sync_json_new_object(void)
+{
+	json_t	   *object = json_pack("{}");
+
+	if (object == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
+	return object;
+}
+
 char *
 sync_json_dump(json_t *value)
 {

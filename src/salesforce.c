@@ -585,12 +585,15 @@ sf_take_records(json_t *records, SyncPage *page, json_t *cursor, double max_ts)
 	}
 }
 
-/* Fetch one page of a query: its continuation, or a new query. Sets "next_url". */
+/*
+ * Fetch one page of a query: its continuation (holder's "next_url"), or a new
+ * query. Leaves the next continuation in holder.
+ */
 static json_t *
-sf_query_page(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor,
+sf_query_page(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *holder,
 			  const char *resource, const char *soql, SyncHttpResponse *resp, bool *is_new_query)
 {
-	const char *next = sync_json_string(cursor, "next_url");
+	const char *next = sync_json_string(holder, "next_url");
 	json_t	   *body = NULL;
 
 	*is_new_query = false;
@@ -624,7 +627,7 @@ sf_query_page(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cur
 		body = sf_get(source, page, sf_query_path(source, c, resource, soql), "query", sf_batch_size(source), resp);
 		*is_new_query = true;
 	}
-	cursor_set_str(cursor, "next_url",
+	cursor_set_str(holder, "next_url",
 				   sync_json_bool(body, "done", true) ? NULL : sync_json_string(body, "nextRecordsUrl"));
 	return body;
 }
@@ -732,6 +735,12 @@ sf_poll_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 						json_real(sync_json_number(cursor, "started", (double) time(NULL)) -
 								  sync_json_int(source->options, "overlap", SF_DEFAULT_OVERLAP_S)));
 	json_object_del(cursor, "started");
+	/* A sweep in progress alternates with polls, so changes keep arriving meanwhile. */
+	if (json_object_get(cursor, "sweep"))
+	{
+		json_object_set_new(cursor, "sweep_turn", json_true());
+		page->more = true;
+	}
 }
 
 /* getDeleted's start and end: ISO 8601 with an explicit offset, URL-encoded ('+'). */
@@ -739,6 +748,88 @@ static char *
 sf_iso_param(double epoch)
 {
 	return sync_http_urlencode(sf_format_utc(epoch, "%Y-%m-%dT%H:%M:%S+00:00"));
+}
+
+/*
+ * Ask for a delete sweep: every id is listed and rows whose record is gone are
+ * deleted. Needed when the delete log cannot cover the time since the last check.
+ */
+static void
+sf_start_sweep(SyncCollection *c, json_t *cursor, const char *why)
+{
+	if (json_object_get(cursor, "sweep"))
+		return;
+	ereport(LOG,
+			(errmsg("collection \"%s\" needs a delete sweep: %s", c->name, why)));
+	json_object_set_new(cursor, "sweep", json_object());
+}
+
+/* getDeleted; NULL when Salesforce says the start lies before its purged log. */
+static json_t *
+sf_get_deleted(SyncSource *source, SyncCollection *c, SyncPage *page, double start, double end,
+			   SyncHttpResponse *resp)
+{
+	MemoryContext ctx = CurrentMemoryContext;
+	json_t	   *volatile body = NULL;
+
+	PG_TRY();
+	{
+		body = sf_get(source, page,
+					  psprintf("/services/data/v%s/sobjects/%s/deleted/?start=%s&end=%s", sf_api_version(source),
+							   c->name, sf_iso_param(start), sf_iso_param(end)),
+					  "getDeleted", 0, resp);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(ctx);
+		edata = CopyErrorData();
+		if (resp->status != 400 || edata->message == NULL ||
+			strstr(edata->message, "INVALID_REPLICATION_DATE") == NULL)
+			PG_RE_THROW();
+		FlushErrorState();
+		body = NULL;
+	}
+	PG_END_TRY();
+	return body;
+}
+
+/* One page of a delete sweep: SELECT Id ... ORDER BY Id, every id listed. */
+static void
+sf_sweep_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor)
+{
+	json_t	   *sweep = json_object_get(cursor, "sweep");
+	SyncHttpResponse resp;
+	json_t	   *body;
+	json_t	   *records;
+	json_t	   *r;
+	size_t		i;
+	bool		is_new;
+
+	body = sf_query_page(source, c, page, sweep, "query",
+						 psprintf("SELECT Id FROM %s ORDER BY Id", c->name), &resp, &is_new);
+	page->sweep_begin = is_new;
+	page->sweep_ids = json_array();
+	records = json_object_get(body, "records");
+	json_array_foreach(records, i, r)
+	{
+		const char *id = sync_json_string(r, "Id");
+
+		if (id)
+			json_array_append_new(page->sweep_ids, json_string(id));
+	}
+	json_decref(body);
+	page->phase = "incremental";
+	page->activity = "sweeping ids for deletes";
+	page->more = true;
+	if (sync_json_string(sweep, "next_url") == NULL)
+	{
+		page->sweep_end = true;
+		json_object_del(cursor, "sweep");
+	}
+	else
+		json_object_set_new(cursor, "sweep_turn", json_false());
 }
 
 /* Deletes the recycle bin no longer shows (hard deletes, emptied bin) from the delete log. */
@@ -757,17 +848,21 @@ sf_deleted_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *c
 
 	if (start < now - SF_DELETED_RETENTION_S + 3600)
 	{
-		ereport(WARNING,
-				(errmsg("deletes of collection \"%s\" before %s may have been missed", c->name,
-						sf_soql_datetime(now - SF_DELETED_RETENTION_S + 3600)),
-				 errdetail("Salesforce keeps its delete log for 15 days only."),
-				 errhint("Run sync.resync() to backfill the collection again.")));
+		sf_start_sweep(c, cursor, "the delete log keeps 15 days only");
 		start = now - SF_DELETED_RETENTION_S + 3600;
 	}
-	body = sf_get(source, page,
-				  psprintf("/services/data/v%s/sobjects/%s/deleted/?start=%s&end=%s", sf_api_version(source),
-						   c->name, sf_iso_param(start), sf_iso_param(now)),
-				  "getDeleted", 0, &resp);
+	body = sf_get_deleted(source, c, page, start, now, &resp);
+	if (body == NULL)
+	{
+		/* The log was purged past our checkpoint: only a sweep finds those deletes. */
+		sf_start_sweep(c, cursor, "the delete log was purged");
+		json_object_set_new(cursor, "deleted_until", json_real(now - 60));
+		json_object_set_new(cursor, "deleted_at", json_real(now));
+		page->phase = "incremental";
+		page->activity = "delete log purged: sweeping ids";
+		page->more = true;
+		return;
+	}
 	PG_TRY();
 	{
 		list = json_object_get(body, "deletedRecords");
@@ -787,11 +882,7 @@ sf_deleted_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *c
 		covered = sf_parse_datetime(sync_json_string(body, "latestDateCovered"));
 		earliest = sf_parse_datetime(sync_json_string(body, "earliestDateAvailable"));
 		if (earliest > start)
-			ereport(WARNING,
-					(errmsg("deletes of collection \"%s\" between %s and %s may have been missed", c->name,
-							sf_soql_datetime(start), sf_soql_datetime(earliest)),
-					 errdetail("Salesforce's delete log starts later than the last check."),
-					 errhint("Run sync.resync() to backfill the collection again.")));
+			sf_start_sweep(c, cursor, "the delete log starts after the last check");
 	}
 	PG_FINALLY();
 	{
@@ -818,11 +909,16 @@ sf_step(SyncSource *source, SyncCollection *c, SyncPage *page)
 	page->records = json_array();
 	page->deletions = json_array();
 	page->cursor = cursor;
+	if (c->reconcile_requested && mode && strcmp(mode, "incremental") == 0)
+		sf_start_sweep(c, cursor, "sync.reconcile() was called");
 	if (mode == NULL || strcmp(mode, "backfill") == 0)
 	{
 		json_object_set_new(cursor, "mode", json_string("backfill"));
 		sf_backfill_step(source, c, page, cursor);
 	}
+	else if (sync_json_string(cursor, "next_url") == NULL &&
+			 json_object_get(cursor, "sweep") && sync_json_bool(cursor, "sweep_turn", true))
+		sf_sweep_step(source, c, page, cursor);
 	else if (sync_json_string(cursor, "next_url") == NULL &&
 			 (double) time(NULL) - sync_json_number(cursor, "deleted_at", 0) >= interval &&
 			 (double) time(NULL) - sync_json_number(cursor, "deleted_until", 0) >= 60)

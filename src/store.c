@@ -306,6 +306,68 @@ update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 	return true;
 }
 
+static void
+run_sweep_sql(const char *sql, int32 collection_id, const char *ids_json, int expected)
+{
+	Oid			types[2] = {INT4OID, TEXTOID};
+	Datum		args[2];
+	int			ret;
+
+	args[0] = Int32GetDatum(collection_id);
+	if (ids_json)
+		args[1] = CStringGetTextDatum(ids_json);
+	ret = SPI_execute_with_args(sql, ids_json ? 2 : 1, types, args, NULL, false, 0);
+	if (ret != expected)
+		elog(ERROR, "could not run a delete sweep: %s", SPI_result_code_string(ret));
+}
+
+/*
+ * A delete sweep: remember every id the API listed; at the end delete the rows
+ * that were not listed and not written since the sweep began (a record created
+ * meanwhile may be missing from the listing but is not deleted).
+ */
+static int64
+apply_sweep(SyncCollection *c, SyncPage *page)
+{
+	int64		deleted = 0;
+
+	if (page->sweep_begin)
+	{
+		run_sweep_sql("DELETE FROM sync.sweep_ids WHERE collection_id = $1", c->id, NULL, SPI_OK_DELETE);
+		run_sweep_sql("UPDATE sync.collection_state SET sweep_started_at = now(), reconcile_requested = false "
+					  "WHERE collection_id = $1", c->id, NULL, SPI_OK_UPDATE);
+	}
+	if (page->sweep_ids && json_array_size(page->sweep_ids) > 0)
+	{
+		char	   *ids = sync_json_dump(page->sweep_ids);
+
+		run_sweep_sql("INSERT INTO sync.sweep_ids (collection_id, id) "
+					  "SELECT $1, i FROM json_array_elements_text($2::json) AS i ON CONFLICT DO NOTHING",
+					  c->id, ids, SPI_OK_INSERT);
+		free(ids);
+	}
+	if (page->sweep_end)
+	{
+		const SyncField *key = find_field(c->fields, true);
+		char	   *sql = psprintf("DELETE FROM %s AS t USING sync.collection_state st "
+								   "WHERE st.collection_id = $1 AND t._synced_at < st.sweep_started_at "
+								   "AND NOT EXISTS (SELECT 1 FROM sync.sweep_ids s "
+								   "                WHERE s.collection_id = $1 AND s.id = t.%s::text)",
+								   qualified_table(c), quote_identifier(key->column_name));
+
+		run_sweep_sql(sql, c->id, NULL, SPI_OK_DELETE);
+		deleted = (int64) SPI_processed;
+		run_sweep_sql("DELETE FROM sync.sweep_ids WHERE collection_id = $1", c->id, NULL, SPI_OK_DELETE);
+		run_sweep_sql("UPDATE sync.collection_state SET sweep_started_at = NULL, last_sweep_at = now() "
+					  "WHERE collection_id = $1", c->id, NULL, SPI_OK_UPDATE);
+		if (deleted > 0)
+			ereport(LOG,
+					(errmsg("delete sweep of collection \"%s\" removed %lld rows whose records are gone",
+							c->name, (long long) deleted)));
+	}
+	return deleted;
+}
+
 /* Tell listeners, at commit and so exactly once, that a backfill completed. */
 static void
 notify_backfill_done(SyncCollection *c)
@@ -339,6 +401,8 @@ sync_apply_page(SyncCollection *c, SyncPage *page)
 		upserted = (int64) run_with_json(plans->upsert, page->records, SPI_OK_INSERT);
 	if (pending_deletes > 0)
 		deleted = (int64) run_with_json(plans->delete, page->deletions, SPI_OK_DELETE);
+	if (page->sweep_begin || page->sweep_ids || page->sweep_end)
+		deleted += apply_sweep(c, page);
 
 	if (!update_state(c, page, upserted, deleted))
 	{

@@ -28,6 +28,13 @@
 #undef json_object
 #include <jansson.h>
 
+/*
+ * The postgres executable exports its own json_object symbol, and the dynamic
+ * linker binds our calls to it, not to jansson's: never call json_object().
+ */
+extern json_t *sync_json_new_object(void);
+#define json_object() sync_json_new_object()
+
 #include "datatype/timestamp.h"
 #include "lib/stringinfo.h"
 #include "nodes/pg_list.h"
@@ -163,6 +170,7 @@ typedef struct SyncCollection
 	json_t	   *options;		/* owned */
 	json_t	   *cursor;			/* owned; provider-defined */
 	char	   *phase;			/* backfill | incremental */
+	bool		reconcile_requested;	/* sync.reconcile() asked for a delete sweep */
 	List	   *fields;			/* SyncField * */
 } SyncCollection;
 
@@ -176,6 +184,14 @@ typedef struct SyncPage
 	bool		backfill_done;	/* this page completed the backfill */
 	bool		more;			/* more pages are ready now: run again soon */
 	int64		total;			/* backfill total when the API tells, else -1 */
+
+	/*
+	 * A delete sweep lists every id the API has; rows whose id was not
+	 * listed by the sweep's end (and not written since it began) are deleted.
+	 */
+	bool		sweep_begin;	/* this page starts a sweep (forget earlier ids) */
+	json_t	   *sweep_ids;		/* array of ids this page listed */
+	bool		sweep_end;		/* this page ends the sweep */
 	int			requests;		/* API requests this step made */
 	const char *activity;		/* what this step did, for the status */
 } SyncPage;

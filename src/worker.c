@@ -328,6 +328,7 @@ worker_run_step(DueCollection *due, bool *more, bool *failed)
 	json_decref(page.records);
 	json_decref(page.deletions);
 	json_decref(page.cursor);
+	json_decref(page.sweep_ids);
 	if (collection)
 		sync_free_collection(collection);
 	if (source)
