@@ -25,6 +25,11 @@ rm -rf "$work/tree/.git"
 chown -R "$RUN_AS" "$work"
 
 status=0
+# The fakes must be as strict as the APIs they stand for: their own checks first.
+for selftest in test/fake_*_selftest.py; do
+  [ -f "$selftest" ] || continue
+  runuser -u "$RUN_AS" -- /usr/bin/python3 "$work/tree/$selftest" || status=$?
+done
 runuser -u "$RUN_AS" -- make -C "$work/tree" -s installcheck ${PROVE_TESTS:+PROVE_TESTS="$PROVE_TESTS"} || status=$?
 if [ "$status" -ne 0 ]; then
   for f in "$work/tree/regression.diffs" "$work"/tree/tmp_check/log/regress_log_*; do
