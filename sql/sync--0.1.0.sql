@@ -373,7 +373,7 @@ BEGIN
     SELECT cid, row_number() OVER (ORDER BY d.position), d.api_field, d.api_type, d.column_name, d.column_type,
            d.wire_type, d.convert_sql, d.is_key, d.is_version
       FROM _sync_described d;
-    INSERT INTO sync.collection_state (collection_id, backfill_started_at) VALUES (cid, now());
+    INSERT INTO sync.collection_state (collection_id, backfill_started_at, run_requested) VALUES (cid, now(), true);
     DROP TABLE _sync_described;
     RETURN rel;
 END $$;

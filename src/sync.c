@@ -130,6 +130,10 @@ sync_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyT
 	else
 		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params,
 								queryEnv, dest, qc);
+
+	/* An idle worker learns at commit that its extension was dropped, not at its next round. */
+	if (IsA(parsetree, DropStmt) && ((DropStmt *) parsetree)->removeType == OBJECT_EXTENSION)
+		sync_wake_worker_at_commit();
 }
 
 void

@@ -60,6 +60,7 @@ typedef struct DueCollection
 	double		poll_interval_s;
 } DueCollection;
 
+static Oid	extension_oid = InvalidOid;
 static HTAB *schedule = NULL;
 static HTAB *budgets = NULL;
 static MemoryContext loop_ctx = NULL;
@@ -108,25 +109,38 @@ worker_commit(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
-/* Exit quietly when the extension is gone (DROP EXTENSION, or a probe of a database without it). */
+/*
+ * Exit quietly when the extension is gone (DROP EXTENSION, or a probe of a
+ * database without it). When it was dropped and created again, exit too and
+ * have the launcher start a fresh worker: ids in our schedule and plans refer
+ * to the old catalog.
+ */
 static void
 worker_exit_if_extension_gone(void)
 {
-	bool		present;
+	Oid			current;
+	bool		reinstalled;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
-	present = OidIsValid(get_extension_oid(SYNC_EXTENSION_NAME, true)) && !creating_extension;
+	current = creating_extension ? InvalidOid : get_extension_oid(SYNC_EXTENSION_NAME, true);
 	CommitTransactionCommand();
-	if (present)
+	if (OidIsValid(current) && (!OidIsValid(extension_oid) || current == extension_oid))
+	{
+		extension_oid = current;
 		return;
+	}
+	reinstalled = OidIsValid(current);
 
 	LWLockAcquire(sync_shared_lock, LW_EXCLUSIVE);
 	{
 		SyncDatabaseSlot *slot = sync_slot_find(MyDatabaseId);
 
 		if (slot)
-			slot->state = slot->requested ? SYNC_SLOT_WANTED : SYNC_SLOT_NO_EXTENSION;
+		{
+			slot->state = (slot->requested || reinstalled) ? SYNC_SLOT_WANTED : SYNC_SLOT_NO_EXTENSION;
+			slot->not_before = 0;
+		}
 	}
 	LWLockRelease(sync_shared_lock);
 	sync_wake_launcher();
