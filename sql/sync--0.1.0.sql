@@ -425,11 +425,13 @@ BEGIN
     cid := sync._collection_id(source, collection);
     UPDATE sync.collection_state
        SET phase = 'backfill', cursor = '{}', backfill_started_at = now(), backfill_completed_at = NULL,
-           backfill_records = 0, backfill_total = NULL, consecutive_failures = 0, run_requested = true
+           backfill_records = 0, backfill_total = NULL, consecutive_failures = 0, run_requested = true,
+           -- Deletes made before the resync are not in the new change feed: sweep once it is done.
+           reconcile_requested = true
      WHERE collection_id = cid;
     PERFORM sync._wake();
 END $$;
-COMMENT ON FUNCTION sync.resync(text, text) IS 'backfill a collection again from the start; rows stay while it runs';
+COMMENT ON FUNCTION sync.resync(text, text) IS 'backfill a collection again from the start, then sweep for deletes; rows stay while it runs';
 
 CREATE FUNCTION sync.reconcile(source text, collection text)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
