@@ -45,6 +45,12 @@ END $$;
 SELECT count(*) AS no_collection FROM sync.collections;
 SELECT count(*) AS no_table FROM pg_tables WHERE schemaname = 'acme';
 
+-- Stripe: keys and collections are checked at call time.
+SELECT sync.create_source('billing', 'stripe', 'https://api.stripe.com', '{"secret_key": "pk_test_123"}');
+SELECT sync.create_source('billing', 'stripe', 'https://api.stripe.com', '{"api_key": "sk_test_123"}');
+SELECT sync.create_source('billing', 'stripe', 'https://api.stripe.com', '{"secret_key": "sk_test_123"}');
+SELECT sync.add_collection('billing', 'refunds_and_disputes');
+
 -- Functions are safe against search_path tricks: a shadowing function is not called.
 CREATE SCHEMA evil;
 CREATE FUNCTION evil.jsonb_typeof(jsonb) RETURNS text LANGUAGE sql AS $$ SELECT 'object' $$;

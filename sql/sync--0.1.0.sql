@@ -357,7 +357,9 @@ BEGIN
            min(d.column_name) FILTER (WHERE d.is_key)
       INTO coldefs, keycol
       FROM _sync_described d;
-    EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', schema_name);
+    IF to_regnamespace(quote_ident(schema_name)) IS NULL THEN
+        EXECUTE format('CREATE SCHEMA %I', schema_name);
+    END IF;
     EXECUTE format('CREATE TABLE %I.%I (%s, _synced_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (%I))',
                    schema_name, table_name, coldefs, keycol);
     rel := format('%I.%I', schema_name, table_name)::regclass;

@@ -6,6 +6,7 @@
 
 static const SyncProvider *const providers[] = {
 	&sync_salesforce_provider,
+	&sync_stripe_provider,
 };
 
 const SyncProvider *

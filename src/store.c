@@ -41,12 +41,10 @@ find_field(List *fields, bool key)
 	return NULL;
 }
 
-/* The expression that turns a record's wire value into the column's value. */
+/* The expression that turns a wire value (ref) into the column's value. */
 static void
-append_value_expr(StringInfo buf, const SyncField *f)
+append_converted(StringInfo buf, const SyncField *f, const char *ref)
 {
-	char	   *ref = psprintf("r.%s", quote_identifier(f->api_field));
-
 	if (f->convert_sql && f->convert_sql[0])
 	{
 		/* convert_sql holds one %s: the wire value */
@@ -60,6 +58,13 @@ append_value_expr(StringInfo buf, const SyncField *f)
 	}
 	else
 		appendStringInfoString(buf, ref);
+}
+
+/* The same for the field of a record read by json_to_recordset as r. */
+static void
+append_value_expr(StringInfo buf, const SyncField *f)
+{
+	append_converted(buf, f, psprintf("r.%s", quote_identifier(f->api_field)));
 }
 
 static char *
@@ -96,7 +101,12 @@ build_upsert_sql(SyncCollection *c, const char *table)
 		append_value_expr(&sql, lfirst(lc));
 		appendStringInfoString(&sql, ", ");
 	}
-	appendStringInfoString(&sql, "now() FROM json_to_recordset($1::json) AS r(");
+	/*
+	 * Rows keep their page order (ordinality): among records of one key with
+	 * the same version, the later one in the page wins, as it would have had
+	 * the page been applied one record at a time.
+	 */
+	appendStringInfoString(&sql, "now() FROM ROWS FROM (json_to_recordset($1::json) AS (");
 	first = true;
 	foreach(lc, c->fields)
 	{
@@ -105,7 +115,10 @@ build_upsert_sql(SyncCollection *c, const char *table)
 		appendStringInfo(&sql, "%s%s %s", first ? "" : ", ", quote_identifier(f->api_field), f->wire_type);
 		first = false;
 	}
-	appendStringInfoString(&sql, ") ORDER BY ");
+	appendStringInfoString(&sql, ")) WITH ORDINALITY AS r(");
+	foreach(lc, c->fields)
+		appendStringInfo(&sql, "%s, ", quote_identifier(((SyncField *) lfirst(lc))->api_field));
+	appendStringInfoString(&sql, "_sync_position) ORDER BY ");
 	append_value_expr(&sql, key);
 	if (version)
 	{
@@ -113,6 +126,7 @@ build_upsert_sql(SyncCollection *c, const char *table)
 		append_value_expr(&sql, version);
 		appendStringInfoString(&sql, " DESC NULLS LAST");
 	}
+	appendStringInfoString(&sql, ", r._sync_position DESC");
 	appendStringInfo(&sql, " ON CONFLICT (%s) DO UPDATE SET ", quote_identifier(key->column_name));
 	foreach(lc, c->fields)
 	{
@@ -164,13 +178,16 @@ build_delete_sql(SyncCollection *c, const char *table)
 	initStringInfo(&sql);
 	appendStringInfo(&sql, "DELETE FROM %s AS t USING json_to_recordset($1::json) AS d(id %s, at %s) "
 					 "WHERE t.%s = d.id",
-					 table, key->column_type, version ? version->column_type : "text",
+					 table, key->column_type, version ? version->wire_type : "text",
 					 quote_identifier(key->column_name));
 	if (version)
 	{
 		const char *v = quote_identifier(version->column_name);
 
-		appendStringInfo(&sql, " AND (d.at IS NULL OR t.%s IS NULL OR t.%s <= d.at)", v, v);
+		/* a deletion older than the row (a record re-created since) leaves it */
+		appendStringInfo(&sql, " AND (d.at IS NULL OR t.%s IS NULL OR t.%s <= ", v, v);
+		append_converted(&sql, version, "d.at");
+		appendStringInfoChar(&sql, ')');
 	}
 	return sql.data;
 }

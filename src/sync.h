@@ -223,6 +223,7 @@ typedef struct SyncProvider
 extern const SyncProvider *sync_find_provider(const char *kind);
 extern const char *sync_provider_kinds(void);
 extern const SyncProvider sync_salesforce_provider;
+extern const SyncProvider sync_stripe_provider;
 
 /* Saves a source's token (and a rotated refresh token) in its own transaction if none is open. */
 extern void sync_save_token(SyncSource *source, json_t *token, json_t *rotated_credentials);

@@ -1,0 +1,509 @@
+/*
+ * stripe.c: the Stripe provider.
+ *
+ * Stripe has fixed object types, so each collection has a fixed typed schema
+ * (nested objects as jsonb). Backfill lists a collection newest first with
+ * starting_after. Changes and deletes come from /v1/events: before the
+ * backfill starts, the newest event id is taken as the change cursor; after
+ * it, events are walked forward from that id with ending_before, each page
+ * applied oldest first, so two events in the same second apply in Stripe's
+ * own order. An event cursor older than Stripe's 30-day retention answers
+ * "No such event": the collection is backfilled again as a delete sweep.
+ *
+ * Stripe objects carry no modification time; a row's _updated_at is the time
+ * of the event (or of the list read) it reflects, and no row goes backwards.
+ *
+ * The cursor:
+ *   mode       backfill | incremental
+ *   after      backfill position (last id listed)
+ *   event      id of the newest event applied (or taken before the backfill)
+ *   since      when no event existed at backfill start: its server time
+ *   read_at    server time of the backfill's first page
+ *   sweep      the backfill also sweeps deletes (after a retention loss)
+ */
+#include "sync.h"
+
+#include <curl/curl.h>
+#include <time.h>
+
+#define STRIPE_DEFAULT_API_VERSION "2024-06-20"
+#define STRIPE_PAGE_SIZE 100
+
+static const char *const stripe_required_credentials[] = {"secret_key", NULL};
+
+typedef struct StripeColumn
+{
+	const char *field;
+	const char *type;			/* text, bigint, boolean, jsonb, timestamp (unix seconds), numeric */
+} StripeColumn;
+
+typedef struct StripeCollection
+{
+	const char *name;			/* list path under /v1 */
+	const char *object;			/* the object's "object" value */
+	const char *event_prefix;	/* event types are <prefix>.created, ... */
+	const char *list_params;	/* extra list parameters */
+	bool		delete_events;	/* <prefix>.deleted removes the row */
+	const StripeColumn *columns;
+} StripeCollection;
+
+#define COMMON_HEAD {"id", "text"}, {"created", "timestamp"}
+#define COMMON_TAIL {"livemode", "boolean"}, {"metadata", "jsonb"}, {NULL, NULL}
+
+static const StripeColumn customer_columns[] = {
+	COMMON_HEAD, {"email", "text"}, {"name", "text"}, {"description", "text"}, {"phone", "text"},
+	{"currency", "text"}, {"balance", "bigint"}, {"delinquent", "boolean"}, {"default_source", "text"},
+	{"invoice_prefix", "text"}, {"tax_exempt", "text"}, {"address", "jsonb"}, {"shipping", "jsonb"},
+	{"invoice_settings", "jsonb"}, {"discount", "jsonb"}, {"preferred_locales", "jsonb"}, COMMON_TAIL
+};
+static const StripeColumn charge_columns[] = {
+	COMMON_HEAD, {"amount", "bigint"}, {"amount_captured", "bigint"}, {"amount_refunded", "bigint"},
+	{"currency", "text"}, {"customer", "text"}, {"description", "text"}, {"status", "text"},
+	{"paid", "boolean"}, {"captured", "boolean"}, {"refunded", "boolean"}, {"disputed", "boolean"},
+	{"failure_code", "text"}, {"failure_message", "text"}, {"invoice", "text"}, {"payment_intent", "text"},
+	{"payment_method", "text"}, {"receipt_email", "text"}, {"statement_descriptor", "text"},
+	{"billing_details", "jsonb"}, {"outcome", "jsonb"}, {"payment_method_details", "jsonb"}, COMMON_TAIL
+};
+static const StripeColumn invoice_columns[] = {
+	COMMON_HEAD, {"customer", "text"}, {"subscription", "text"}, {"status", "text"}, {"number", "text"},
+	{"currency", "text"}, {"amount_due", "bigint"}, {"amount_paid", "bigint"}, {"amount_remaining", "bigint"},
+	{"subtotal", "bigint"}, {"total", "bigint"}, {"paid", "boolean"}, {"attempted", "boolean"},
+	{"billing_reason", "text"}, {"collection_method", "text"}, {"due_date", "timestamp"},
+	{"period_start", "timestamp"}, {"period_end", "timestamp"}, {"hosted_invoice_url", "text"},
+	{"lines", "jsonb"}, COMMON_TAIL
+};
+static const StripeColumn subscription_columns[] = {
+	COMMON_HEAD, {"customer", "text"}, {"status", "text"}, {"currency", "text"},
+	{"cancel_at_period_end", "boolean"}, {"cancel_at", "timestamp"}, {"canceled_at", "timestamp"},
+	{"ended_at", "timestamp"}, {"current_period_start", "timestamp"}, {"current_period_end", "timestamp"},
+	{"start_date", "timestamp"}, {"trial_start", "timestamp"}, {"trial_end", "timestamp"},
+	{"collection_method", "text"}, {"default_payment_method", "text"}, {"latest_invoice", "text"},
+	{"items", "jsonb"}, COMMON_TAIL
+};
+static const StripeColumn product_columns[] = {
+	COMMON_HEAD, {"updated", "timestamp"}, {"name", "text"}, {"description", "text"}, {"active", "boolean"},
+	{"type", "text"}, {"unit_label", "text"}, {"url", "text"}, {"default_price", "text"},
+	{"images", "jsonb"}, COMMON_TAIL
+};
+static const StripeColumn price_columns[] = {
+	COMMON_HEAD, {"product", "text"}, {"active", "boolean"}, {"currency", "text"},
+	{"unit_amount", "bigint"}, {"unit_amount_decimal", "numeric"}, {"type", "text"},
+	{"billing_scheme", "text"}, {"nickname", "text"}, {"lookup_key", "text"}, {"tax_behavior", "text"},
+	{"recurring", "jsonb"}, COMMON_TAIL
+};
+static const StripeColumn payment_intent_columns[] = {
+	COMMON_HEAD, {"amount", "bigint"}, {"amount_received", "bigint"}, {"currency", "text"},
+	{"customer", "text"}, {"description", "text"}, {"status", "text"}, {"capture_method", "text"},
+	{"confirmation_method", "text"}, {"payment_method", "text"}, {"latest_charge", "text"},
+	{"invoice", "text"}, {"receipt_email", "text"}, {"canceled_at", "timestamp"},
+	{"cancellation_reason", "text"}, {"last_payment_error", "jsonb"}, {"payment_method_types", "jsonb"},
+	COMMON_TAIL
+};
+
+static const StripeCollection stripe_collections[] = {
+	{"customers", "customer", "customer", NULL, true, customer_columns},
+	{"charges", "charge", "charge", NULL, false, charge_columns},
+	{"invoices", "invoice", "invoice", NULL, true, invoice_columns},
+	/* canceled subscriptions are listed only with status=all; ".deleted" means canceled */
+	{"subscriptions", "subscription", "customer.subscription", "status=all", false, subscription_columns},
+	{"products", "product", "product", NULL, true, product_columns},
+	{"prices", "price", "price", NULL, true, price_columns},
+	{"payment_intents", "payment_intent", "payment_intent", NULL, false, payment_intent_columns},
+};
+
+/* The synthetic version field the provider adds to every record it hands over. */
+#define STRIPE_VERSION_FIELD "_sync_updated"
+
+static const StripeCollection *
+stripe_collection(const char *name)
+{
+	for (size_t i = 0; i < lengthof(stripe_collections); i++)
+		if (pg_strcasecmp(stripe_collections[i].name, name) == 0)
+			return &stripe_collections[i];
+	return NULL;
+}
+
+static const char *
+stripe_collection_names(void)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	for (size_t i = 0; i < lengthof(stripe_collections); i++)
+		appendStringInfo(&buf, "%s%s", i ? ", " : "", stripe_collections[i].name);
+	return buf.data;
+}
+
+static void
+stripe_validate_source(SyncSource *source)
+{
+	const char *key = sync_json_string(source->credentials, "secret_key");
+
+	if (strncmp(key, "sk_", 3) != 0 && strncmp(key, "rk_", 3) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the Stripe secret_key must be a secret key (sk_...) or a restricted key (rk_...)"),
+				 errhint("Publishable keys (pk_...) cannot read data.")));
+}
+
+/* ---------- requests ---------- */
+
+static void
+stripe_raise(SyncHttpResponse *resp, const char *what)
+{
+	json_t	   *body = json_loadb(resp->body, resp->body_len, 0, NULL);
+	json_t	   *error = body ? json_object_get(body, "error") : NULL;
+	const char *type = sync_json_string(error, "type");
+	const char *code = sync_json_string(error, "code");
+	const char *message = sync_json_string(error, "message");
+	int			sqlstate;
+
+	type = pstrdup(type ? type : "unknown_error");
+	code = pstrdup(code ? code : "");
+	message = pstrdup(message ? message : (resp->body_len ? "unexpected response body" : "empty response body"));
+	json_decref(body);
+
+	if (resp->status == 401 || resp->status == 403)
+		sqlstate = ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
+	else if (resp->status == 429)
+		sqlstate = ERRCODE_CONFIGURATION_LIMIT_EXCEEDED;
+	else if (resp->status == 404 || strcmp(code, "resource_missing") == 0)
+		sqlstate = ERRCODE_UNDEFINED_OBJECT;
+	else if (resp->status >= 500)
+		sqlstate = ERRCODE_CONNECTION_FAILURE;
+	else
+		sqlstate = ERRCODE_DATA_EXCEPTION;
+
+	ereport(ERROR,
+			(errcode(sqlstate),
+			 errmsg("Stripe %s failed with HTTP %ld %s%s%s: %s", what, resp->status, type,
+					code[0] ? "/" : "", code, message),
+			 resp->status == 401 ?
+			 errhint("Check the secret_key; give a new one with sync.alter_source().") : 0));
+}
+
+/* GET a path (with query string) and return the parsed body; the caller owns it. */
+static json_t *
+stripe_get(SyncSource *source, SyncPage *page, const char *path, const char *what, SyncHttpResponse *resp)
+{
+	SyncHttpHeader headers[2];
+	const char *version = sync_json_string(source->options, "api_version");
+	char	   *url = psprintf("%s%s", source->base_url, path);
+
+	headers[0].name = "Authorization";
+	headers[0].value = psprintf("Bearer %s", sync_json_string(source->credentials, "secret_key"));
+	headers[1].name = "Stripe-Version";
+	headers[1].value = version ? version : STRIPE_DEFAULT_API_VERSION;
+	sync_http_request("GET", url, headers, 2, NULL, NULL, source->verify_tls, resp);
+	memset((char *) headers[0].value, 0, strlen(headers[0].value));
+	if (page)
+		page->requests++;
+	if (resp->status < 200 || resp->status >= 300)
+		stripe_raise(resp, what);
+	return sync_json_parse(resp->body, resp->body_len, psprintf("Stripe %s response", what));
+}
+
+static double
+stripe_server_time(SyncHttpResponse *resp)
+{
+	if (resp->date)
+	{
+		time_t		t = curl_getdate(resp->date, NULL);
+
+		if (t > 0)
+			return (double) t;
+	}
+	return (double) time(NULL);
+}
+
+static json_t *
+stripe_list_data(json_t *body, const char *what)
+{
+	json_t	   *data = json_object_get(body, "data");
+
+	if (!json_is_array(data))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("Stripe %s response has no data array", what)));
+	return data;
+}
+
+/* ---------- describe ---------- */
+
+static List *
+stripe_describe(SyncSource *source, const char *collection, char **canonical_name)
+{
+	const StripeCollection *sc = stripe_collection(collection);
+	List	   *fields = NIL;
+	SyncHttpResponse resp;
+	json_t	   *body;
+	SyncField  *version;
+
+	if (sc == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("Stripe has no collection \"%s\" that sync can read", collection),
+				 errhint("Stripe collections are: %s.", stripe_collection_names())));
+	*canonical_name = pstrdup(sc->name);
+
+	/* Prove the key can read this collection now, not later in a log. */
+	body = stripe_get(source, NULL, psprintf("/v1/%s?limit=1%s%s", sc->name,
+											 sc->list_params ? "&" : "", sc->list_params ? sc->list_params : ""),
+					  "list", &resp);
+	json_decref(body);
+
+	for (const StripeColumn *col = sc->columns; col->field; col++)
+	{
+		SyncField  *f = palloc0(sizeof(SyncField));
+
+		f->api_field = pstrdup(col->field);
+		f->column_name = pstrdup(col->field);
+		f->is_key = strcmp(col->field, "id") == 0;
+		if (strcmp(col->type, "timestamp") == 0)
+		{
+			f->api_type = "unix_time";
+			f->column_type = "timestamptz";
+			f->wire_type = "double precision";
+			f->convert_sql = "to_timestamp(%s)";
+		}
+		else
+		{
+			f->api_type = pstrdup(col->type);
+			f->column_type = pstrdup(col->type);
+			f->wire_type = pstrdup(col->type);
+		}
+		fields = lappend(fields, f);
+	}
+	version = palloc0(sizeof(SyncField));
+	version->api_field = STRIPE_VERSION_FIELD;
+	version->api_type = "sync_version";
+	version->column_name = "_updated_at";
+	version->column_type = "timestamptz";
+	version->wire_type = "double precision";
+	version->convert_sql = "to_timestamp(%s)";
+	version->is_version = true;
+	return lappend(fields, version);
+}
+
+/* ---------- steps ---------- */
+
+static void
+stripe_take_object(SyncPage *page, json_t *object, double version)
+{
+	json_t	   *copy = json_copy(object);
+
+	json_object_set_new(copy, STRIPE_VERSION_FIELD, json_real(version));
+	json_array_append_new(page->records, copy);
+}
+
+/* The newest event now, taken before a backfill: changes after it are replayed afterwards. */
+static void
+stripe_mark_event_cursor(SyncSource *source, const StripeCollection *sc, SyncPage *page, json_t *cursor)
+{
+	SyncHttpResponse resp;
+	json_t	   *body = stripe_get(source, page, psprintf("/v1/events?limit=1&type=%s.*", sc->event_prefix),
+								  "events", &resp);
+	json_t	   *data = stripe_list_data(body, "events");
+	const char *newest = json_array_size(data) ? sync_json_string(json_array_get(data, 0), "id") : NULL;
+
+	if (newest)
+		json_object_set_new(cursor, "event", json_string(newest));
+	else
+		json_object_set_new(cursor, "since", json_real(stripe_server_time(&resp)));
+	json_decref(body);
+}
+
+static void
+stripe_backfill_step(SyncSource *source, const StripeCollection *sc, SyncCollection *c, SyncPage *page,
+					 json_t *cursor)
+{
+	const char *after = sync_json_string(cursor, "after");
+	bool		first = (after == NULL && !json_object_get(cursor, "read_at"));
+	StringInfoData path;
+	SyncHttpResponse resp;
+	json_t	   *body;
+	json_t	   *data;
+	json_t	   *object;
+	size_t		i;
+	double		read_at;
+
+	if (first)
+		stripe_mark_event_cursor(source, sc, page, cursor);
+
+	initStringInfo(&path);
+	appendStringInfo(&path, "/v1/%s?limit=%d", sc->name, STRIPE_PAGE_SIZE);
+	if (sc->list_params)
+		appendStringInfo(&path, "&%s", sc->list_params);
+	if (after)
+		appendStringInfo(&path, "&starting_after=%s", sync_http_urlencode(after));
+	body = stripe_get(source, page, path.data, "list", &resp);
+	if (first)
+		json_object_set_new(cursor, "read_at", json_real(stripe_server_time(&resp)));
+	read_at = sync_json_number(cursor, "read_at", stripe_server_time(&resp));
+
+	data = stripe_list_data(body, "list");
+	if (json_object_get(cursor, "sweep"))
+	{
+		page->sweep_begin = first;
+		page->sweep_ids = json_array();
+	}
+	json_array_foreach(data, i, object)
+	{
+		const char *id = sync_json_string(object, "id");
+
+		if (id == NULL)
+			continue;
+		/* A page read is as new as the page: events before read_at are older. */
+		stripe_take_object(page, object, read_at);
+		if (page->sweep_ids)
+			json_array_append_new(page->sweep_ids, json_string(id));
+		json_object_set_new(cursor, "after", json_string(id));
+	}
+	page->activity = "backfilling";
+	if (sync_json_bool(body, "has_more", false) && json_array_size(data) > 0)
+	{
+		page->phase = "backfill";
+		page->more = true;
+	}
+	else
+	{
+		page->backfill_done = true;
+		page->sweep_end = page->sweep_ids != NULL;
+		page->phase = "incremental";
+		page->more = true;
+		json_object_set_new(cursor, "mode", json_string("incremental"));
+		json_object_del(cursor, "after");
+		json_object_del(cursor, "sweep");
+	}
+	json_decref(body);
+}
+
+/* Apply one event (oldest first): a snapshot upsert, or a delete. */
+static void
+stripe_take_event(const StripeCollection *sc, SyncPage *page, json_t *event)
+{
+	const char *type = sync_json_string(event, "type");
+	json_t	   *object = json_object_get(json_object_get(event, "data"), "object");
+	const char *object_type = sync_json_string(object, "object");
+	double		created = sync_json_number(event, "created", 0);
+	size_t		prefix_len = strlen(sc->event_prefix);
+	const char *id = sync_json_string(object, "id");
+
+	/* customer.* also carries customer.subscription.*, customer.discount.*, ... */
+	if (type == NULL || id == NULL || object_type == NULL || strcmp(object_type, sc->object) != 0 ||
+		strncmp(type, sc->event_prefix, prefix_len) != 0 || type[prefix_len] != '.')
+		return;
+	if (sc->delete_events && strcmp(type + prefix_len, ".deleted") == 0)
+	{
+		json_t	   *deletion = json_pack("{s:s}", "id", id);
+
+		json_object_set_new(deletion, "at", json_real(created));
+		json_array_append_new(page->deletions, deletion);
+	}
+	else
+		stripe_take_object(page, object, created);
+}
+
+static void
+stripe_poll_step(SyncSource *source, const StripeCollection *sc, SyncCollection *c, SyncPage *page,
+				 json_t *cursor)
+{
+	const char *event = sync_json_string(cursor, "event");
+	StringInfoData path;
+	SyncHttpResponse resp;
+	json_t	   *body = NULL;
+	json_t	   *data;
+	MemoryContext ctx = CurrentMemoryContext;
+
+	initStringInfo(&path);
+	appendStringInfo(&path, "/v1/events?limit=%d&type=%s.*", STRIPE_PAGE_SIZE, sc->event_prefix);
+	if (event)
+		appendStringInfo(&path, "&ending_before=%s", sync_http_urlencode(event));
+	else
+		appendStringInfo(&path, "&created[gte]=%.0f", sync_json_number(cursor, "since", 0));
+
+	PG_TRY();
+	{
+		body = stripe_get(source, page, path.data, "events", &resp);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(ctx);
+		edata = CopyErrorData();
+		if (!(event && resp.status == 400 && edata->message && strstr(edata->message, "resource_missing")))
+			PG_RE_THROW();
+		FlushErrorState();
+		body = NULL;
+	}
+	PG_END_TRY();
+
+	if (body == NULL)
+	{
+		/* The event cursor fell out of Stripe's 30-day retention: changes since are lost. */
+		ereport(LOG,
+				(errmsg("event cursor of collection \"%s\" is past Stripe's event retention; backfilling it again with a delete sweep",
+						c->name)));
+		json_object_clear(cursor);
+		json_object_set_new(cursor, "mode", json_string("backfill"));
+		json_object_set_new(cursor, "sweep", json_true());
+		page->phase = "backfill";
+		page->activity = "event retention lost: backfilling again";
+		page->more = true;
+		return;
+	}
+
+	data = stripe_list_data(body, "events");
+	/* Stripe lists newest first: apply this page oldest first. */
+	for (size_t i = json_array_size(data); i > 0; i--)
+		stripe_take_event(sc, page, json_array_get(data, i - 1));
+	if (json_array_size(data) > 0)
+	{
+		json_object_set_new(cursor, "event", json_string(sync_json_string(json_array_get(data, 0), "id")));
+		json_object_del(cursor, "since");
+	}
+	page->phase = "incremental";
+	page->activity = "polling events";
+	page->more = sync_json_bool(body, "has_more", false);
+	json_decref(body);
+}
+
+static void
+stripe_step(SyncSource *source, SyncCollection *c, SyncPage *page)
+{
+	const StripeCollection *sc = stripe_collection(c->name);
+	json_t	   *cursor = json_is_object(c->cursor) ? json_deep_copy(c->cursor) : json_object();
+	const char *mode = sync_json_string(cursor, "mode");
+
+	page->records = json_array();
+	page->deletions = json_array();
+	page->cursor = cursor;
+	if (sc == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("Stripe has no collection \"%s\"", c->name)));
+	if (c->reconcile_requested && mode && strcmp(mode, "incremental") == 0)
+	{
+		/* Stripe's sweep is a backfill that also lists every id. */
+		json_object_clear(cursor);
+		json_object_set_new(cursor, "sweep", json_true());
+		mode = NULL;
+	}
+	if (mode == NULL || strcmp(mode, "backfill") == 0)
+	{
+		json_object_set_new(cursor, "mode", json_string("backfill"));
+		stripe_backfill_step(source, sc, c, page, cursor);
+	}
+	else
+		stripe_poll_step(source, sc, c, page, cursor);
+}
+
+const SyncProvider sync_stripe_provider = {
+	.kind = "stripe",
+	.required_credentials = stripe_required_credentials,
+	.default_requests_per_second = 5.0,
+	.validate_source = stripe_validate_source,
+	.describe = stripe_describe,
+	.step = stripe_step,
+};
