@@ -295,9 +295,16 @@ update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 
 	ret = SPI_execute_with_args(
 		"UPDATE sync.collection_state SET cursor = $2::jsonb, phase = $3, "
-		"  backfill_records = backfill_records + CASE WHEN phase = 'backfill' THEN $4 ELSE 0 END, "
+		/* a provider that starts a backfill again (lost change feed) restarts its figures */
+		"  backfill_records = CASE WHEN phase = 'incremental' AND ($3 = 'backfill' OR $6) THEN $4 "
+		"                          WHEN phase = 'backfill' THEN backfill_records + $4 "
+		"                          ELSE backfill_records END, "
+		"  backfill_started_at = CASE WHEN phase = 'incremental' AND ($3 = 'backfill' OR $6) THEN now() "
+		"                             ELSE backfill_started_at END, "
 		"  backfill_total = coalesce($5, backfill_total), "
-		"  backfill_completed_at = CASE WHEN $6 THEN now() ELSE backfill_completed_at END, "
+		"  backfill_completed_at = CASE WHEN $6 THEN now() "
+		"                               WHEN phase = 'incremental' AND $3 = 'backfill' THEN NULL "
+		"                               ELSE backfill_completed_at END, "
 		"  last_poll_at = now(), "
 		"  last_caught_up_at = CASE WHEN $3 = 'incremental' AND NOT $7 THEN now() ELSE last_caught_up_at END, "
 		"  records_upserted = records_upserted + $8, "

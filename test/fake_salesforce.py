@@ -1686,10 +1686,20 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.send_header("Content-Length", "0" if status in (204, 304) else str(len(body)))
+        self.status_sent = status
+        # Log before the client can read the answer: a test that got a response
+        # must find its request in the log.
+        self.flush_log_entry()
         self.end_headers()
         if self.command != "HEAD" and status not in (204, 304):
             self.wfile.write(body)
-        self.status_sent = status
+
+    def flush_log_entry(self):
+        entry = getattr(self, "pending_log", None)
+        if entry is not None:
+            self.pending_log = None
+            entry["status"] = self.status_sent
+            self.org.log_request(entry, classify(entry["path"]))
 
     def dispatch(self, method):
         self.status_sent = 0
@@ -1699,13 +1709,11 @@ class Handler(BaseHTTPRequestHandler):
         if path.startswith("/__admin"):
             self.handle_admin(method, path, query, body)
             return
-        started = time.time()
-        endpoint = "other"
+        self.pending_log = {"t": time.time(), "method": method, "path": path, "query": query, "status": 0}
         try:
-            endpoint = self.handle_api(method, path, query, body)
+            self.handle_api(method, path, query, body)
         finally:
-            self.org.log_request({"t": started, "method": method, "path": path, "query": query,
-                                  "status": self.status_sent}, endpoint)
+            self.flush_log_entry()      # dropped or failed requests are logged with status 0
 
     # -- public API --------------------------------------------------------------
 
