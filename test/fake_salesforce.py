@@ -1625,6 +1625,9 @@ def dumps(obj):
 
 
 class Handler(BaseHTTPRequestHandler):
+    # Answers go out in two writes (headers, body): without TCP_NODELAY a keep-alive
+    # client waits ~40 ms on each for the delayed ACK.
+    disable_nagle_algorithm = True
     protocol_version = "HTTP/1.1"
     server_version = "SFDC"
     org: Org = None       # set by main()
