@@ -66,7 +66,7 @@ validate_common(SyncSource *source)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("credentials must be a JSON object")));
-	for (const char *const *key = source->provider->required_credentials; *key; key++)
+	for (const char *const *key = source->provider->required_credentials; key && *key; key++)
 	{
 		const char *v = sync_json_string(source->credentials, *key);
 

@@ -8,6 +8,7 @@
 #include "sync.h"
 
 #include <curl/curl.h>
+#include <time.h>
 
 #include "miscadmin.h"
 
@@ -208,6 +209,20 @@ sync_http_urlencode(const char *s)
 	result = pstrdup(escaped);
 	curl_free(escaped);
 	return result;
+}
+
+/* The server's clock from its Date header (providers' cursors follow it), else ours. */
+double
+sync_http_server_time(SyncHttpResponse *resp)
+{
+	if (resp->date)
+	{
+		time_t		t = curl_getdate(resp->date, NULL);
+
+		if (t > 0)
+			return (double) t;
+	}
+	return (double) time(NULL);
 }
 
 static char *

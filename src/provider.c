@@ -7,6 +7,7 @@
 static const SyncProvider *const providers[] = {
 	&sync_salesforce_provider,
 	&sync_stripe_provider,
+	&sync_hubspot_provider,
 };
 
 const SyncProvider *

@@ -20,7 +20,6 @@
  */
 #include "sync.h"
 
-#include <curl/curl.h>
 #include <time.h>
 
 #include "utils/builtins.h"
@@ -89,76 +88,11 @@ sf_validate_source(SyncSource *source)
 
 /* ---------- time ---------- */
 
-/* Seconds since the epoch of "2024-05-01T12:34:56.000+0000", "…Z" or "…+00:00"; -1 if malformed. */
-static double
-sf_parse_datetime(const char *s)
-{
-	struct tm	tm;
-	int			n = 0;
-	double		frac = 0;
-	int			sign = 0,
-				oh = 0,
-				om = 0;
-	const char *p;
-
-	if (s == NULL)
-		return -1;
-	memset(&tm, 0, sizeof(tm));
-	if (sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d%n", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
-			   &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &n) != 6)
-		return -1;
-	p = s + n;
-	if (*p == '.')
-	{
-		char	   *end;
-
-		frac = strtod(p, &end);
-		p = end;
-	}
-	if (*p == '+' || *p == '-')
-	{
-		sign = (*p == '-') ? -1 : 1;
-		if (sscanf(p + 1, "%2d:%2d", &oh, &om) != 2 && sscanf(p + 1, "%2d%2d", &oh, &om) != 2)
-			return -1;
-	}
-	else if (*p != 'Z' && *p != '\0')
-		return -1;
-	tm.tm_year -= 1900;
-	tm.tm_mon -= 1;
-	return (double) timegm(&tm) + frac - sign * (oh * 3600 + om * 60);
-}
-
-static char *
-sf_format_utc(double epoch, const char *format)
-{
-	time_t		t = (time_t) epoch;
-	struct tm	tm;
-	char		buf[64];
-
-	gmtime_r(&t, &tm);
-	strftime(buf, sizeof(buf), format, &tm);
-	return pstrdup(buf);
-}
-
 /* SOQL datetime literal (whole seconds, UTC). */
 static char *
 sf_soql_datetime(double epoch)
 {
-	return sf_format_utc(epoch, "%Y-%m-%dT%H:%M:%SZ");
-}
-
-/* Server time from the Date header, else our clock. */
-static double
-sf_server_time(SyncHttpResponse *resp)
-{
-	if (resp->date)
-	{
-		time_t		t = curl_getdate(resp->date, NULL);
-
-		if (t > 0)
-			return (double) t;
-	}
-	return (double) time(NULL);
+	return sync_format_utc(epoch, "%Y-%m-%dT%H:%M:%SZ");
 }
 
 /* ---------- requests ---------- */
@@ -549,7 +483,7 @@ sf_take_records(json_t *records, SyncPage *page, json_t *cursor, double max_ts)
 {
 	size_t		i;
 	json_t	   *r;
-	double		best_ts = sf_parse_datetime(sync_json_string(cursor, "ts"));
+	double		best_ts = sync_parse_iso8601(sync_json_string(cursor, "ts"));
 	const char *best_id = sync_json_string(cursor, "id");
 	char	   *best_id_copy = best_id ? pstrdup(best_id) : NULL;
 
@@ -561,7 +495,7 @@ sf_take_records(json_t *records, SyncPage *page, json_t *cursor, double max_ts)
 	{
 		const char *id = sync_json_string(r, "Id");
 		const char *stamp = sync_json_string(r, "SystemModstamp");
-		double		ts = sf_parse_datetime(stamp);
+		double		ts = sync_parse_iso8601(stamp);
 
 		if (id == NULL || ts < 0)
 			ereport(ERROR,
@@ -654,7 +588,7 @@ sf_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *
 	body = sf_query_page(source, c, page, cursor, "query", soql, &resp, &is_new);
 	if (started < 0)
 	{
-		started = sf_server_time(&resp);
+		started = sync_http_server_time(&resp);
 		json_object_set_new(cursor, "started", json_real(started));
 	}
 	if (is_new && ts == NULL)
@@ -695,7 +629,7 @@ sf_poll_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 	const char *ts = sync_json_string(cursor, "ts");
 	const char *id = sync_json_string(cursor, "id");
 	double		safe_from = sync_json_number(cursor, "safe_from", -1);
-	double		ts_epoch = sf_parse_datetime(ts);
+	double		ts_epoch = sync_parse_iso8601(ts);
 	char	   *where;
 	char	   *soql;
 	SyncHttpResponse resp;
@@ -713,7 +647,7 @@ sf_poll_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 
 	body = sf_query_page(source, c, page, cursor, "queryAll", soql, &resp, &is_new);
 	if (is_new && !json_object_get(cursor, "started"))
-		json_object_set_new(cursor, "started", json_real(sf_server_time(&resp)));
+		json_object_set_new(cursor, "started", json_real(sync_http_server_time(&resp)));
 	PG_TRY();
 	{
 		sf_take_records(json_object_get(body, "records"), page, cursor, -1);
@@ -747,7 +681,7 @@ sf_poll_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 static char *
 sf_iso_param(double epoch)
 {
-	return sync_http_urlencode(sf_format_utc(epoch, "%Y-%m-%dT%H:%M:%S+00:00"));
+	return sync_http_urlencode(sync_format_utc(epoch, "%Y-%m-%dT%H:%M:%S+00:00"));
 }
 
 /*
@@ -879,8 +813,8 @@ sf_deleted_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *c
 				json_array_append_new(page->deletions,
 									  json_pack("{s:s, s:s?}", "id", id, "at", at));
 		}
-		covered = sf_parse_datetime(sync_json_string(body, "latestDateCovered"));
-		earliest = sf_parse_datetime(sync_json_string(body, "earliestDateAvailable"));
+		covered = sync_parse_iso8601(sync_json_string(body, "latestDateCovered"));
+		earliest = sync_parse_iso8601(sync_json_string(body, "earliestDateAvailable"));
 		if (earliest > start)
 			sf_start_sweep(c, cursor, "the delete log starts after the last check");
 	}

@@ -23,7 +23,6 @@
  */
 #include "sync.h"
 
-#include <curl/curl.h>
 #include <time.h>
 
 #define STRIPE_DEFAULT_API_VERSION "2024-06-20"
@@ -203,19 +202,6 @@ stripe_get(SyncSource *source, SyncPage *page, const char *path, const char *wha
 	return sync_json_parse(resp->body, resp->body_len, psprintf("Stripe %s response", what));
 }
 
-static double
-stripe_server_time(SyncHttpResponse *resp)
-{
-	if (resp->date)
-	{
-		time_t		t = curl_getdate(resp->date, NULL);
-
-		if (t > 0)
-			return (double) t;
-	}
-	return (double) time(NULL);
-}
-
 static json_t *
 stripe_list_data(json_t *body, const char *what)
 {
@@ -309,7 +295,7 @@ stripe_mark_event_cursor(SyncSource *source, const StripeCollection *sc, SyncPag
 	if (newest)
 		json_object_set_new(cursor, "event", json_string(newest));
 	else
-		json_object_set_new(cursor, "since", json_real(stripe_server_time(&resp)));
+		json_object_set_new(cursor, "since", json_real(sync_http_server_time(&resp)));
 	json_decref(body);
 }
 
@@ -338,8 +324,8 @@ stripe_backfill_step(SyncSource *source, const StripeCollection *sc, SyncCollect
 		appendStringInfo(&path, "&starting_after=%s", sync_http_urlencode(after));
 	body = stripe_get(source, page, path.data, "list", &resp);
 	if (first)
-		json_object_set_new(cursor, "read_at", json_real(stripe_server_time(&resp)));
-	read_at = sync_json_number(cursor, "read_at", stripe_server_time(&resp));
+		json_object_set_new(cursor, "read_at", json_real(sync_http_server_time(&resp)));
+	read_at = sync_json_number(cursor, "read_at", sync_http_server_time(&resp));
 
 	data = stripe_list_data(body, "list");
 	if (json_object_get(cursor, "sweep"))

@@ -125,8 +125,13 @@ extern void sync_http_request(const char *method, const char *url,
 							  const char *body, const char *content_type,
 							  bool verify_tls, SyncHttpResponse *resp);
 extern char *sync_http_urlencode(const char *s);
+extern double sync_http_server_time(SyncHttpResponse *resp);
 extern char *sync_http_host_of(const char *url);
 extern bool sync_url_is_valid(const char *url, char **why);
+
+/* ---------- time (timeutil.c) ---------- */
+extern double sync_parse_iso8601(const char *s);
+extern char *sync_format_utc(double epoch, const char *format);
 
 /* ---------- naming (naming.c) ---------- */
 extern char *sync_identifier_from_api_name(const char *api_name);
@@ -199,7 +204,7 @@ typedef struct SyncPage
 typedef struct SyncProvider
 {
 	const char *kind;
-	const char *const *required_credentials;	/* NULL-terminated */
+	const char *const *required_credentials;	/* NULL-terminated; NULL: validate_source checks */
 	double		default_requests_per_second;
 
 	/* Check options at create_source/alter_source time; ereport on error. */
@@ -224,6 +229,7 @@ extern const SyncProvider *sync_find_provider(const char *kind);
 extern const char *sync_provider_kinds(void);
 extern const SyncProvider sync_salesforce_provider;
 extern const SyncProvider sync_stripe_provider;
+extern const SyncProvider sync_hubspot_provider;
 
 /* Saves a source's token (and a rotated refresh token) in its own transaction if none is open. */
 extern void sync_save_token(SyncSource *source, json_t *token, json_t *rotated_credentials);

@@ -1,0 +1,743 @@
+/*
+ * hubspot.c: the HubSpot provider (CRM objects).
+ *
+ * Backfill lists an object type with `after` paging. Changes come from the
+ * search API on the last-modified property (contacts: lastmodifieddate,
+ * others: hs_lastmodifieddate), sorted ascending. Search reaches at most
+ * 10,000 results per query, so the walk never pages with `after`: each page
+ * is a new query from a keyset. When a page is full, the records sharing the
+ * last timestamp are read in a tie query (that timestamp AND hs_object_id >
+ * last id, sorted by id), however many there are; then the walk goes on
+ * after that timestamp. Search lags writes, so each poll also re-reads an
+ * overlap window before the previous poll began.
+ *
+ * Deletes: archiving does not move the last-modified stamp, so the recycle
+ * bin (archived=true listing) is walked every deleted_interval; merged-away
+ * ids are listed in the surviving record's hs_merged_object_ids.
+ *
+ * The cursor:
+ *   mode          backfill | incremental
+ *   after         backfill position
+ *   started       server time (ms) the backfill or current poll began
+ *   safe_from     lower bound (ms) of the next poll: started - overlap
+ *   ts            newest last-modified time (ms) applied
+ *   poll          a poll in progress: {from, incl, tie_ts, tie_id}
+ *   archived      a recycle-bin walk in progress: {after}
+ *   archived_at   local time the last recycle-bin walk began
+ *   sweep         a delete sweep in progress: {after}
+ */
+#include "sync.h"
+
+#include <time.h>
+
+#define HS_DEFAULT_OVERLAP_S 120
+#define HS_DEFAULT_DELETED_INTERVAL_S 300
+#define HS_LIST_LIMIT 100
+#define HS_SEARCH_LIMIT 200
+#define HS_REFRESH_MARGIN_S 300
+
+/* ---------- paths and options ---------- */
+
+/* "v3" (default) or a date version such as "2026-03". */
+static const char *
+hs_api_version(SyncSource *source)
+{
+	const char *v = sync_json_string(source->options, "api_version");
+
+	return v ? v : "v3";
+}
+
+static bool
+hs_date_versioned(SyncSource *source)
+{
+	return strcmp(hs_api_version(source), "v3") != 0;
+}
+
+static char *
+hs_objects_path(SyncSource *source, const char *type)
+{
+	return hs_date_versioned(source) ?
+		psprintf("/crm/objects/%s/%s", hs_api_version(source), sync_http_urlencode(type)) :
+		psprintf("/crm/v3/objects/%s", sync_http_urlencode(type));
+}
+
+static char *
+hs_properties_path(SyncSource *source, const char *type)
+{
+	return hs_date_versioned(source) ?
+		psprintf("/crm/properties/%s/%s", hs_api_version(source), sync_http_urlencode(type)) :
+		psprintf("/crm/v3/properties/%s", sync_http_urlencode(type));
+}
+
+static bool
+hs_uses_oauth(SyncSource *source)
+{
+	return sync_json_string(source->credentials, "access_token") == NULL;
+}
+
+static void
+hs_validate_source(SyncSource *source)
+{
+	const char *version = sync_json_string(source->options, "api_version");
+	bool		has_token = sync_json_string(source->credentials, "access_token") != NULL;
+	bool		has_oauth = sync_json_string(source->credentials, "client_id") &&
+		sync_json_string(source->credentials, "client_secret") &&
+		sync_json_string(source->credentials, "refresh_token");
+
+	if (!has_token && !has_oauth)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("credentials of a hubspot source need \"access_token\", or \"client_id\", \"client_secret\" and \"refresh_token\""),
+				 errhint("Give a private app or service key token as {\"access_token\": \"pat-...\"}, or an OAuth app's client and refresh token.")));
+	if (version && strcmp(version, "v3") != 0)
+	{
+		int			year,
+					month;
+		char		extra;
+
+		if (sscanf(version, "%4d-%2d%c", &year, &month, &extra) != 2 || year < 2026 || month < 1 || month > 12)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid HubSpot api_version \"%s\"", version),
+					 errhint("Use \"v3\" or a date version such as \"2026-03\".")));
+	}
+}
+
+/* ---------- requests ---------- */
+
+static void
+hs_raise(SyncHttpResponse *resp, const char *what)
+{
+	json_t	   *body = json_loadb(resp->body, resp->body_len, 0, NULL);
+	const char *category = sync_json_string(body, "category");
+	const char *message = sync_json_string(body, "message");
+	int			sqlstate;
+
+	if (category == NULL)
+		category = sync_json_string(body, "errorType");
+	if (category == NULL)
+		category = sync_json_string(body, "status");
+	category = pstrdup(category ? category : "UNKNOWN");
+	message = pstrdup(message ? message : (resp->body_len ? "unexpected response body" : "empty response body"));
+	json_decref(body);
+
+	if (resp->status == 401 || resp->status == 403 || resp->status == 530)
+		sqlstate = ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
+	else if (resp->status == 429)
+		sqlstate = ERRCODE_CONFIGURATION_LIMIT_EXCEEDED;
+	else if (resp->status == 404)
+		sqlstate = ERRCODE_UNDEFINED_OBJECT;
+	else if (resp->status >= 500 || resp->status == 423)
+		sqlstate = ERRCODE_CONNECTION_FAILURE;
+	else
+		sqlstate = ERRCODE_DATA_EXCEPTION;
+	ereport(ERROR,
+			(errcode(sqlstate),
+			 errmsg("HubSpot %s failed with HTTP %ld %s: %s", what, resp->status, category, message),
+			 resp->status == 414 ?
+			 errhint("The collection has too many properties for one request: sync fewer with the option \"fields\".") : 0));
+}
+
+/* OAuth: trade the refresh token for an access token that lives 30 minutes. */
+static void
+hs_refresh_token(SyncSource *source, SyncPage *page)
+{
+	StringInfoData form;
+	SyncHttpResponse resp;
+	json_t	   *body;
+	json_t	   *volatile token;
+	json_t	   *volatile rotated = NULL;
+	const char *access;
+	const char *new_refresh;
+	double		now = (double) time(NULL);
+
+	initStringInfo(&form);
+	appendStringInfo(&form, "grant_type=refresh_token&client_id=%s&client_secret=%s&refresh_token=%s",
+					 sync_http_urlencode(sync_json_string(source->credentials, "client_id")),
+					 sync_http_urlencode(sync_json_string(source->credentials, "client_secret")),
+					 sync_http_urlencode(sync_json_string(source->credentials, "refresh_token")));
+	sync_http_request("POST", psprintf("%s/oauth/v1/token", source->base_url), NULL, 0, form.data,
+					  "application/x-www-form-urlencoded", source->verify_tls, &resp);
+	memset(form.data, 0, form.len);
+	if (page)
+		page->requests++;
+	if (resp.status != 200)
+		hs_raise(&resp, "token refresh");
+	body = sync_json_parse(resp.body, resp.body_len, "HubSpot token response");
+	access = sync_json_string(body, "access_token");
+	if (access == NULL)
+	{
+		json_decref(body);
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+				 errmsg("HubSpot token response lacks access_token")));
+	}
+	token = json_pack("{s:s, s:f}", "access_token", access,
+					  "expires_at", now + (double) sync_json_int(body, "expires_in", 1800));
+	new_refresh = sync_json_string(body, "refresh_token");
+	if (new_refresh && strcmp(new_refresh, sync_json_string(source->credentials, "refresh_token")) != 0)
+	{
+		rotated = json_deep_copy(source->credentials);
+		json_object_set_new(rotated, "refresh_token", json_string(new_refresh));
+	}
+	json_decref(body);
+	PG_TRY();
+	{
+		sync_save_token(source, token, rotated);
+	}
+	PG_FINALLY();
+	{
+		json_decref(token);
+		json_decref(rotated);
+	}
+	PG_END_TRY();
+}
+
+static const char *
+hs_access_token(SyncSource *source, SyncPage *page)
+{
+	if (!hs_uses_oauth(source))
+		return sync_json_string(source->credentials, "access_token");
+	/* HubSpot says a 401 is no reliable signal: refresh before the token expires. */
+	if (source->token == NULL || sync_json_string(source->token, "access_token") == NULL ||
+		sync_json_number(source->token, "expires_at", 0) - (double) time(NULL) < HS_REFRESH_MARGIN_S)
+		hs_refresh_token(source, page);
+	return sync_json_string(source->token, "access_token");
+}
+
+/* A request with the source's token; OAuth sources refresh and retry once on 401. */
+static json_t *
+hs_request(SyncSource *source, SyncPage *page, const char *method, const char *path, json_t *json_body,
+		   const char *what, SyncHttpResponse *resp)
+{
+	char	   *volatile text = NULL;
+
+	if (json_body)
+	{
+		char	   *dumped = sync_json_dump(json_body);
+
+		text = pstrdup(dumped); /* in the step's memory: nothing leaks on error */
+		free(dumped);
+	}
+
+	for (int attempt = 0;; attempt++)
+	{
+		SyncHttpHeader header;
+
+		header.name = "Authorization";
+		header.value = psprintf("Bearer %s", hs_access_token(source, page));
+		PG_TRY();
+		{
+			sync_http_request(method, psprintf("%s%s", source->base_url, path), &header, 1, text,
+							  text ? "application/json" : NULL, source->verify_tls, resp);
+		}
+		PG_FINALLY();
+		{
+			memset((char *) header.value, 0, strlen(header.value));
+		}
+		PG_END_TRY();
+		if (page)
+			page->requests++;
+		if (resp->status == 401 && attempt == 0 && hs_uses_oauth(source))
+		{
+			json_decref(source->token);
+			source->token = NULL;
+			continue;
+		}
+		if (resp->status < 200 || resp->status >= 300)
+			hs_raise(resp, what);
+		return sync_json_parse(resp->body, resp->body_len, psprintf("HubSpot %s response", what));
+	}
+}
+
+/* ---------- describe ---------- */
+
+/* The property that stamps a record's last change. */
+static const char *
+hs_modified_property(const char *type)
+{
+	return strcmp(type, "contacts") == 0 || strcmp(type, "0-1") == 0 ? "lastmodifieddate" : "hs_lastmodifieddate";
+}
+
+static List *
+hs_describe(SyncSource *source, const char *collection, char **canonical_name)
+{
+	SyncHttpResponse resp;
+	json_t	   *volatile body = NULL;
+	List	   *volatile fields = NIL;
+	List	   *volatile taken = list_make1(pstrdup("_synced_at"));
+	const char *modified = hs_modified_property(collection);
+	volatile bool has_modified = false;
+
+	for (const char *p = collection; *p; p++)
+		if (!isalnum((unsigned char) *p) && *p != '_' && *p != '-')
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid HubSpot object type \"%s\"", collection),
+					 errhint("Use an object type such as contacts, companies, deals, or a custom object's name or id (2-1234567).")));
+
+	PG_TRY();
+	{
+		json_t	   *list;
+		json_t	   *prop;
+		size_t		i;
+		SyncField  *id;
+
+		PG_TRY();
+		{
+			body = hs_request(source, NULL, "GET", hs_properties_path(source, collection), NULL,
+							  "properties", &resp);
+		}
+		PG_CATCH();
+		{
+			if (resp.status == 400 || resp.status == 404)
+			{
+				FlushErrorState();
+				ereport(ERROR,
+						(errcode(ERRCODE_UNDEFINED_OBJECT),
+						 errmsg("HubSpot has no object type \"%s\"", collection),
+						 errhint("Use contacts, companies, deals, tickets, ... or a custom object's name or id.")));
+			}
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+		*canonical_name = pstrdup(collection);
+
+		id = palloc0(sizeof(SyncField));
+		id->api_field = "id";
+		id->api_type = "id";
+		id->column_name = "id";
+		id->column_type = "bigint";
+		id->wire_type = "text";
+		id->convert_sql = "%s::bigint";
+		id->is_key = true;
+		fields = lappend(fields, id);
+		taken = lappend(taken, "id");
+
+		list = json_object_get(body, "results");
+		json_array_foreach(list, i, prop)
+		{
+			const char *name = sync_json_string(prop, "name");
+			const char *type = sync_json_string(prop, "type");
+			const char *field_type = sync_json_string(prop, "fieldType");
+			SyncField  *f;
+
+			if (name == NULL || type == NULL || sync_json_bool(prop, "archived", false))
+				continue;
+			f = palloc0(sizeof(SyncField));
+			f->api_field = pstrdup(name);
+			f->api_type = psprintf("%s/%s", type, field_type ? field_type : "");
+			f->column_name = sync_unique_identifier(sync_identifier_from_api_name(name), taken);
+			taken = lappend(taken, f->column_name);
+			/* Every value arrives as a string, or "" / null when empty. */
+			f->wire_type = "text";
+			if (strcmp(type, "number") == 0)
+			{
+				f->column_type = "numeric";
+				f->convert_sql = "nullif(%s, '')::numeric";
+			}
+			else if (strcmp(type, "bool") == 0)
+			{
+				f->column_type = "boolean";
+				f->convert_sql = "nullif(%s, '')::boolean";
+			}
+			else if (strcmp(type, "date") == 0)
+			{
+				f->column_type = "date";
+				f->convert_sql = "nullif(%s, '')::date";
+			}
+			else if (strcmp(type, "datetime") == 0)
+			{
+				f->column_type = "timestamptz";
+				f->convert_sql = "nullif(%s, '')::timestamptz";
+			}
+			else if (strcmp(type, "enumeration") == 0 && field_type && strcmp(field_type, "checkbox") == 0)
+			{
+				f->column_type = "text[]";
+				f->convert_sql = "string_to_array(nullif(%s, ''), ';')";
+			}
+			else
+				f->column_type = "text";
+			f->is_version = strcmp(name, modified) == 0;
+			has_modified |= f->is_version;
+			fields = lappend(fields, f);
+		}
+		if (!has_modified)
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("HubSpot object type \"%s\" has no %s property", collection, modified),
+					 errdetail("sync detects changes by it.")));
+	}
+	PG_FINALLY();
+	{
+		json_decref(body);
+	}
+	PG_END_TRY();
+	return fields;
+}
+
+/* ---------- records ---------- */
+
+static const char *
+hs_version_field(SyncCollection *c)
+{
+	ListCell   *lc;
+
+	foreach(lc, c->fields)
+		if (((SyncField *) lfirst(lc))->is_version)
+			return ((SyncField *) lfirst(lc))->api_field;
+	return "hs_lastmodifieddate";
+}
+
+static char *
+hs_property_list(SyncCollection *c)
+{
+	StringInfoData buf;
+	ListCell   *lc;
+
+	initStringInfo(&buf);
+	foreach(lc, c->fields)
+	{
+		SyncField  *f = lfirst(lc);
+
+		if (!f->is_key)
+			appendStringInfo(&buf, "%s%s", buf.len ? "," : "", f->api_field);
+	}
+	return buf.data;
+}
+
+static json_t *
+hs_property_array(SyncCollection *c)
+{
+	json_t	   *array = json_array();
+	ListCell   *lc;
+
+	foreach(lc, c->fields)
+	{
+		SyncField  *f = lfirst(lc);
+
+		if (!f->is_key)
+			json_array_append_new(array, json_string(f->api_field));
+	}
+	return array;
+}
+
+static int64
+hs_millis(const char *iso)
+{
+	double		t = sync_parse_iso8601(iso);
+
+	return t < 0 ? -1 : (int64) (t * 1000.0 + 0.5);
+}
+
+/*
+ * Flatten each {id, properties} into one object keyed by property name, take
+ * merged-away ids as deletions, and return the newest last-modified time (ms).
+ */
+static int64
+hs_take_results(SyncCollection *c, SyncPage *page, json_t *results, int64 *last_id, int64 *last_ms)
+{
+	const char *version = hs_version_field(c);
+	int64		newest = -1;
+	json_t	   *r;
+	size_t		i;
+
+	if (!json_is_array(results))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("HubSpot response has no results array")));
+	json_array_foreach(results, i, r)
+	{
+		const char *id = sync_json_string(r, "id");
+		json_t	   *props = json_object_get(r, "properties");
+		json_t	   *flat;
+		const char *merged;
+		int64		ms;
+
+		if (id == NULL || !json_is_object(props))
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_EXCEPTION),
+					 errmsg("HubSpot record without id or properties"),
+					 errdetail("Record %zu of the page.", i)));
+		flat = json_deep_copy(props);
+		json_object_set_new(flat, "id", json_string(id));
+		json_array_append_new(page->records, flat);
+
+		merged = sync_json_string(props, "hs_merged_object_ids");
+		if (merged && merged[0])
+		{
+			char	   *list = pstrdup(merged);
+			char	   *save = NULL;
+
+			for (char *tok = strtok_r(list, ";", &save); tok; tok = strtok_r(NULL, ";", &save))
+				if (strcmp(tok, id) != 0)
+					json_array_append_new(page->deletions, json_pack("{s:s, s:n}", "id", tok, "at"));
+		}
+		ms = hs_millis(sync_json_string(props, version));
+		if (ms > newest)
+			newest = ms;
+		if (last_id)
+			*last_id = strtoll(id, NULL, 10);
+		if (last_ms)
+			*last_ms = ms;
+	}
+	return newest;
+}
+
+/* ---------- steps ---------- */
+
+static char *
+hs_list_path(SyncSource *source, SyncCollection *c, const char *after, const char *properties, bool archived)
+{
+	StringInfoData path;
+
+	initStringInfo(&path);
+	appendStringInfo(&path, "%s?limit=%d&properties=%s", hs_objects_path(source, c->name), HS_LIST_LIMIT,
+					 sync_http_urlencode(properties));
+	if (archived)
+		appendStringInfoString(&path, "&archived=true");
+	if (after)
+		appendStringInfo(&path, "&after=%s", sync_http_urlencode(after));
+	return path.data;
+}
+
+static const char *
+hs_next_after(json_t *body)
+{
+	return sync_json_string(json_object_get(json_object_get(body, "paging"), "next"), "after");
+}
+
+static void
+hs_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor)
+{
+	SyncHttpResponse resp;
+	json_t	   *body;
+	const char *next;
+	int64		newest;
+
+	body = hs_request(source, page, "GET",
+					  hs_list_path(source, c, sync_json_string(cursor, "after"), hs_property_list(c), false),
+					  NULL, "list", &resp);
+	if (!json_object_get(cursor, "started"))
+		json_object_set_new(cursor, "started", json_integer((json_int_t) (sync_http_server_time(&resp) * 1000)));
+	newest = hs_take_results(c, page, json_object_get(body, "results"), NULL, NULL);
+	if (newest > sync_json_int(cursor, "ts", -1))
+		json_object_set_new(cursor, "ts", json_integer(newest));
+	next = hs_next_after(body);
+	page->activity = "backfilling";
+	if (next)
+	{
+		json_object_set_new(cursor, "after", json_string(next));
+		page->phase = "backfill";
+		page->more = true;
+	}
+	else
+	{
+		int64		overlap = sync_json_int(source->options, "overlap", HS_DEFAULT_OVERLAP_S) * 1000;
+
+		page->backfill_done = true;
+		page->phase = "incremental";
+		page->more = true;
+		json_object_del(cursor, "after");
+		json_object_set_new(cursor, "mode", json_string("incremental"));
+		/* Changes made while the backfill ran are re-read by the first poll. */
+		json_object_set_new(cursor, "safe_from", json_integer(sync_json_int(cursor, "started", 0) - overlap));
+		json_object_del(cursor, "started");
+		json_object_set_new(cursor, "archived_at", json_real((double) time(NULL)));
+	}
+	json_decref(body);
+}
+
+static json_t *
+hs_filter(const char *property, const char *op, int64 value)
+{
+	return json_pack("{s:s, s:s, s:s}", "propertyName", property, "operator", op,
+					 "value", psprintf(INT64_FORMAT, value));
+}
+
+/* One search page of a poll: the walk from poll.from, or the tie at poll.tie_ts. */
+static void
+hs_poll_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor)
+{
+	const char *version = hs_version_field(c);
+	json_t	   *poll = json_object_get(cursor, "poll");
+	json_t	   *filters;
+	json_t	   *request;
+	json_t	   *volatile body = NULL;
+	SyncHttpResponse resp;
+	bool		tie;
+	int64		last_id = 0;
+	int64		last_ms = -1;
+	int64		newest;
+	size_t		n;
+
+	if (poll == NULL)
+	{
+		int64		ts = sync_json_int(cursor, "ts", -1);
+		int64		safe_from = sync_json_int(cursor, "safe_from", -1);
+		bool		incl = (safe_from >= 0 && (ts < 0 || ts >= safe_from));
+
+		poll = json_pack("{s:I, s:b}", "from", (json_int_t) (incl ? safe_from : Max(ts, 0)), "incl", incl);
+		json_object_set_new(cursor, "poll", poll);
+	}
+	tie = json_object_get(poll, "tie_ts") != NULL;
+	if (tie)
+		filters = json_pack("[o, o]",
+							hs_filter(version, "EQ", sync_json_int(poll, "tie_ts", 0)),
+							hs_filter("hs_object_id", "GT", sync_json_int(poll, "tie_id", 0)));
+	else
+		filters = json_pack("[o]", hs_filter(version, sync_json_bool(poll, "incl", false) ? "GTE" : "GT",
+											 sync_json_int(poll, "from", 0)));
+	request = json_pack("{s:[{s:o}], s:[{s:s, s:s}], s:o, s:i}",
+						"filterGroups", "filters", filters,
+						"sorts", "propertyName", tie ? "hs_object_id" : version, "direction", "ASCENDING",
+						"properties", hs_property_array(c),
+						"limit", HS_SEARCH_LIMIT);
+	PG_TRY();
+	{
+		body = hs_request(source, page, "POST", psprintf("%s/search", hs_objects_path(source, c->name)),
+						  request, "search", &resp);
+	}
+	PG_FINALLY();
+	{
+		json_decref(request);
+	}
+	PG_END_TRY();
+	if (!json_object_get(cursor, "started"))
+		json_object_set_new(cursor, "started", json_integer((json_int_t) (sync_http_server_time(&resp) * 1000)));
+
+	n = json_array_size(json_object_get(body, "results"));
+	newest = hs_take_results(c, page, json_object_get(body, "results"), &last_id, &last_ms);
+	json_decref(body);
+	if (newest > sync_json_int(cursor, "ts", -1))
+		json_object_set_new(cursor, "ts", json_integer(newest));
+
+	page->phase = "incremental";
+	page->activity = "polling for changes";
+	page->more = true;
+	if (tie && n == HS_SEARCH_LIMIT)
+		json_object_set_new(poll, "tie_id", json_integer(last_id));
+	else if (tie)
+	{
+		/* Every record of that timestamp is read: go on after it. */
+		json_object_set_new(poll, "from", json_integer(sync_json_int(poll, "tie_ts", 0)));
+		json_object_set_new(poll, "incl", json_false());
+		json_object_del(poll, "tie_ts");
+		json_object_del(poll, "tie_id");
+	}
+	else if (n == HS_SEARCH_LIMIT && last_ms >= 0)
+	{
+		/* A full page: read all records of its last timestamp by id, never with `after`. */
+		json_object_set_new(poll, "tie_ts", json_integer(last_ms));
+		json_object_set_new(poll, "tie_id", json_integer(0));
+	}
+	else
+	{
+		int64		overlap = sync_json_int(source->options, "overlap", HS_DEFAULT_OVERLAP_S) * 1000;
+
+		json_object_set_new(cursor, "safe_from", json_integer(sync_json_int(cursor, "started", 0) - overlap));
+		json_object_del(cursor, "started");
+		json_object_del(cursor, "poll");
+		page->more = json_object_get(cursor, "sweep") != NULL;
+	}
+}
+
+/* One page of a listing by id: the recycle bin (deletes) or every record (a delete sweep). */
+static void
+hs_walk_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor, bool sweep)
+{
+	const char *key = sweep ? "sweep" : "archived";
+	json_t	   *walk = json_object_get(cursor, key);
+	SyncHttpResponse resp;
+	json_t	   *body;
+	json_t	   *r;
+	size_t		i;
+	const char *next;
+	bool		first = (walk == NULL || sync_json_string(walk, "after") == NULL);
+
+	if (walk == NULL)
+	{
+		walk = json_object();
+		json_object_set_new(cursor, key, walk);
+	}
+	body = hs_request(source, page, "GET",
+					  hs_list_path(source, c, sync_json_string(walk, "after"), "hs_object_id", !sweep),
+					  NULL, sweep ? "sweep" : "archived list", &resp);
+	if (sweep)
+	{
+		page->sweep_begin = first;
+		page->sweep_ids = json_array();
+	}
+	json_array_foreach(json_object_get(body, "results"), i, r)
+	{
+		const char *id = sync_json_string(r, "id");
+
+		if (id == NULL)
+			continue;
+		if (sweep)
+			json_array_append_new(page->sweep_ids, json_string(id));
+		else
+			json_array_append_new(page->deletions, json_pack("{s:s, s:n}", "id", id, "at"));
+	}
+	next = hs_next_after(body);
+	if (next)
+		json_object_set_new(walk, "after", json_string(next));
+	else
+	{
+		json_object_del(cursor, key);
+		page->sweep_end = sweep;
+	}
+	json_decref(body);
+	page->phase = "incremental";
+	page->activity = sweep ? "sweeping ids for deletes" : "reading the recycle bin";
+	page->more = true;
+}
+
+static void
+hs_step(SyncSource *source, SyncCollection *c, SyncPage *page)
+{
+	json_t	   *cursor = json_is_object(c->cursor) ? json_deep_copy(c->cursor) : json_object();
+	const char *mode = sync_json_string(cursor, "mode");
+	double		interval = sync_json_number(c->options, "deleted_interval",
+											sync_json_number(source->options, "deleted_interval",
+															 HS_DEFAULT_DELETED_INTERVAL_S));
+	bool		polling = json_object_get(cursor, "poll") != NULL;
+
+	page->records = json_array();
+	page->deletions = json_array();
+	page->cursor = cursor;
+	if (c->reconcile_requested && mode && strcmp(mode, "incremental") == 0 && !json_object_get(cursor, "sweep"))
+		json_object_set_new(cursor, "sweep", json_object());
+
+	if (mode == NULL || strcmp(mode, "backfill") == 0)
+	{
+		json_object_set_new(cursor, "mode", json_string("backfill"));
+		hs_backfill_step(source, c, page, cursor);
+	}
+	else if (!polling && json_object_get(cursor, "archived"))
+		hs_walk_step(source, c, page, cursor, false);
+	else if (!polling && (double) time(NULL) - sync_json_number(cursor, "archived_at", 0) >= interval)
+	{
+		json_object_set_new(cursor, "archived_at", json_real((double) time(NULL)));
+		hs_walk_step(source, c, page, cursor, false);
+	}
+	else if (!polling && json_object_get(cursor, "sweep") && sync_json_bool(cursor, "sweep_turn", true))
+	{
+		hs_walk_step(source, c, page, cursor, true);
+		json_object_set_new(cursor, "sweep_turn", json_false());
+	}
+	else
+	{
+		hs_poll_step(source, c, page, cursor);
+		json_object_set_new(cursor, "sweep_turn", json_true());
+	}
+}
+
+const SyncProvider sync_hubspot_provider = {
+	.kind = "hubspot",
+	.required_credentials = NULL,
+	.default_requests_per_second = 4.0,
+	.validate_source = hs_validate_source,
+	.describe = hs_describe,
+	.step = hs_step,
+};
