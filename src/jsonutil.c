@@ -5,6 +5,8 @@
  */
 #include "sync.h"
 
+#include <float.h>
+
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 
@@ -35,10 +37,15 @@ sync_json_new_object(void)
 	return object;
 }
 
+/*
+ * Reals are written with DBL_DIG (15) significant digits: an API's decimal of
+ * up to 15 digits comes back exactly as sent ("412.18", not jansson's default
+ * 17-digit "412.18000000000001").
+ */
 char *
 sync_json_dump(json_t *value)
 {
-	char	   *text = json_dumps(value, JSON_COMPACT | JSON_ENCODE_ANY);
+	char	   *text = json_dumps(value, JSON_COMPACT | JSON_ENCODE_ANY | JSON_REAL_PRECISION(DBL_DIG));
 
 	if (text == NULL)
 		ereport(ERROR,

@@ -8,6 +8,7 @@ static const SyncProvider *const providers[] = {
 	&sync_salesforce_provider,
 	&sync_stripe_provider,
 	&sync_hubspot_provider,
+	&sync_airtable_provider,
 };
 
 const SyncProvider *

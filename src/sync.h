@@ -230,6 +230,7 @@ extern const char *sync_provider_kinds(void);
 extern const SyncProvider sync_salesforce_provider;
 extern const SyncProvider sync_stripe_provider;
 extern const SyncProvider sync_hubspot_provider;
+extern const SyncProvider sync_airtable_provider;
 
 /* Saves a source's token (and a rotated refresh token) in its own transaction if none is open. */
 extern void sync_save_token(SyncSource *source, json_t *token, json_t *rotated_credentials);
