@@ -18,6 +18,7 @@
  *   after      backfill position (last id listed)
  *   event      id of the newest event applied (or taken before the backfill)
  *   since      when no event existed at backfill start: its server time
+ *   seek       paging back from the newest event to the oldest one since `since`
  *   read_at    server time of the backfill's first page
  *   sweep      the backfill also sweeps deletes (after a retention loss)
  */
@@ -390,6 +391,80 @@ stripe_take_event(const StripeCollection *sc, SyncPage *page, json_t *event)
 		stripe_take_object(page, object, created);
 }
 
+#define STRIPE_EVENT_RETENTION_S (30 * 86400)
+
+/* Changes since our cursor can no longer be read: backfill again as a delete sweep. */
+static void
+stripe_restart_as_sweep(SyncCollection *c, SyncPage *page, json_t *cursor)
+{
+	ereport(LOG,
+			(errmsg("event cursor of collection \"%s\" is past Stripe's event retention; backfilling it again with a delete sweep",
+					c->name)));
+	json_object_clear(cursor);
+	json_object_set_new(cursor, "mode", json_string("backfill"));
+	json_object_set_new(cursor, "sweep", json_true());
+	page->phase = "backfill";
+	page->activity = "event retention lost: backfilling again";
+	page->more = true;
+}
+
+/*
+ * No event existed when the backfill began, so the cursor is a time. Events
+ * are listed newest first: page back to the oldest event since then, apply
+ * that page, and from its newest event walk forward exactly as usual.
+ */
+static void
+stripe_seek_step(SyncSource *source, const StripeCollection *sc, SyncCollection *c, SyncPage *page,
+				 json_t *cursor)
+{
+	double		since = sync_json_number(cursor, "since", 0);
+	const char *seek = sync_json_string(cursor, "seek");
+	StringInfoData path;
+	SyncHttpResponse resp;
+	json_t	   *body;
+	json_t	   *data;
+
+	initStringInfo(&path);
+	appendStringInfo(&path, "/v1/events?limit=%d&type=%s.*&created[gte]=%.0f", STRIPE_PAGE_SIZE,
+					 sc->event_prefix, since);
+	if (seek)
+		appendStringInfo(&path, "&starting_after=%s", sync_http_urlencode(seek));
+	body = stripe_get(source, page, path.data, "events", &resp);
+	if (sync_http_server_time(&resp) - since > STRIPE_EVENT_RETENTION_S)
+	{
+		json_decref(body);
+		stripe_restart_as_sweep(c, page, cursor);
+		return;
+	}
+	data = stripe_list_data(body, "events");
+	page->phase = "incremental";
+	if (sync_json_bool(body, "has_more", false) && json_array_size(data) > 0)
+	{
+		/* older events remain: nothing is applied until the oldest page is reached */
+		json_object_set_new(cursor, "seek",
+							json_string(sync_json_string(json_array_get(data, json_array_size(data) - 1), "id")));
+		page->activity = "finding the first event after the backfill";
+		page->more = true;
+	}
+	else if (json_array_size(data) > 0)
+	{
+		for (size_t i = json_array_size(data); i > 0; i--)
+			stripe_take_event(sc, page, json_array_get(data, i - 1));
+		json_object_set_new(cursor, "event", json_string(sync_json_string(json_array_get(data, 0), "id")));
+		json_object_del(cursor, "since");
+		json_object_del(cursor, "seek");
+		page->activity = "polling events";
+		page->more = true;
+	}
+	else
+	{
+		/* nothing since, or the seek position vanished: look again from the newest */
+		json_object_del(cursor, "seek");
+		page->activity = "polling events";
+	}
+	json_decref(body);
+}
+
 static void
 stripe_poll_step(SyncSource *source, const StripeCollection *sc, SyncCollection *c, SyncPage *page,
 				 json_t *cursor)
@@ -397,17 +472,18 @@ stripe_poll_step(SyncSource *source, const StripeCollection *sc, SyncCollection 
 	const char *event = sync_json_string(cursor, "event");
 	StringInfoData path;
 	SyncHttpResponse resp;
-	json_t	   *body = NULL;
+	json_t	   *volatile body = NULL;
 	json_t	   *data;
 	MemoryContext ctx = CurrentMemoryContext;
 
+	if (event == NULL)
+	{
+		stripe_seek_step(source, sc, c, page, cursor);
+		return;
+	}
 	initStringInfo(&path);
-	appendStringInfo(&path, "/v1/events?limit=%d&type=%s.*", STRIPE_PAGE_SIZE, sc->event_prefix);
-	if (event)
-		appendStringInfo(&path, "&ending_before=%s", sync_http_urlencode(event));
-	else
-		appendStringInfo(&path, "&created[gte]=%.0f", sync_json_number(cursor, "since", 0));
-
+	appendStringInfo(&path, "/v1/events?limit=%d&type=%s.*&ending_before=%s", STRIPE_PAGE_SIZE,
+					 sc->event_prefix, sync_http_urlencode(event));
 	PG_TRY();
 	{
 		body = stripe_get(source, page, path.data, "events", &resp);
@@ -418,7 +494,7 @@ stripe_poll_step(SyncSource *source, const StripeCollection *sc, SyncCollection 
 
 		MemoryContextSwitchTo(ctx);
 		edata = CopyErrorData();
-		if (!(event && resp.status == 400 && edata->message && strstr(edata->message, "resource_missing")))
+		if (!(resp.status == 400 && edata->message && strstr(edata->message, "resource_missing")))
 			PG_RE_THROW();
 		FlushErrorState();
 		body = NULL;
@@ -427,16 +503,7 @@ stripe_poll_step(SyncSource *source, const StripeCollection *sc, SyncCollection 
 
 	if (body == NULL)
 	{
-		/* The event cursor fell out of Stripe's 30-day retention: changes since are lost. */
-		ereport(LOG,
-				(errmsg("event cursor of collection \"%s\" is past Stripe's event retention; backfilling it again with a delete sweep",
-						c->name)));
-		json_object_clear(cursor);
-		json_object_set_new(cursor, "mode", json_string("backfill"));
-		json_object_set_new(cursor, "sweep", json_true());
-		page->phase = "backfill";
-		page->activity = "event retention lost: backfilling again";
-		page->more = true;
+		stripe_restart_as_sweep(c, page, cursor);
 		return;
 	}
 
@@ -445,10 +512,7 @@ stripe_poll_step(SyncSource *source, const StripeCollection *sc, SyncCollection 
 	for (size_t i = json_array_size(data); i > 0; i--)
 		stripe_take_event(sc, page, json_array_get(data, i - 1));
 	if (json_array_size(data) > 0)
-	{
 		json_object_set_new(cursor, "event", json_string(sync_json_string(json_array_get(data, 0), "id")));
-		json_object_del(cursor, "since");
-	}
 	page->phase = "incremental";
 	page->activity = "polling events";
 	page->more = sync_json_bool(body, "has_more", false);
