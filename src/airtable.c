@@ -211,7 +211,7 @@ at_access_token(SyncSource *source, SyncPage *page)
 		return sync_json_string(source->credentials, "access_token");
 	if (source->token == NULL || sync_json_string(source->token, "access_token") == NULL ||
 		sync_json_number(source->token, "expires_at", 0) - (double) time(NULL) < AT_REFRESH_MARGIN_S)
-		at_refresh_token(source, page);
+		sync_refresh_token(source, page);
 	return sync_json_string(source->token, "access_token");
 }
 
@@ -585,5 +585,6 @@ const SyncProvider sync_airtable_provider = {
 	.default_requests_per_second = 3.0,
 	.validate_source = at_validate_source,
 	.describe = at_describe,
+	.refresh_token = at_refresh_token,
 	.step = at_step,
 };

@@ -266,9 +266,9 @@ sync_save_token(SyncSource *source, json_t *token, json_t *rotated_credentials)
 		PopActiveSnapshot();
 		CommitTransactionCommand();
 	}
-	free(token_text);
+	pfree(token_text);
 	if (cred_text)
-		free(cred_text);
+		pfree(cred_text);
 	json_decref(source->token);
 	source->token = json_incref(token);
 	if (rotated_credentials)

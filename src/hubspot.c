@@ -203,7 +203,7 @@ hs_access_token(SyncSource *source, SyncPage *page)
 	/* HubSpot says a 401 is no reliable signal: refresh before the token expires. */
 	if (source->token == NULL || sync_json_string(source->token, "access_token") == NULL ||
 		sync_json_number(source->token, "expires_at", 0) - (double) time(NULL) < HS_REFRESH_MARGIN_S)
-		hs_refresh_token(source, page);
+		sync_refresh_token(source, page);
 	return sync_json_string(source->token, "access_token");
 }
 
@@ -215,12 +215,7 @@ hs_request(SyncSource *source, SyncPage *page, const char *method, const char *p
 	char	   *volatile text = NULL;
 
 	if (json_body)
-	{
-		char	   *dumped = sync_json_dump(json_body);
-
-		text = pstrdup(dumped); /* in the step's memory: nothing leaks on error */
-		free(dumped);
-	}
+		text = sync_json_dump(json_body);
 
 	for (int attempt = 0;; attempt++)
 	{
@@ -909,5 +904,6 @@ const SyncProvider sync_hubspot_provider = {
 	.default_requests_per_second = 4.0,
 	.validate_source = hs_validate_source,
 	.describe = hs_describe,
+	.refresh_token = hs_refresh_token,
 	.step = hs_step,
 };

@@ -5,7 +5,9 @@
  */
 #include "sync.h"
 
-#include <float.h>
+#include <math.h>
+
+#include "miscadmin.h"
 
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
@@ -38,20 +40,117 @@ sync_json_new_object(void)
 }
 
 /*
- * Reals are written with DBL_DIG (15) significant digits: an API's decimal of
- * up to 15 digits comes back exactly as sent ("412.18", not jansson's default
- * 17-digit "412.18000000000001").
+ * The shortest decimal that reads back as the same double: an API's 412.18
+ * stays 412.18 (jansson would write 412.18000000000001) and
+ * 0.30000000000000004 keeps every digit.
  */
+static void
+append_real(StringInfo buf, double value)
+{
+	char		text[64];
+
+	if (isnan(value) || isinf(value))
+	{
+		appendStringInfoString(buf, "null");
+		return;
+	}
+	for (int digits = 1; digits <= 17; digits++)
+	{
+		snprintf(text, sizeof(text), "%.*g", digits, value);
+		if (strtod(text, NULL) == value)
+			break;
+	}
+	appendStringInfoString(buf, text);
+	/* keep it a JSON real: "5" would read back as an integer */
+	if (strpbrk(text, ".eE") == NULL)
+		appendStringInfoString(buf, ".0");
+}
+
+static void
+append_string(StringInfo buf, const char *s, size_t len)
+{
+	appendStringInfoChar(buf, '"');
+	for (size_t i = 0; i < len; i++)
+	{
+		unsigned char c = (unsigned char) s[i];
+
+		if (c == '"' || c == '\\')
+		{
+			appendStringInfoChar(buf, '\\');
+			appendStringInfoChar(buf, (char) c);
+		}
+		else if (c < 0x20)
+			appendStringInfo(buf, "\\u%04x", c);
+		else
+			appendStringInfoChar(buf, (char) c);	/* UTF-8 as jansson validated it */
+	}
+	appendStringInfoChar(buf, '"');
+}
+
+static void
+append_json(StringInfo buf, json_t *value)
+{
+	const char *key;
+	json_t	   *item;
+	size_t		i;
+	bool		first = true;
+
+	check_stack_depth();
+	switch (json_typeof(value))
+	{
+		case JSON_OBJECT:
+			appendStringInfoChar(buf, '{');
+			json_object_foreach(value, key, item)
+			{
+				if (!first)
+					appendStringInfoChar(buf, ',');
+				first = false;
+				append_string(buf, key, strlen(key));
+				appendStringInfoChar(buf, ':');
+				append_json(buf, item);
+			}
+			appendStringInfoChar(buf, '}');
+			break;
+		case JSON_ARRAY:
+			appendStringInfoChar(buf, '[');
+			json_array_foreach(value, i, item)
+			{
+				if (i > 0)
+					appendStringInfoChar(buf, ',');
+				append_json(buf, item);
+			}
+			appendStringInfoChar(buf, ']');
+			break;
+		case JSON_STRING:
+			append_string(buf, json_string_value(value), json_string_length(value));
+			break;
+		case JSON_INTEGER:
+			appendStringInfo(buf, "%" JSON_INTEGER_FORMAT, json_integer_value(value));
+			break;
+		case JSON_REAL:
+			append_real(buf, json_real_value(value));
+			break;
+		case JSON_TRUE:
+			appendStringInfoString(buf, "true");
+			break;
+		case JSON_FALSE:
+			appendStringInfoString(buf, "false");
+			break;
+		case JSON_NULL:
+			appendStringInfoString(buf, "null");
+			break;
+	}
+}
+
+/* Compact JSON text of a value, palloc'd in the current memory context. */
 char *
 sync_json_dump(json_t *value)
 {
-	char	   *text = json_dumps(value, JSON_COMPACT | JSON_ENCODE_ANY | JSON_REAL_PRECISION(DBL_DIG));
+	StringInfoData buf;
 
-	if (text == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("could not serialize JSON")));
-	return text;
+	initStringInfo(&buf);
+	append_json(&buf, value);
+	return buf.data;
 }
 
 const char *

@@ -219,7 +219,7 @@ sf_get(SyncSource *source, SyncPage *page, const char *path, const char *what,
 		char	   *url;
 
 		if (source->token == NULL || sync_json_string(source->token, "access_token") == NULL)
-			sf_refresh_token(source, page);
+			sync_refresh_token(source, page);
 		url = psprintf("%s%s", sync_json_string(source->token, "instance_url"), path);
 		headers[nheaders].name = "Authorization";
 		headers[nheaders++].value = psprintf("Bearer %s", sync_json_string(source->token, "access_token"));
@@ -867,5 +867,6 @@ const SyncProvider sync_salesforce_provider = {
 	.default_requests_per_second = 1.0 / 3.0,
 	.validate_source = sf_validate_source,
 	.describe = sf_describe,
+	.refresh_token = sf_refresh_token,
 	.step = sf_step,
 };

@@ -252,7 +252,7 @@ run_with_json(SPIPlanPtr plan, json_t *array, int expected)
 	Datum		arg = CStringGetTextDatum(text);
 	int			ret;
 
-	free(text);
+	pfree(text);
 	ret = SPI_execute_plan(plan, &arg, NULL, false, 0);
 	if (ret != expected)
 		elog(ERROR, "could not apply a page: %s", SPI_result_code_string(ret));
@@ -290,8 +290,8 @@ update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 	args[8] = Int64GetDatum((int64) page->requests);
 	args[9] = CStringGetTextDatum(page->activity ? page->activity : "");
 	args[10] = CStringGetTextDatum(old_cursor_text);
-	free(cursor_text);
-	free(old_cursor_text);
+	pfree(cursor_text);
+	pfree(old_cursor_text);
 
 	ret = SPI_execute_with_args(
 		"UPDATE sync.collection_state SET cursor = $2::jsonb, phase = $3, "
@@ -368,7 +368,7 @@ apply_sweep(SyncCollection *c, SyncPage *page)
 		run_sweep_sql("INSERT INTO sync.sweep_ids (collection_id, id) "
 					  "SELECT $1, i FROM json_array_elements_text($2::json) AS i ON CONFLICT DO NOTHING",
 					  c->id, ids, SPI_OK_INSERT);
-		free(ids);
+		pfree(ids);
 	}
 	if (page->sweep_end)
 	{

@@ -74,6 +74,13 @@ typedef struct SyncDatabaseSlot
 	Latch	   *worker_latch;
 	TimestampTz not_before;		/* do not (re)start before this time */
 	bool		requested;		/* CREATE EXTENSION committed since the worker started */
+
+	/* a backend's request that the worker refresh a source's token (see token.c) */
+	int32		refresh_source_id;
+	uint64		refresh_requested;
+	uint64		refresh_done;
+	int			refresh_sqlstate;
+	char		refresh_error[256];
 } SyncDatabaseSlot;
 
 typedef struct SyncShared
@@ -218,6 +225,12 @@ typedef struct SyncProvider
 							 char **canonical_name);
 
 	/*
+	 * Obtain a new access token and save it with sync_save_token(); NULL when
+	 * the credentials are the token. Only sync workers call it: see token.c.
+	 */
+	void		(*refresh_token) (SyncSource *source, SyncPage *page);
+
+	/*
 	 * One step of syncing: at most a few API requests, no transaction open.
 	 * Fills page; the caller commits it with the new cursor.
 	 */
@@ -234,6 +247,11 @@ extern const SyncProvider sync_airtable_provider;
 
 /* Saves a source's token (and a rotated refresh token) in its own transaction if none is open. */
 extern void sync_save_token(SyncSource *source, json_t *token, json_t *rotated_credentials);
+
+/* token.c: refresh a source's token where the result commits on its own. */
+extern bool sync_is_worker;
+extern void sync_refresh_token(SyncSource *source, SyncPage *page);
+extern void sync_worker_serve_token_refresh(void);
 
 /* ---------- catalog (catalog.c) ---------- */
 extern SyncSource *sync_load_source_by_name(const char *name, bool missing_ok);

@@ -468,6 +468,7 @@ sync_worker_main(Datum arg)
 	LWLockRelease(sync_shared_lock);
 	before_shmem_exit(worker_detach, 0);
 
+	sync_is_worker = true;
 	worker_apply_settings();
 	worker_exit_if_extension_gone();
 	StartTransactionCommand();
@@ -499,6 +500,7 @@ sync_worker_main(Datum arg)
 		worker_exit_if_extension_gone();
 		PG_TRY();
 		{
+			sync_worker_serve_token_refresh();
 			sleep_ms = worker_round();
 		}
 		PG_CATCH();
