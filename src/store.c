@@ -267,10 +267,10 @@ run_with_json(SPIPlanPtr plan, json_t *array, int expected)
 static bool
 update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 {
-	Oid			types[11] = {INT4OID, TEXTOID, TEXTOID, INT8OID, INT8OID, BOOLOID, BOOLOID,
-	INT8OID, INT8OID, TEXTOID, TEXTOID};
-	Datum		args[11];
-	char		nulls[11];
+	Oid			types[12] = {INT4OID, TEXTOID, TEXTOID, INT8OID, INT8OID, BOOLOID, BOOLOID,
+	INT8OID, INT8OID, TEXTOID, TEXTOID, BOOLOID};
+	Datum		args[12];
+	char		nulls[12];
 	char	   *cursor_text = sync_json_dump(page->cursor ? page->cursor : c->cursor);
 	char	   *old_cursor_text = sync_json_dump(c->cursor);
 	size_t		nrecords = page->records ? json_array_size(page->records) : 0;
@@ -290,13 +290,14 @@ update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 	args[8] = Int64GetDatum((int64) page->requests);
 	args[9] = CStringGetTextDatum(page->activity ? page->activity : "");
 	args[10] = CStringGetTextDatum(old_cursor_text);
+	args[11] = BoolGetDatum(page->backfill_restart);
 	pfree(cursor_text);
 	pfree(old_cursor_text);
 
 	ret = SPI_execute_with_args(
 		"UPDATE sync.collection_state SET cursor = $2::jsonb, phase = $3, "
 		/* a provider that starts a backfill again (lost change feed) restarts its figures */
-		"  backfill_records = CASE WHEN phase = 'incremental' AND ($3 = 'backfill' OR $6) THEN $4 "
+		"  backfill_records = CASE WHEN $12 OR (phase = 'incremental' AND ($3 = 'backfill' OR $6)) THEN $4 "
 		"                          WHEN phase = 'backfill' THEN backfill_records + $4 "
 		"                          ELSE backfill_records END, "
 		"  backfill_started_at = CASE WHEN phase = 'incremental' AND ($3 = 'backfill' OR $6) THEN now() "
@@ -311,7 +312,7 @@ update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 		"  requests = requests + $9, consecutive_failures = 0, activity = nullif($10, ''), "
 		"  run_requested = false "
 		"WHERE collection_id = $1 AND cursor = $11::jsonb",
-		11, types, args, nulls, false, 0);
+		12, types, args, nulls, false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "could not update sync.collection_state: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)
