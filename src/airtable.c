@@ -473,6 +473,7 @@ at_walk_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 	{
 		/* The iterator expired: walk again from the start (upserts are idempotent). */
 		json_object_del(cursor, "offset");
+		page->backfill_restart = backfill;
 		page->activity = "iterator expired: walking again";
 		return;
 	}

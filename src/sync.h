@@ -194,6 +194,7 @@ typedef struct SyncPage
 	json_t	   *cursor;			/* the collection's cursor after this page */
 	const char *phase;			/* phase after this page */
 	bool		backfill_done;	/* this page completed the backfill */
+	bool		backfill_restart;	/* the backfill walk starts over: so does its count */
 	bool		more;			/* more pages are ready now: run again soon */
 	int64		total;			/* backfill total when the API tells, else -1 */
 
