@@ -73,6 +73,7 @@ CREATE TABLE sync.collection_state (
     run_requested         boolean NOT NULL DEFAULT false,
     reconcile_requested   boolean NOT NULL DEFAULT false,
     sweep_started_at      timestamptz,
+    last_sweep_started_at timestamptz,
     last_sweep_at         timestamptz
 );
 
@@ -111,7 +112,9 @@ SELECT s.name                          AS source,
        st.last_error_at,
        st.activity,
        st.sweep_started_at,
-       st.last_sweep_at
+       st.last_sweep_at,
+       -- every delete made before this long ago is reflected (by the last completed sweep)
+       now() - st.last_sweep_started_at AS delete_lag
 FROM sync.collections c
 JOIN sync.sources s ON s.id = c.source_id
 JOIN sync.collection_state st ON st.collection_id = c.id;

@@ -383,7 +383,8 @@ apply_sweep(SyncCollection *c, SyncPage *page)
 		run_sweep_sql(sql, c->id, NULL, SPI_OK_DELETE);
 		deleted = (int64) SPI_processed;
 		run_sweep_sql("DELETE FROM sync.sweep_ids WHERE collection_id = $1", c->id, NULL, SPI_OK_DELETE);
-		run_sweep_sql("UPDATE sync.collection_state SET sweep_started_at = NULL, last_sweep_at = now() "
+		run_sweep_sql("UPDATE sync.collection_state SET last_sweep_started_at = sweep_started_at, "
+					  "sweep_started_at = NULL, last_sweep_at = now() "
 					  "WHERE collection_id = $1", c->id, NULL, SPI_OK_UPDATE);
 		if (deleted > 0)
 			ereport(LOG,
