@@ -681,6 +681,9 @@ is(sql("SELECT " . ccol('Score') . "::text || ' ' || " . ccol('Revenue') . "::te
 	my $st = status_of('base', 'Contacts');
 	is(sql("SELECT last_sweep_at > '$t_changes' FROM sync.status WHERE source = 'base' AND collection = 'Contacts'"),
 		't', 'a delete sweep completed after the deletes (last_sweep_at)');
+	is(sql("SELECT delete_lag > interval '0' AND delete_lag < now() - '$t_changes'::timestamptz + interval '1 minute' "
+			. "FROM sync.status WHERE source = 'base' AND collection = 'Contacts'"),
+		't', 'sync.status shows the delete lag: the time since the last completed sweep began');
 	is($st->{records_deleted}, 2, 'records_deleted counts the two deleted records');
 	like(slurp_file($node->logfile), qr/delete sweep of collection "Contacts" removed \d+ rows/,
 		'the server log tells of the sweep that removed them');
