@@ -140,7 +140,7 @@ static void
 at_refresh_token(SyncSource *source, SyncPage *page)
 {
 	StringInfoData form;
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	SyncHttpHeader header;
 	int			nheaders = 0;
 	json_t	   *body;
@@ -267,7 +267,7 @@ static const AtTypeMap at_types[] = {
 static List *
 at_describe(SyncSource *source, const char *collection, char **canonical_name)
 {
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *volatile body = NULL;
 	List	   *volatile fields = NIL;
 	List	   *volatile taken = list_make2(pstrdup("_synced_at"), pstrdup("id"));
@@ -458,7 +458,7 @@ at_walk_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 {
 	const char *offset = sync_json_string(cursor, "offset");
 	char	   *formula = NULL;
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	const char *next;
 	double		overlap = sync_json_number(source->options, "overlap", AT_DEFAULT_OVERLAP_S);
@@ -510,7 +510,7 @@ at_sweep_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cur
 	json_t	   *sweep = json_object_get(cursor, "sweep");
 	const char *offset = sync_json_string(sweep, "offset");
 	const char *one_field = NULL;
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	ListCell   *lc;
 

@@ -145,7 +145,7 @@ static void
 hs_refresh_token(SyncSource *source, SyncPage *page)
 {
 	StringInfoData form;
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	json_t	   *volatile token;
 	json_t	   *volatile rotated = NULL;
@@ -280,7 +280,7 @@ hs_describe_associations(SyncSource *source, const char *collection, char **cano
 {
 	char	   *from = pstrdup(collection);
 	char	   *to = strchr(from, '/');
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 
 	*to++ = '\0';
 	for (int side = 0; side < 2; side++)
@@ -318,7 +318,7 @@ hs_describe_associations(SyncSource *source, const char *collection, char **cano
 static List *
 hs_describe(SyncSource *source, const char *collection, char **canonical_name)
 {
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *volatile body = NULL;
 	List	   *volatile fields = NIL;
 	List	   *volatile taken = list_make1(pstrdup("_synced_at"));
@@ -576,7 +576,7 @@ hs_next_after(json_t *body)
 static void
 hs_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor)
 {
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	const char *next;
 	int64		newest;
@@ -630,7 +630,7 @@ hs_poll_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 	json_t	   *filters;
 	json_t	   *request;
 	json_t	   *volatile body = NULL;
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	bool		tie;
 	int64		last_id = 0;
 	int64		last_ms = -1;
@@ -714,7 +714,7 @@ hs_walk_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 {
 	const char *key = sweep ? "sweep" : "archived";
 	json_t	   *walk = json_object_get(cursor, key);
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	json_t	   *r;
 	size_t		i;
@@ -772,7 +772,7 @@ hs_association_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_
 	char	   *from = pstrdup(c->name);
 	char	   *to = strchr(from, '/');
 	const char *after = sync_json_string(cursor, "after");
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *list;
 	json_t	   *inputs = json_array();
 	json_t	   *r;

@@ -147,7 +147,7 @@ sf_refresh_token(SyncSource *source, SyncPage *page)
 {
 	char	   *url = psprintf("%s/services/oauth2/token", sf_login_url(source));
 	StringInfoData form;
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	json_t	   *token;
 	json_t	   *rotated = NULL;
@@ -298,7 +298,7 @@ sf_describe(SyncSource *source, const char *collection, char **canonical_name)
 	json_t	   *volatile body = NULL;
 	List	   *volatile fields = NIL;
 	List	   *volatile taken = list_make1(pstrdup("_synced_at"));
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	volatile bool has_modstamp = false;
 
 	for (const char *p = collection; *p; p++)
@@ -580,7 +580,7 @@ sf_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *
 	char	   *soql = psprintf("SELECT %s FROM %s%s%s ORDER BY SystemModstamp, Id",
 								sf_field_list(c, false), c->name,
 								ts && id ? " WHERE " : "", ts && id ? sf_keyset_where(ts, id) : "");
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	bool		is_new;
 	double		started = sync_json_number(cursor, "started", -1);
@@ -632,7 +632,7 @@ sf_poll_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 	double		ts_epoch = sync_parse_iso8601(ts);
 	char	   *where;
 	char	   *soql;
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	bool		is_new;
 
@@ -734,7 +734,7 @@ static void
 sf_sweep_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor)
 {
 	json_t	   *sweep = json_object_get(cursor, "sweep");
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	json_t	   *records;
 	json_t	   *r;
@@ -772,7 +772,7 @@ sf_deleted_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *c
 {
 	double		start = sync_json_number(cursor, "deleted_until", 0);
 	double		now = (double) time(NULL);
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	json_t	   *list;
 	json_t	   *r;

@@ -222,7 +222,7 @@ stripe_describe(SyncSource *source, const char *collection, char **canonical_nam
 {
 	const StripeCollection *sc = stripe_collection(collection);
 	List	   *fields = NIL;
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	SyncField  *version;
 
@@ -287,7 +287,7 @@ stripe_take_object(SyncPage *page, json_t *object, double version)
 static void
 stripe_mark_event_cursor(SyncSource *source, const StripeCollection *sc, SyncPage *page, json_t *cursor)
 {
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *body = stripe_get(source, page, psprintf("/v1/events?limit=1&type=%s.*", sc->event_prefix),
 								  "events", &resp);
 	json_t	   *data = stripe_list_data(body, "events");
@@ -307,7 +307,7 @@ stripe_backfill_step(SyncSource *source, const StripeCollection *sc, SyncCollect
 	const char *after = sync_json_string(cursor, "after");
 	bool		first = (after == NULL && !json_object_get(cursor, "read_at"));
 	StringInfoData path;
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	json_t	   *data;
 	json_t	   *object;
@@ -420,7 +420,7 @@ stripe_seek_step(SyncSource *source, const StripeCollection *sc, SyncCollection 
 	double		since = sync_json_number(cursor, "since", 0);
 	const char *seek = sync_json_string(cursor, "seek");
 	StringInfoData path;
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	json_t	   *data;
 
@@ -471,7 +471,7 @@ stripe_poll_step(SyncSource *source, const StripeCollection *sc, SyncCollection 
 {
 	const char *event = sync_json_string(cursor, "event");
 	StringInfoData path;
-	SyncHttpResponse resp;
+	SyncHttpResponse resp = {0};
 	json_t	   *volatile body = NULL;
 	json_t	   *data;
 	MemoryContext ctx = CurrentMemoryContext;
