@@ -7,10 +7,14 @@
  * backend (sync.add_collection describing a collection) cannot: its
  * transaction may still roll back and bring the spent token back. So a
  * backend asks its database's worker to refresh, waits, and reads the token
- * the worker committed.
+ * the worker committed -- unless the source (or its credentials) is new in
+ * the backend's own transaction: the worker cannot see it, and a rollback
+ * discards the source together with the token.
  */
 #include "sync.h"
 
+#include "access/transam.h"
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
@@ -115,15 +119,46 @@ refresh_through_worker(SyncSource *source)
 }
 
 /*
+ * Whether this transaction wrote the source's secrets (created the source,
+ * or gave it new credentials): the worker cannot see them yet, and a
+ * rollback discards them together with any token refreshed with them.
+ */
+static bool
+secrets_written_by_this_transaction(SyncSource *source)
+{
+	Oid			argtype = INT4OID;
+	Datum		arg = Int32GetDatum(source->id);
+	bool		mine = false;
+	int			ret;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	ret = SPI_execute_with_args("SELECT xmin FROM sync.source_secrets WHERE source_id = $1",
+								1, &argtype, &arg, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not read sync.source_secrets: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 1)
+	{
+		bool		isnull;
+		Datum		xmin = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+		mine = !isnull && TransactionIdIsCurrentTransactionId(DatumGetTransactionId(xmin));
+	}
+	SPI_finish();
+	return mine;
+}
+
+/*
  * Refresh a source's access token. In a worker the provider refreshes and
- * commits at once; in a user's backend the worker does it.
+ * commits at once; in a user's backend the worker does it, unless the source
+ * is this transaction's own.
  */
 void
 sync_refresh_token(SyncSource *source, SyncPage *page)
 {
 	if (source->provider->refresh_token == NULL)
 		return;
-	if (sync_is_worker)
+	if (sync_is_worker || secrets_written_by_this_transaction(source))
 		source->provider->refresh_token(source, page);
 	else
 		refresh_through_worker(source);
