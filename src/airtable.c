@@ -144,10 +144,9 @@ at_refresh_token(SyncSource *source, SyncPage *page)
 	SyncHttpHeader header;
 	int			nheaders = 0;
 	json_t	   *body;
-	json_t	   *volatile token;
-	json_t	   *volatile rotated = NULL;
+	json_t	   *token;
 	const char *secret = sync_json_string(source->credentials, "client_secret");
-	const char *refresh;
+	char	   *refresh;
 	double		now = (double) time(NULL);
 
 	initStringInfo(&form);
@@ -185,23 +184,9 @@ at_refresh_token(SyncSource *source, SyncPage *page)
 	}
 	token = json_pack("{s:s, s:f}", "access_token", sync_json_string(body, "access_token"),
 					  "expires_at", now + (double) sync_json_int(body, "expires_in", 3600));
-	refresh = sync_json_string(body, "refresh_token");
-	if (refresh)
-	{
-		rotated = json_deep_copy(source->credentials);
-		json_object_set_new(rotated, "refresh_token", json_string(refresh));
-	}
+	refresh = sync_json_string(body, "refresh_token") ? pstrdup(sync_json_string(body, "refresh_token")) : NULL;
 	json_decref(body);
-	PG_TRY();
-	{
-		sync_save_token(source, token, rotated);
-	}
-	PG_FINALLY();
-	{
-		json_decref(token);
-		json_decref(rotated);
-	}
-	PG_END_TRY();
+	sync_save_refreshed_token(source, token, refresh);
 }
 
 static const char *

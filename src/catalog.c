@@ -204,6 +204,34 @@ sync_free_collection(SyncCollection *collection)
 }
 
 /*
+ * Save a refreshed access token (this takes ownership of token). A refresh
+ * token that differs from the stored one (rotation) is saved with it, in the
+ * same transaction, so a single-use refresh token is never lost.
+ */
+void
+sync_save_refreshed_token(SyncSource *source, json_t *token, const char *new_refresh_token)
+{
+	json_t	   *volatile rotated = NULL;
+	const char *current = sync_json_string(source->credentials, "refresh_token");
+
+	if (new_refresh_token && (current == NULL || strcmp(new_refresh_token, current) != 0))
+	{
+		rotated = json_deep_copy(source->credentials);
+		json_object_set_new(rotated, "refresh_token", json_string(new_refresh_token));
+	}
+	PG_TRY();
+	{
+		sync_save_token(source, token, rotated);
+	}
+	PG_FINALLY();
+	{
+		json_decref(token);
+		json_decref(rotated);
+	}
+	PG_END_TRY();
+}
+
+/*
  * Every worker transaction first takes a share lock on the extension itself.
  * DROP EXTENSION (and ALTER EXTENSION) lock it exclusively before touching any
  * of our tables, so a worker never holds a table lock they wait for: no

@@ -147,10 +147,9 @@ hs_refresh_token(SyncSource *source, SyncPage *page)
 	StringInfoData form;
 	SyncHttpResponse resp = {0};
 	json_t	   *body;
-	json_t	   *volatile token;
-	json_t	   *volatile rotated = NULL;
+	json_t	   *token;
 	const char *access;
-	const char *new_refresh;
+	char	   *new_refresh;
 	double		now = (double) time(NULL);
 
 	initStringInfo(&form);
@@ -176,23 +175,9 @@ hs_refresh_token(SyncSource *source, SyncPage *page)
 	}
 	token = json_pack("{s:s, s:f}", "access_token", access,
 					  "expires_at", now + (double) sync_json_int(body, "expires_in", 1800));
-	new_refresh = sync_json_string(body, "refresh_token");
-	if (new_refresh && strcmp(new_refresh, sync_json_string(source->credentials, "refresh_token")) != 0)
-	{
-		rotated = json_deep_copy(source->credentials);
-		json_object_set_new(rotated, "refresh_token", json_string(new_refresh));
-	}
+	new_refresh = sync_json_string(body, "refresh_token") ? pstrdup(sync_json_string(body, "refresh_token")) : NULL;
 	json_decref(body);
-	PG_TRY();
-	{
-		sync_save_token(source, token, rotated);
-	}
-	PG_FINALLY();
-	{
-		json_decref(token);
-		json_decref(rotated);
-	}
-	PG_END_TRY();
+	sync_save_refreshed_token(source, token, new_refresh);
 }
 
 static const char *

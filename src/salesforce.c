@@ -150,10 +150,9 @@ sf_refresh_token(SyncSource *source, SyncPage *page)
 	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	json_t	   *token;
-	json_t	   *rotated = NULL;
 	const char *access;
 	const char *instance;
-	const char *new_refresh;
+	char	   *new_refresh;
 
 	initStringInfo(&form);
 	appendStringInfo(&form, "grant_type=refresh_token&client_id=%s&client_secret=%s&refresh_token=%s&format=json",
@@ -179,23 +178,9 @@ sf_refresh_token(SyncSource *source, SyncPage *page)
 				 errmsg("Salesforce token response lacks access_token or instance_url")));
 	}
 	token = json_pack("{s:s, s:s}", "access_token", access, "instance_url", instance);
-	new_refresh = sync_json_string(body, "refresh_token");
-	if (new_refresh && strcmp(new_refresh, sync_json_string(source->credentials, "refresh_token")) != 0)
-	{
-		rotated = json_deep_copy(source->credentials);
-		json_object_set_new(rotated, "refresh_token", json_string(new_refresh));
-	}
+	new_refresh = sync_json_string(body, "refresh_token") ? pstrdup(sync_json_string(body, "refresh_token")) : NULL;
 	json_decref(body);
-	PG_TRY();
-	{
-		sync_save_token(source, token, rotated);
-	}
-	PG_FINALLY();
-	{
-		json_decref(token);
-		json_decref(rotated);
-	}
-	PG_END_TRY();
+	sync_save_refreshed_token(source, token, new_refresh);
 }
 
 static bool

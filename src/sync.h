@@ -248,6 +248,7 @@ extern const SyncProvider sync_airtable_provider;
 
 /* Saves a source's token (and a rotated refresh token) in its own transaction if none is open. */
 extern void sync_save_token(SyncSource *source, json_t *token, json_t *rotated_credentials);
+extern void sync_save_refreshed_token(SyncSource *source, json_t *token, const char *new_refresh_token);
 
 /* token.c: refresh a source's token where the result commits on its own. */
 extern bool sync_is_worker;
