@@ -719,12 +719,14 @@ admin($F, 'DELETE', 'faults');
 
 # 429s from the fake's own rate limiter, squeezed to 2 requests/s.
 my $limited0 = admin($F, 'GET', 'rate_limit')->{limited};
+my $t_squeeze = sql('SELECT now()');
 admin($F, 'POST', 'rate_limit', { global => 2 });
 my $E2 = admin($F, 'POST', 'objects/customers', { name => 'During the rate limit' })->{id};
 ok(wait_sql(60, "SELECT count(*) > 0 FROM sync.status WHERE source = 'billing' AND state = 'error' "
-		  . "AND last_error LIKE '%HTTP 429%Testmode request rate limit exceeded%'"),
+		  . "AND last_error LIKE '%HTTP 429%Testmode request rate limit exceeded%' AND last_error_at > '$t_squeeze'"),
 	'the fake\'s rate limit shows as state error with its 429');
-cmp_ok(admin($F, 'GET', 'rate_limit')->{limited}, '>', $limited0, 'the fake refused requests over its limit');
+ok(wait_until(60, sub { admin($F, 'GET', 'rate_limit')->{limited} > $limited0 }),
+	'the fake refused requests over its limit');
 admin($F, 'POST', 'rate_limit', { global => 25 });
 my $t_restore = time;
 ok(wait_sql(60, "SELECT count(*) = 7 FROM sync.status WHERE source = 'billing' AND state = 'syncing' "
