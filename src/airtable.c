@@ -52,7 +52,7 @@ at_validate_source(SyncSource *source)
 	if (base == NULL || strncmp(base, "app", 3) != 0 || strlen(base) != 17)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("an airtable source needs the option \"base_id\" (appXXXXXXXXXXXXXX)"),
+				 errmsg("an airtable source needs the option \"base_id\": \"app\" and 14 letters or digits"),
 				 errhint("The base id is the part of the base's URL that starts with \"app\".")));
 	if (sync_json_string(source->credentials, "access_token") == NULL &&
 		(sync_json_string(source->credentials, "client_id") == NULL ||
