@@ -66,6 +66,14 @@ CREATE TABLE sync.collection_state (
     records_upserted      bigint NOT NULL DEFAULT 0,
     records_deleted       bigint NOT NULL DEFAULT 0,
     requests              bigint NOT NULL DEFAULT 0,
+    bytes_received        bigint NOT NULL DEFAULT 0,
+    errors                bigint NOT NULL DEFAULT 0,
+    rate_limited          bigint NOT NULL DEFAULT 0,
+    retries               bigint NOT NULL DEFAULT 0,
+    stats_reset           timestamptz NOT NULL DEFAULT now(),
+    -- requests since the collection was last caught up, and their moving average per polling cycle
+    cycle_requests        bigint NOT NULL DEFAULT 0,
+    avg_cycle_requests    double precision,
     consecutive_failures  integer NOT NULL DEFAULT 0,
     last_error            text,
     last_error_at         timestamptz,
@@ -88,6 +96,53 @@ CREATE TABLE sync.sweep_ids (
 -- Views
 -------------------------------------------------------------------------------
 
+-- Each source's request budget as the processes using it see it (shared memory; a source
+-- appears once it made a request since the server started).
+CREATE FUNCTION sync._budgets(OUT source_id integer, OUT rate float8, OUT burst float8,
+    OUT search_rate float8, OUT quota_fraction float8, OUT api_rate float8, OUT basis text,
+    OUT limited_by text, OUT used_rate float8, OUT daily_limit float8, OUT daily_remaining float8,
+    OUT quota_seen_at timestamptz, OUT penalty_until timestamptz, OUT penalty_reason text,
+    OUT other_requests bigint, OUT other_bytes bigint, OUT other_errors bigint,
+    OUT other_rate_limited bigint, OUT stats_reset timestamptz)
+RETURNS SETOF record LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'sync_budget_state';
+
+-- One polling cycle of a source: every active collection's requests per cycle, at the budget's rate.
+CREATE VIEW sync._cycles AS
+SELECT c.source_id,
+       count(*)                                        AS collections,
+       sum(coalesce(st.avg_cycle_requests, 1))         AS cycle_requests
+FROM sync.collections c
+JOIN sync.sources s ON s.id = c.source_id
+JOIN sync.collection_state st ON st.collection_id = c.id
+WHERE NOT c.paused AND NOT s.paused
+GROUP BY c.source_id;
+
+CREATE VIEW sync.budgets AS
+SELECT s.name                                          AS source,
+       s.kind,
+       b.rate                                          AS requests_per_second,
+       b.burst,
+       b.search_rate                                   AS search_requests_per_second,
+       b.quota_fraction,
+       b.api_rate                                      AS api_requests_per_second,
+       b.basis,
+       b.limited_by,
+       b.used_rate                                     AS used_requests_per_second,
+       round((b.used_rate / nullif(b.rate, 0))::numeric, 3) AS budget_use,
+       b.daily_limit::bigint                           AS daily_limit,
+       b.daily_remaining::bigint                       AS daily_remaining,
+       round((b.daily_remaining / nullif(b.daily_limit, 0))::numeric, 3) AS quota_headroom,
+       b.quota_seen_at,
+       b.penalty_until,
+       b.penalty_reason,
+       cy.collections,
+       round(cy.cycle_requests::numeric, 2)            AS cycle_requests,
+       make_interval(secs => cy.cycle_requests / nullif(b.rate, 0)) AS poll_cycle
+FROM sync.sources s
+LEFT JOIN sync._budgets() b ON b.source_id = s.id
+LEFT JOIN sync._cycles cy ON cy.source_id = s.id;
+COMMENT ON VIEW sync.budgets IS 'each source''s request budget: rate, its basis, use over the last minute, API quota headroom, penalties, polling cycle';
+
 CREATE VIEW sync.status AS
 SELECT s.name                          AS source,
        s.kind,
@@ -95,6 +150,7 @@ SELECT s.name                          AS source,
        c.relid::regclass               AS target_table,
        CASE WHEN s.paused OR c.paused       THEN 'paused'
             WHEN st.consecutive_failures > 0 THEN 'error'
+            WHEN b.penalty_until IS NOT NULL THEN 'rate limited'
             WHEN st.phase = 'backfill'       THEN 'backfilling'
             ELSE 'syncing' END         AS state,
        st.phase,
@@ -104,6 +160,18 @@ SELECT s.name                          AS source,
        st.backfill_completed_at,
        st.last_poll_at,
        st.last_caught_up_at,
+       -- measured: every change made before this long ago is in the table
+       now() - st.last_caught_up_at    AS lag,
+       -- estimated: one polling cycle over the source's collections within its budget
+       make_interval(secs => cy.cycle_requests / nullif(b.rate, 0)
+                             + coalesce(c.options->>'poll_interval', s.options->>'poll_interval', '0')::float8)
+                                       AS est_max_lag,
+       CASE WHEN s.paused OR c.paused THEN NULL
+            WHEN b.penalty_until IS NOT NULL
+                 THEN format('rate limit: %s, until %s', b.penalty_reason, b.penalty_until)
+            WHEN st.consecutive_failures > 0 THEN 'retry after an error'
+            WHEN b.limited_by LIKE 'daily allocation nearly spent%' THEN b.limited_by
+            END                        AS waiting_on,
        st.records_upserted,
        st.records_deleted,
        st.requests,
@@ -114,11 +182,40 @@ SELECT s.name                          AS source,
        st.sweep_started_at,
        st.last_sweep_at,
        -- every delete made before this long ago is reflected (by the last completed sweep)
-       now() - st.last_sweep_started_at AS delete_lag
+       now() - st.last_sweep_started_at AS delete_lag,
+       st.last_sweep_at - st.last_sweep_started_at AS sweep_duration
+FROM sync.collections c
+JOIN sync.sources s ON s.id = c.source_id
+JOIN sync.collection_state st ON st.collection_id = c.id
+LEFT JOIN sync._budgets() b ON b.source_id = s.id
+LEFT JOIN sync._cycles cy ON cy.source_id = s.id;
+COMMENT ON VIEW sync.status IS 'one row per synced collection: backfill progress, lag (measured and estimated), polling and errors';
+
+CREATE VIEW sync.stat_collections AS
+SELECT s.name AS source, c.name AS collection, c.relid::regclass AS target_table,
+       st.requests, st.records_upserted, st.records_deleted, st.bytes_received,
+       st.errors, st.rate_limited, st.retries, st.stats_reset
 FROM sync.collections c
 JOIN sync.sources s ON s.id = c.source_id
 JOIN sync.collection_state st ON st.collection_id = c.id;
-COMMENT ON VIEW sync.status IS 'one row per synced collection: backfill progress, polling and errors';
+COMMENT ON VIEW sync.stat_collections IS 'cumulative request statistics per collection (committed with each page; reset with sync.reset_stats)';
+
+CREATE VIEW sync.stat_sources AS
+SELECT s.name AS source, s.kind,
+       coalesce(sum(st.requests), 0) + coalesce(min(b.other_requests), 0)         AS requests,
+       coalesce(sum(st.records_upserted), 0)                                      AS records_upserted,
+       coalesce(sum(st.records_deleted), 0)                                       AS records_deleted,
+       coalesce(sum(st.bytes_received), 0) + coalesce(min(b.other_bytes), 0)     AS bytes_received,
+       coalesce(sum(st.errors), 0) + coalesce(min(b.other_errors), 0)            AS errors,
+       coalesce(sum(st.rate_limited), 0) + coalesce(min(b.other_rate_limited), 0) AS rate_limited,
+       coalesce(sum(st.retries), 0)                                               AS retries,
+       least(min(st.stats_reset), min(b.stats_reset))                             AS stats_reset
+FROM sync.sources s
+LEFT JOIN sync.collections c ON c.source_id = s.id
+LEFT JOIN sync.collection_state st ON st.collection_id = c.id
+LEFT JOIN sync._budgets() b ON b.source_id = s.id
+GROUP BY s.id, s.name, s.kind;
+COMMENT ON VIEW sync.stat_sources IS 'cumulative request statistics per source, including requests made outside collections (describe) since the server started';
 
 CREATE VIEW sync.columns AS
 SELECT s.name AS source, c.name AS collection, c.relid::regclass AS target_table,
@@ -131,7 +228,8 @@ COMMENT ON VIEW sync.columns IS 'which API field feeds which column, and its Pos
 
 GRANT USAGE ON SCHEMA sync TO PUBLIC;
 GRANT SELECT ON sync.sources, sync.collections, sync.collection_columns, sync.collection_state,
-                sync.status, sync.columns TO PUBLIC;
+                sync.status, sync.columns, sync.budgets, sync.stat_sources, sync.stat_collections,
+                sync._cycles TO PUBLIC;
 
 -------------------------------------------------------------------------------
 -- Internal C helpers (API: Private)
@@ -157,6 +255,12 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'sync_wake_trigger';
 
 CREATE FUNCTION sync._register_database() RETURNS void
 LANGUAGE c AS 'MODULE_PATHNAME', 'sync_register_database';
+
+CREATE FUNCTION sync._budget_forget(source_id integer) RETURNS void
+LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'sync_budget_forget_sql';
+
+CREATE FUNCTION sync._budget_reset_stats(source_id integer) RETURNS void
+LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'sync_budget_reset_stats_sql';
 
 CREATE FUNCTION sync._wait_for_state(collection_id integer, timeout interval) RETURNS boolean
 LANGUAGE c STRICT SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'sync_wait_for_backfill';
@@ -245,6 +349,7 @@ BEGIN
     VALUES (name, kind, base_url, coalesce(options, '{}'))
     RETURNING id INTO sid;
     INSERT INTO sync.source_secrets (source_id, credentials) VALUES (sid, credentials);
+    PERFORM sync._budget_forget(sid);
     RETURN sid;
 END $$;
 COMMENT ON FUNCTION sync.create_source(text, text, text, jsonb, jsonb) IS 'create an API source (an account of a provider)';
@@ -472,6 +577,31 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION sync.wait_for_backfill(text, text, interval) IS 'wait until the collection''s backfill completed; false on timeout';
 
+CREATE FUNCTION sync.reset_stats(source text DEFAULT NULL, collection text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid integer;
+BEGIN
+    PERFORM sync._require_admin();
+    IF source IS NULL AND collection IS NOT NULL THEN
+        RAISE EXCEPTION 'a collection needs its source' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Call sync.reset_stats(source, collection).';
+    END IF;
+    UPDATE sync.collection_state st
+       SET requests = 0, records_upserted = 0, records_deleted = 0, bytes_received = 0, errors = 0,
+           rate_limited = 0, retries = 0, stats_reset = now()
+     WHERE reset_stats.source IS NULL
+        OR (reset_stats.collection IS NULL AND st.collection_id IN
+                (SELECT id FROM sync.collections c WHERE c.source_id = sync._source_id(reset_stats.source)))
+        OR st.collection_id = sync._collection_id(reset_stats.source, reset_stats.collection);
+    IF collection IS NULL THEN
+        FOR sid IN SELECT id FROM sync.sources s WHERE reset_stats.source IS NULL OR s.name = reset_stats.source LOOP
+            PERFORM sync._budget_reset_stats(sid);
+        END LOOP;
+    END IF;
+END $$;
+COMMENT ON FUNCTION sync.reset_stats(text, text) IS 'zero the statistics of every source, one source, or one collection';
+
 CREATE FUNCTION sync.worker_pid() RETURNS integer
 LANGUAGE c AS 'MODULE_PATHNAME', 'sync_worker_pid';
 COMMENT ON FUNCTION sync.worker_pid() IS 'process id of this database''s sync worker, or null when none runs';
@@ -483,7 +613,9 @@ REVOKE EXECUTE ON FUNCTION sync.create_source(text, text, text, jsonb, jsonb),
                            sync.remove_collection(text, text, boolean),
                            sync.pause(text, text), sync.resume(text, text), sync._set_paused(text, text, boolean),
                            sync.resync(text, text), sync.run_now(text, text), sync.reconcile(text, text),
-                           sync._describe(text, text), sync._validate_source(text, text, jsonb, jsonb)
+                           sync._describe(text, text), sync._validate_source(text, text, jsonb, jsonb),
+                           sync.reset_stats(text, text), sync._budget_forget(integer),
+                           sync._budget_reset_stats(integer)
 FROM PUBLIC;
 
 -- The database gets its worker when this transaction commits.

@@ -26,6 +26,8 @@
 #include "common/base64.h"
 
 #define AT_PAGE_SIZE 100
+#define AT_REQUESTS_PER_SECOND_PER_BASE 5.0
+#define AT_PENALTY_S 30.0
 #define AT_DEFAULT_OVERLAP_S 10
 #define AT_DEFAULT_SWEEP_INTERVAL_S 300
 #define AT_REFRESH_MARGIN_S 300
@@ -115,7 +117,7 @@ at_raise(SyncHttpResponse *resp, const char *what)
 			 errmsg("Airtable %s failed with HTTP %ld %s%s%s", what, resp->status, type,
 					message[0] ? ": " : "", message),
 			 resp->status == 429 ?
-			 errhint("Airtable allows 5 requests per second per base and answers 429 for 30 seconds after; lower requests_per_second.") : 0));
+			 errhint("Airtable allows 5 requests per second per base and answers 429 for 30 seconds after; lower the source's quota_fraction or requests_per_second.") : 0));
 }
 
 static const char *
@@ -167,11 +169,9 @@ at_refresh_token(SyncSource *source, SyncPage *page)
 	else
 		appendStringInfo(&form, "&client_id=%s",
 						 sync_http_urlencode(sync_json_string(source->credentials, "client_id")));
-	sync_http_request("POST", at_token_url(source), &header, nheaders, form.data,
-					  "application/x-www-form-urlencoded", source->verify_tls, &resp);
+	sync_api_request(source, page, "POST", at_token_url(source), &header, nheaders, form.data,
+					  "application/x-www-form-urlencoded", &resp);
 	memset(form.data, 0, form.len);
-	if (page)
-		page->requests++;
 	if (resp.status != 200)
 		at_raise(&resp, "token refresh");
 	body = sync_json_parse(resp.body, resp.body_len, "Airtable token response");
@@ -209,11 +209,9 @@ at_get(SyncSource *source, SyncPage *page, const char *path, const char *what, S
 
 		header.name = "Authorization";
 		header.value = psprintf("Bearer %s", at_access_token(source, page));
-		sync_http_request("GET", psprintf("%s%s", source->base_url, path), &header, 1, NULL, NULL,
-						  source->verify_tls, resp);
+		sync_api_request(source, page, "GET", psprintf("%s%s", source->base_url, path), &header, 1, NULL, NULL,
+						  resp);
 		memset((char *) header.value, 0, strlen(header.value));
-		if (page)
-			page->requests++;
 		if (resp->status == 401 && attempt == 0 && at_uses_oauth(source))
 		{
 			json_decref(source->token);
@@ -485,7 +483,10 @@ at_walk_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 		json_object_set_new(cursor, "sweep_at", json_real((double) time(NULL)));
 	}
 	else
+	{
+		page->caught_up = true;
 		page->more = json_object_get(cursor, "sweep") != NULL;
+	}
 }
 
 /* One page of a delete sweep: every id, one cheap field each. */
@@ -565,10 +566,36 @@ at_step(SyncSource *source, SyncCollection *c, SyncPage *page)
 	}
 }
 
+/* ---------- limits ---------- */
+
+static void
+at_limits(SyncSource *source, const SyncQuota *seen, SyncLimits *limits)
+{
+	limits->rate = AT_REQUESTS_PER_SECOND_PER_BASE;
+	limits->basis = "Airtable's 5 requests/s per base";
+}
+
+/* After a 429 Airtable refuses every request of the base for 30 seconds. */
+static double
+at_rate_limit_wait(SyncHttpResponse *resp, const char **reason)
+{
+	if (resp->status != 429)
+		return 0;
+	if (resp->body && strstr(resp->body, "PUBLIC_API_BILLING_LIMIT_EXCEEDED"))
+	{
+		*reason = "the workspace's monthly API call cap is spent";
+		return 3600;
+	}
+	*reason = "Airtable's 30-second penalty after too many requests";
+	return AT_PENALTY_S;
+}
+
 const SyncProvider sync_airtable_provider = {
 	.kind = "airtable",
 	.required_credentials = NULL,
-	.default_requests_per_second = 3.0,
+	.default_quota_fraction = 0.6,
+	.limits = at_limits,
+	.rate_limit_wait = at_rate_limit_wait,
 	.validate_source = at_validate_source,
 	.describe = at_describe,
 	.refresh_token = at_refresh_token,

@@ -49,6 +49,21 @@ check_positive_number_option(json_t *options, const char *key, double min)
 				 errmsg("option \"%s\" must be a number of at least %g", key, min)));
 }
 
+static void
+check_fraction_option(json_t *options, const char *key)
+{
+	json_t	   *v = json_object_get(options, key);
+
+	if (v == NULL || json_is_null(v))
+		return;
+	if (!json_is_number(v) || json_number_value(v) <= 0 || json_number_value(v) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("option \"%s\" must be a number greater than 0 and at most 1", key),
+				 errdetail("It is the share of the API's rate limit and daily quota the source may use."),
+				 errhint("For example {\"%s\": 0.2} uses a fifth of the API's limits.", key)));
+}
+
 /* Checks shared by every provider; the provider checks its own options. */
 static void
 validate_common(SyncSource *source)
@@ -90,6 +105,7 @@ validate_common(SyncSource *source)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("options must be a JSON object")));
 	check_positive_number_option(source->options, "requests_per_second", 0.0001);
+	check_fraction_option(source->options, "quota_fraction");
 	check_positive_number_option(source->options, "burst", 1);
 	check_positive_number_option(source->options, "poll_interval", 0);
 	verify = json_object_get(source->options, "verify_tls");

@@ -28,7 +28,7 @@ static bool curl_ready = false;
 
 /* Response buffers are malloc'd: a palloc failure must not longjmp out of curl. */
 static HttpBuffer body_buf;
-static HttpBuffer header_date;
+static HttpBuffer header_buf;	/* every header line of the final response */
 
 static void
 buffer_reset(HttpBuffer *b)
@@ -76,31 +76,15 @@ write_body(char *ptr, size_t size, size_t nmemb, void *userdata)
 	return n;
 }
 
-static void
-capture_header(const char *line, size_t n, const char *name, HttpBuffer *into)
-{
-	size_t		namelen = strlen(name);
-	const char *value;
-	size_t		vlen;
-
-	if (n <= namelen + 1 || pg_strncasecmp(line, name, namelen) != 0 || line[namelen] != ':')
-		return;
-	value = line + namelen + 1;
-	vlen = n - namelen - 1;
-	while (vlen > 0 && (*value == ' ' || *value == '\t'))
-		value++, vlen--;
-	while (vlen > 0 && (value[vlen - 1] == '\r' || value[vlen - 1] == '\n' || value[vlen - 1] == ' '))
-		vlen--;
-	buffer_reset(into);
-	buffer_append(into, value, vlen, 8192);
-}
-
 static size_t
 write_header(char *ptr, size_t size, size_t nmemb, void *userdata)
 {
 	size_t		n = size * nmemb;
 
-	capture_header(ptr, n, "Date", &header_date);
+	/* A status line starts a new response (after 100 Continue or a redirect). */
+	if (n >= 5 && strncmp(ptr, "HTTP/", 5) == 0)
+		buffer_reset(&header_buf);
+	buffer_append(&header_buf, ptr, n, 64 * 1024);
 	return n;
 }
 
@@ -211,6 +195,15 @@ sync_http_urlencode(const char *s)
 	return result;
 }
 
+/* An HTTP date (Date, Retry-After) as epoch seconds; 0 when unreadable. */
+double
+sync_parse_http_date(const char *value)
+{
+	time_t		t = curl_getdate(value, NULL);
+
+	return t > 0 ? (double) t : 0;
+}
+
 /* The server's clock from its Date header (providers' cursors follow it), else ours. */
 double
 sync_http_server_time(SyncHttpResponse *resp)
@@ -225,10 +218,35 @@ sync_http_server_time(SyncHttpResponse *resp)
 	return (double) time(NULL);
 }
 
-static char *
-dup_header(HttpBuffer *b)
+/* A response header's value (the last one of that name), palloc'd; NULL when absent. */
+char *
+sync_http_header(SyncHttpResponse *resp, const char *name)
 {
-	return (b->len > 0) ? pstrdup(b->data) : NULL;
+	size_t		namelen = strlen(name);
+	const char *line = resp->headers;
+	char	   *found = NULL;
+
+	while (line && *line)
+	{
+		const char *end = strchr(line, '\n');
+		size_t		len = end ? (size_t) (end - line) : strlen(line);
+
+		if (len > namelen && pg_strncasecmp(line, name, namelen) == 0 && line[namelen] == ':')
+		{
+			const char *value = line + namelen + 1;
+			size_t		vlen = len - namelen - 1;
+
+			while (vlen > 0 && (*value == ' ' || *value == '\t'))
+				value++, vlen--;
+			while (vlen > 0 && (value[vlen - 1] == '\r' || value[vlen - 1] == ' '))
+				vlen--;
+			if (found)
+				pfree(found);
+			found = pnstrdup(value, vlen);
+		}
+		line = end ? end + 1 : NULL;
+	}
+	return found;
 }
 
 /*
@@ -262,7 +280,7 @@ sync_http_request(const char *method, const char *url,
 	ensure_handles();
 	curl_easy_reset(easy);
 	buffer_reset(&body_buf);
-	buffer_reset(&header_date);
+	buffer_reset(&header_buf);
 	errbuf[0] = '\0';
 
 	for (int i = 0; i < nheaders; i++)
@@ -357,5 +375,6 @@ sync_http_request(const char *method, const char *url,
 		buffer_append(&body_buf, "", 0, 1);
 	resp->body = body_buf.data;
 	resp->body_len = body_buf.len;
-	resp->date = dup_header(&header_date);
+	resp->headers = (header_buf.len > 0) ? pstrdup(header_buf.data) : NULL;
+	resp->date = sync_http_header(resp, "Date");
 }

@@ -37,6 +37,7 @@
 #define HS_LIST_LIMIT 100
 #define HS_SEARCH_LIMIT 200
 #define HS_REFRESH_MARGIN_S 300
+#define HS_SEARCH_PER_SECOND 5.0
 
 /* ---------- paths and options ---------- */
 
@@ -157,11 +158,9 @@ hs_refresh_token(SyncSource *source, SyncPage *page)
 					 sync_http_urlencode(sync_json_string(source->credentials, "client_id")),
 					 sync_http_urlencode(sync_json_string(source->credentials, "client_secret")),
 					 sync_http_urlencode(sync_json_string(source->credentials, "refresh_token")));
-	sync_http_request("POST", psprintf("%s/oauth/v1/token", source->base_url), NULL, 0, form.data,
-					  "application/x-www-form-urlencoded", source->verify_tls, &resp);
+	sync_api_request(source, page, "POST", psprintf("%s/oauth/v1/token", source->base_url), NULL, 0, form.data,
+					  "application/x-www-form-urlencoded", &resp);
 	memset(form.data, 0, form.len);
-	if (page)
-		page->requests++;
 	if (resp.status != 200)
 		hs_raise(&resp, "token refresh");
 	body = sync_json_parse(resp.body, resp.body_len, "HubSpot token response");
@@ -210,16 +209,14 @@ hs_request(SyncSource *source, SyncPage *page, const char *method, const char *p
 		header.value = psprintf("Bearer %s", hs_access_token(source, page));
 		PG_TRY();
 		{
-			sync_http_request(method, psprintf("%s%s", source->base_url, path), &header, 1, text,
-							  text ? "application/json" : NULL, source->verify_tls, resp);
+			sync_api_request(source, page, method, psprintf("%s%s", source->base_url, path), &header, 1, text,
+							  text ? "application/json" : NULL, resp);
 		}
 		PG_FINALLY();
 		{
 			memset((char *) header.value, 0, strlen(header.value));
 		}
 		PG_END_TRY();
-		if (page)
-			page->requests++;
 		if (resp->status == 401 && attempt == 0 && hs_uses_oauth(source))
 		{
 			json_decref(source->token);
@@ -594,7 +591,13 @@ hs_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *
 		/* Changes made while the backfill ran are re-read by the first poll. */
 		json_object_set_new(cursor, "safe_from", json_integer(sync_json_int(cursor, "started", 0) - overlap));
 		json_object_del(cursor, "started");
-		json_object_set_new(cursor, "archived_at", json_real((double) time(NULL)));
+		/* a random first check keeps collections backfilled together from checking in one cycle */
+		json_object_set_new(cursor, "archived_at",
+							json_real((double) time(NULL) -
+									  sync_json_number(c->options, "deleted_interval",
+													   sync_json_number(source->options, "deleted_interval",
+																		HS_DEFAULT_DELETED_INTERVAL_S)) *
+									  ((double) random() / (double) PG_INT32_MAX)));
 	}
 	json_decref(body);
 }
@@ -689,6 +692,7 @@ hs_poll_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 		json_object_set_new(cursor, "safe_from", json_integer(sync_json_int(cursor, "started", 0) - overlap));
 		json_object_del(cursor, "started");
 		json_object_del(cursor, "poll");
+		page->caught_up = true;
 		page->more = json_object_get(cursor, "sweep") != NULL;
 	}
 }
@@ -883,10 +887,104 @@ hs_step(SyncSource *source, SyncCollection *c, SyncPage *page)
 	}
 }
 
+/* ---------- limits ---------- */
+
+/*
+ * A private app may make 100 requests per 10 s (more on higher tiers, as
+ * X-HubSpot-RateLimit-Max tells) and its account 250,000 a day; a public
+ * OAuth app 110 per 10 s and no daily cap. CRM search allows 5 per second.
+ */
+static void
+hs_limits(SyncSource *source, const SyncQuota *seen, SyncLimits *limits)
+{
+	bool		oauth = hs_uses_oauth(source);
+
+	if (seen->burst_limit > 0 && seen->burst_window_s > 0)
+		limits->rate = seen->burst_limit / seen->burst_window_s;
+	else
+		limits->rate = (oauth ? 110.0 : 100.0) / 10.0;
+	limits->search_rate = HS_SEARCH_PER_SECOND;
+	if (seen->daily_limit > 0)
+		limits->daily_limit = seen->daily_limit;
+	else if (!oauth)
+		limits->daily_limit = 250000;
+	limits->basis = psprintf("HubSpot's %.0f requests per 10 s%s", limits->rate * 10,
+							 limits->daily_limit > 0 ? psprintf(" and %.0f a day", limits->daily_limit) : "");
+}
+
+static double
+header_number(SyncHttpResponse *resp, const char *name)
+{
+	char	   *v = sync_http_header(resp, name);
+	double		n = v ? strtod(v, NULL) : -1;
+
+	return n;
+}
+
+static bool
+hs_observe_quota(SyncHttpResponse *resp, SyncQuota *seen)
+{
+	double		daily = header_number(resp, "X-HubSpot-RateLimit-Daily");
+	double		max = header_number(resp, "X-HubSpot-RateLimit-Max");
+	double		interval_ms = header_number(resp, "X-HubSpot-RateLimit-Interval-Milliseconds");
+
+	if (daily > 0)
+	{
+		seen->daily_limit = daily;
+		seen->daily_remaining = header_number(resp, "X-HubSpot-RateLimit-Daily-Remaining");
+	}
+	if (max > 0 && interval_ms > 0)
+	{
+		seen->burst_limit = max;
+		seen->burst_window_s = interval_ms / 1000.0;
+	}
+	return daily > 0 || (max > 0 && interval_ms > 0);
+}
+
+static double
+hs_rate_limit_wait(SyncHttpResponse *resp, const char **reason)
+{
+	json_t	   *body;
+	const char *policy;
+	double		wait;
+
+	if (resp->status != 429)
+		return 0;
+	body = json_loadb(resp->body, resp->body_len, 0, NULL);
+	policy = sync_json_string(body, "policyName");
+	if (policy && strcmp(policy, "DAILY") == 0)
+	{
+		*reason = "the account's daily HubSpot API limit is spent";
+		wait = 3600;
+	}
+	else if (policy && strcmp(policy, "SECONDLY") == 0)
+	{
+		*reason = "HubSpot's search limit of 5 requests/s";
+		wait = 1;
+	}
+	else
+	{
+		*reason = "HubSpot's limit per 10 seconds";
+		wait = 10;
+	}
+	json_decref(body);
+	return wait;
+}
+
+static bool
+hs_is_search(const char *method, const char *url)
+{
+	return strcmp(method, "POST") == 0 && strstr(url, "/search") != NULL;
+}
+
 const SyncProvider sync_hubspot_provider = {
 	.kind = "hubspot",
 	.required_credentials = NULL,
-	.default_requests_per_second = 4.0,
+	.default_quota_fraction = 0.2,
+	.limits = hs_limits,
+	.observe_quota = hs_observe_quota,
+	.rate_limit_wait = hs_rate_limit_wait,
+	.is_search = hs_is_search,
 	.validate_source = hs_validate_source,
 	.describe = hs_describe,
 	.refresh_token = hs_refresh_token,

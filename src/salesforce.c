@@ -29,6 +29,7 @@
 #define SF_DEFAULT_OVERLAP_S 60
 #define SF_DEFAULT_DELETED_INTERVAL_S 300
 #define SF_DELETED_RETENTION_S (15 * 86400)
+#define SF_ASSUMED_DAILY_ALLOCATION 100000.0
 #define SF_MAX_URL_BYTES 16000
 
 static const char *const sf_required_credentials[] = {"client_id", "client_secret", "refresh_token", NULL};
@@ -136,7 +137,7 @@ sf_raise(SyncHttpResponse *resp, const char *what)
 			(errcode(sqlstate),
 			 errmsg("Salesforce %s failed with HTTP %ld %s: %s", what, resp->status, code, message),
 			 strcmp(code, "REQUEST_LIMIT_EXCEEDED") == 0 ?
-			 errhint("The org's API allocation is spent; sync retries with backoff. Lower requests_per_second to leave room for other integrations.") :
+			 errhint("The org's API allocation is spent; sync retries with backoff. Lower the source's quota_fraction or requests_per_second to leave room for other integrations.") :
 			 strcmp(code, "invalid_grant") == 0 ?
 			 errhint("The refresh token was revoked or expired: authorize again and call sync.alter_source() with new credentials.") : 0));
 }
@@ -159,11 +160,9 @@ sf_refresh_token(SyncSource *source, SyncPage *page)
 					 sync_http_urlencode(sync_json_string(source->credentials, "client_id")),
 					 sync_http_urlencode(sync_json_string(source->credentials, "client_secret")),
 					 sync_http_urlencode(sync_json_string(source->credentials, "refresh_token")));
-	sync_http_request("POST", url, NULL, 0, form.data, "application/x-www-form-urlencoded",
-					  source->verify_tls, &resp);
+	sync_api_request(source, page, "POST", url, NULL, 0, form.data, "application/x-www-form-urlencoded",
+					  &resp);
 	memset(form.data, 0, form.len);	/* holds secrets */
-	if (page)
-		page->requests++;
 	if (resp.status != 200)
 		sf_raise(&resp, "token refresh");
 
@@ -213,10 +212,8 @@ sf_get(SyncSource *source, SyncPage *page, const char *path, const char *what,
 			headers[nheaders].name = "Sforce-Query-Options";
 			headers[nheaders++].value = psprintf("batchSize=%d", batch_size);
 		}
-		sync_http_request("GET", url, headers, nheaders, NULL, NULL, source->verify_tls, resp);
+		sync_api_request(source, page, "GET", url, headers, nheaders, NULL, NULL, resp);
 		memset((char *) headers[0].value, 0, strlen(headers[0].value));
-		if (page)
-			page->requests++;
 		if (sf_session_expired(resp) && attempt == 0)
 		{
 			json_decref(source->token);
@@ -557,6 +554,13 @@ sf_keyset_where(const char *ts, const char *id)
 	return psprintf("(SystemModstamp > %s OR (SystemModstamp = %s AND Id > %s))", ts, ts, sf_soql_string(id));
 }
 
+static double
+sf_deleted_interval(SyncSource *source, SyncCollection *c)
+{
+	return sync_json_number(c->options, "deleted_interval",
+							sync_json_number(source->options, "deleted_interval", SF_DEFAULT_DELETED_INTERVAL_S));
+}
+
 static void
 sf_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor)
 {
@@ -605,7 +609,13 @@ sf_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *
 	json_object_del(cursor, "started");
 	if (!json_object_get(cursor, "deleted_until"))
 		json_object_set_new(cursor, "deleted_until", json_real(started));
-	json_object_set_new(cursor, "deleted_at", json_real((double) time(NULL)));
+	/*
+	 * The first delete check comes at a random point of the interval, so that
+	 * collections backfilled together do not all check in the same cycle.
+	 */
+	json_object_set_new(cursor, "deleted_at",
+						json_real((double) time(NULL) -
+								  sf_deleted_interval(source, c) * ((double) random() / (double) PG_INT32_MAX)));
 }
 
 static void
@@ -654,6 +664,7 @@ sf_poll_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 						json_real(sync_json_number(cursor, "started", (double) time(NULL)) -
 								  sync_json_int(source->options, "overlap", SF_DEFAULT_OVERLAP_S)));
 	json_object_del(cursor, "started");
+	page->caught_up = true;
 	/* A sweep in progress alternates with polls, so changes keep arriving meanwhile. */
 	if (json_object_get(cursor, "sweep"))
 	{
@@ -821,9 +832,7 @@ sf_step(SyncSource *source, SyncCollection *c, SyncPage *page)
 {
 	json_t	   *cursor = json_is_object(c->cursor) ? json_deep_copy(c->cursor) : json_object();
 	const char *mode = sync_json_string(cursor, "mode");
-	double		interval = sync_json_number(c->options, "deleted_interval",
-											sync_json_number(source->options, "deleted_interval",
-															 SF_DEFAULT_DELETED_INTERVAL_S));
+	double		interval = sf_deleted_interval(source, c);
 
 	page->records = json_array();
 	page->deletions = json_array();
@@ -846,10 +855,63 @@ sf_step(SyncSource *source, SyncCollection *c, SyncPage *page)
 		sf_poll_step(source, c, page, cursor);
 }
 
+/* ---------- limits ---------- */
+
+/*
+ * The org's daily allocation, spread over the day, is Salesforce's only rate
+ * limit. Until Sforce-Limit-Info has told it, assume the smallest production
+ * allocation.
+ */
+static void
+sf_limits(SyncSource *source, const SyncQuota *seen, SyncLimits *limits)
+{
+	double		daily = seen->daily_limit > 0 ? seen->daily_limit : SF_ASSUMED_DAILY_ALLOCATION;
+
+	limits->daily_limit = daily;
+	limits->rate = daily / 86400.0;
+	limits->basis = seen->daily_limit > 0 ?
+		psprintf("the org's %.0f API requests a day", daily) :
+		psprintf("%.0f API requests a day (assumed until Salesforce reports the org's allocation)", daily);
+}
+
+/* Sforce-Limit-Info: api-usage=10018/100000 */
+static bool
+sf_observe_quota(SyncHttpResponse *resp, SyncQuota *seen)
+{
+	char	   *info = sync_http_header(resp, "Sforce-Limit-Info");
+	char	   *usage = info ? strstr(info, "api-usage=") : NULL;
+	double		used;
+	double		max;
+
+	if (usage == NULL || sscanf(usage, "api-usage=%lf/%lf", &used, &max) != 2 || max <= 0)
+		return false;
+	seen->daily_limit = max;
+	seen->daily_remaining = Max(max - used, 0);
+	return true;
+}
+
+/* Over its allocation Salesforce answers 403 REQUEST_LIMIT_EXCEEDED, without Retry-After. */
+static double
+sf_rate_limit_wait(SyncHttpResponse *resp, const char **reason)
+{
+	if (resp->status != 403 || resp->body == NULL || strstr(resp->body, "REQUEST_LIMIT_EXCEEDED") == NULL)
+		return 0;
+	if (strstr(resp->body, "ConcurrentRequests"))
+	{
+		*reason = "Salesforce's limit of concurrent long requests";
+		return 10;
+	}
+	*reason = "the org's daily API allocation is spent";
+	return 300;
+}
+
 const SyncProvider sync_salesforce_provider = {
 	.kind = "salesforce",
 	.required_credentials = sf_required_credentials,
-	.default_requests_per_second = 1.0 / 3.0,
+	.default_quota_fraction = 0.3,
+	.limits = sf_limits,
+	.observe_quota = sf_observe_quota,
+	.rate_limit_wait = sf_rate_limit_wait,
 	.validate_source = sf_validate_source,
 	.describe = sf_describe,
 	.refresh_token = sf_refresh_token,

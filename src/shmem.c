@@ -34,7 +34,8 @@ void
 sync_shmem_request(void)
 {
 	RequestAddinShmemSpace(sync_shmem_size());
-	RequestNamedLWLockTranche("sync", 1);
+	RequestAddinShmemSpace(sync_budget_shmem_size());
+	RequestNamedLWLockTranche("sync", 2);
 }
 
 void
@@ -49,7 +50,8 @@ sync_shmem_startup(void)
 		memset(sync_shared, 0, sync_shmem_size());
 		sync_shared->nslots = sync_max_databases;
 	}
-	sync_shared_lock = &(GetNamedLWLockTranche("sync"))->lock;
+	sync_shared_lock = &(GetNamedLWLockTranche("sync"))[0].lock;
+	sync_budget_shmem_startup(&(GetNamedLWLockTranche("sync"))[1].lock);
 	LWLockRelease(AddinShmemInitLock);
 }
 

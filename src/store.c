@@ -14,6 +14,7 @@
 #include "utils/hsearch.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 typedef struct CollectionPlans
 {
@@ -267,19 +268,22 @@ run_with_json(SPIPlanPtr plan, json_t *array, int expected)
 static bool
 update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 {
-	Oid			types[12] = {INT4OID, TEXTOID, TEXTOID, INT8OID, INT8OID, BOOLOID, BOOLOID,
-	INT8OID, INT8OID, TEXTOID, TEXTOID, BOOLOID};
-	Datum		args[12];
-	char		nulls[12];
+	Oid			types[18] = {INT4OID, TEXTOID, TEXTOID, INT8OID, INT8OID, BOOLOID, BOOLOID,
+		INT8OID, INT8OID, TEXTOID, TEXTOID, BOOLOID, BOOLOID, TIMESTAMPTZOID, INT8OID, INT4OID, INT4OID,
+	BOOLOID};
+	Datum		args[18];
+	char		nulls[18];
 	char	   *cursor_text = sync_json_dump(page->cursor ? page->cursor : c->cursor);
 	char	   *old_cursor_text = sync_json_dump(c->cursor);
 	size_t		nrecords = page->records ? json_array_size(page->records) : 0;
+	const char *phase = page->phase ? page->phase : c->phase;
+	bool		caught_up = strcmp(phase, "incremental") == 0 && (page->caught_up || !page->more);
 	int			ret;
 
 	memset(nulls, ' ', sizeof(nulls));
 	args[0] = Int32GetDatum(c->id);
 	args[1] = CStringGetTextDatum(cursor_text);
-	args[2] = CStringGetTextDatum(page->phase ? page->phase : c->phase);
+	args[2] = CStringGetTextDatum(phase);
 	args[3] = Int64GetDatum((int64) nrecords);
 	args[4] = Int64GetDatum(page->total);
 	if (page->total < 0)
@@ -291,6 +295,12 @@ update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 	args[9] = CStringGetTextDatum(page->activity ? page->activity : "");
 	args[10] = CStringGetTextDatum(old_cursor_text);
 	args[11] = BoolGetDatum(page->backfill_restart);
+	args[12] = BoolGetDatum(caught_up);
+	args[13] = TimestampTzGetDatum(page->caught_up_as_of ? page->caught_up_as_of : GetCurrentTimestamp());
+	args[14] = Int64GetDatum(page->bytes);
+	args[15] = Int32GetDatum(page->errors);
+	args[16] = Int32GetDatum(page->rate_limited);
+	args[17] = BoolGetDatum(page->retry);
 	pfree(cursor_text);
 	pfree(old_cursor_text);
 
@@ -307,12 +317,22 @@ update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 		"                               WHEN phase = 'incremental' AND $3 = 'backfill' THEN NULL "
 		"                               ELSE backfill_completed_at END, "
 		"  last_poll_at = now(), "
-		"  last_caught_up_at = CASE WHEN $3 = 'incremental' AND NOT $7 THEN now() ELSE last_caught_up_at END, "
+		/* a walk that reached the feed's end proves the table current as of the walk's start */
+		"  last_caught_up_at = CASE WHEN $13 THEN greatest($14, last_caught_up_at) ELSE last_caught_up_at END, "
+		/* requests of one polling cycle: from one caught-up walk to the next */
+		"  avg_cycle_requests = CASE WHEN $13 AND phase = 'incremental' "
+		"                            THEN CASE WHEN avg_cycle_requests IS NULL THEN cycle_requests + $9 "
+		"                                      ELSE 0.8 * avg_cycle_requests + 0.2 * (cycle_requests + $9) END "
+		"                            ELSE avg_cycle_requests END, "
+		"  cycle_requests = CASE WHEN $13 OR phase = 'backfill' OR $3 = 'backfill' THEN 0 "
+		"                        ELSE cycle_requests + $9 END, "
 		"  records_upserted = records_upserted + $8, "
-		"  requests = requests + $9, consecutive_failures = 0, activity = nullif($10, ''), "
+		"  requests = requests + $9, bytes_received = bytes_received + $15, errors = errors + $16, "
+		"  rate_limited = rate_limited + $17, retries = retries + $18::int, "
+		"  consecutive_failures = 0, activity = nullif($10, ''), "
 		"  run_requested = false "
 		"WHERE collection_id = $1 AND cursor = $11::jsonb",
-		12, types, args, nulls, false, 0);
+		18, types, args, nulls, false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "could not update sync.collection_state: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)

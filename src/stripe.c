@@ -194,10 +194,8 @@ stripe_get(SyncSource *source, SyncPage *page, const char *path, const char *wha
 	headers[0].value = psprintf("Bearer %s", sync_json_string(source->credentials, "secret_key"));
 	headers[1].name = "Stripe-Version";
 	headers[1].value = version ? version : STRIPE_DEFAULT_API_VERSION;
-	sync_http_request("GET", url, headers, 2, NULL, NULL, source->verify_tls, resp);
+	sync_api_request(source, page, "GET", url, headers, 2, NULL, NULL, resp);
 	memset((char *) headers[0].value, 0, strlen(headers[0].value));
-	if (page)
-		page->requests++;
 	if (resp->status < 200 || resp->status >= 300)
 		stripe_raise(resp, what);
 	return sync_json_parse(resp->body, resp->body_len, psprintf("Stripe %s response", what));
@@ -549,10 +547,36 @@ stripe_step(SyncSource *source, SyncCollection *c, SyncPage *page)
 		stripe_poll_step(source, sc, c, page, cursor);
 }
 
+/* ---------- limits ---------- */
+
+/* Stripe allows 100 requests/s in live mode and 25 in test mode (sandboxes). */
+static void
+stripe_limits(SyncSource *source, const SyncQuota *seen, SyncLimits *limits)
+{
+	const char *key = sync_json_string(source->credentials, "secret_key");
+	bool		test_mode = key && (strncmp(key, "sk_test_", 8) == 0 || strncmp(key, "rk_test_", 8) == 0);
+
+	limits->rate = test_mode ? 25.0 : 100.0;
+	limits->basis = test_mode ? "Stripe's 25 requests/s in test mode" : "Stripe's 100 requests/s in live mode";
+}
+
+/* Stripe names no wait: back off a second, longer when it happens again. */
+static double
+stripe_rate_limit_wait(SyncHttpResponse *resp, const char **reason)
+{
+	if (resp->status != 429)
+		return 0;
+	*reason = (resp->body && strstr(resp->body, "lock_timeout")) ?
+		"Stripe's lock on an object" : "Stripe's rate limit";
+	return 1;
+}
+
 const SyncProvider sync_stripe_provider = {
 	.kind = "stripe",
 	.required_credentials = stripe_required_credentials,
-	.default_requests_per_second = 5.0,
+	.default_quota_fraction = 0.2,
+	.limits = stripe_limits,
+	.rate_limit_wait = stripe_rate_limit_wait,
 	.validate_source = stripe_validate_source,
 	.describe = stripe_describe,
 	.step = stripe_step,

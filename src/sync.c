@@ -16,6 +16,7 @@ PG_MODULE_MAGIC;
 
 bool		sync_enabled = true;
 int			sync_max_databases = 64;
+int			sync_max_sources = 256;
 int			sync_launcher_naptime_s = 10;
 int			sync_http_timeout_ms = 60000;
 int			sync_http_connect_timeout_ms = 10000;
@@ -42,6 +43,11 @@ sync_define_settings(void)
 	DefineCustomIntVariable("sync.max_databases",
 							"Most databases that can run a sync worker.",
 							NULL, &sync_max_databases, 64, 1, 1024,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("sync.max_sources",
+							"Most sources, over all databases, whose request budgets are tracked.",
+							"Each takes a few hundred bytes of shared memory.",
+							&sync_max_sources, 256, 1, 65536,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("sync.launcher_naptime",
 							"How often the launcher looks for new databases.",

@@ -8,7 +8,8 @@
  *   catalog.c     reading and writing the sync.* catalog tables through SPI
  *   store.c       creating synced tables and applying pages of records
  *   http.c        interruptible libcurl requests
- *   ratelimit.c   per-source request budgets
+ *   ratelimit.c   per-source request budgets in shared memory
+ *   request.c     every API request: budget, counters, rate-limit answers
  *   provider.c    the registry of providers (one file per API)
  *   salesforce.c  the Salesforce provider
  *   api.c         SQL-callable functions
@@ -54,6 +55,7 @@ extern int	sync_http_connect_timeout_ms;
 extern int	sync_max_response_bytes;
 extern int	sync_max_backoff_s;
 extern int	sync_lock_timeout_ms;
+extern int	sync_max_sources;
 extern char *sync_user_agent;
 extern bool sync_allow_insecure_tls;
 
@@ -117,6 +119,7 @@ typedef struct SyncHttpResponse
 	char	   *body;			/* NUL-terminated, malloc'd, owned by the client */
 	size_t		body_len;
 	char	   *date;			/* Date header, or NULL */
+	char	   *headers;		/* raw header lines of the response, palloc'd */
 } SyncHttpResponse;
 
 typedef struct SyncHttpHeader
@@ -133,6 +136,8 @@ extern void sync_http_request(const char *method, const char *url,
 							  bool verify_tls, SyncHttpResponse *resp);
 extern char *sync_http_urlencode(const char *s);
 extern double sync_http_server_time(SyncHttpResponse *resp);
+extern char *sync_http_header(SyncHttpResponse *resp, const char *name);
+extern double sync_parse_http_date(const char *value);
 extern char *sync_http_host_of(const char *url);
 extern bool sync_url_is_valid(const char *url, char **why);
 
@@ -196,6 +201,7 @@ typedef struct SyncPage
 	bool		backfill_done;	/* this page completed the backfill */
 	bool		backfill_restart;	/* the backfill walk starts over: so does its count */
 	bool		more;			/* more pages are ready now: run again soon */
+	bool		caught_up;		/* the change feed was read to its end (implied by incremental && !more) */
 	int64		total;			/* backfill total when the API tells, else -1 */
 
 	/*
@@ -205,15 +211,59 @@ typedef struct SyncPage
 	bool		sweep_begin;	/* this page starts a sweep (forget earlier ids) */
 	json_t	   *sweep_ids;		/* array of ids this page listed */
 	bool		sweep_end;		/* this page ends the sweep */
-	int			requests;		/* API requests this step made */
 	const char *activity;		/* what this step did, for the status */
+
+	/* set by the worker */
+	TimestampTz caught_up_as_of;	/* when the walk this step ends began */
+	bool		retry;			/* the collection's previous step failed */
+
+	/* counted by sync_api_request() */
+	int			requests;		/* API requests this step made */
+	int64		bytes;			/* response bytes received */
+	int			errors;			/* error answers and failed transfers */
+	int			rate_limited;	/* rate-limit answers */
 } SyncPage;
+
+/* What the API's usage headers said (see SyncProvider.observe_quota). */
+typedef struct SyncQuota
+{
+	double		daily_limit;	/* requests a day the account may make; 0: unknown */
+	double		daily_remaining;	/* of those, still left; -1: unknown */
+	double		burst_limit;	/* requests per burst window; 0: unknown */
+	double		burst_window_s;
+} SyncQuota;
+
+/* The API's own limits for a source, before the user's fraction. */
+typedef struct SyncLimits
+{
+	double		rate;			/* requests per second the API allows in all */
+	double		search_rate;	/* a lower limit for search requests, or 0 */
+	double		daily_limit;	/* requests a day, or 0 when the API has no daily quota */
+	const char *basis;			/* e.g. "5 requests/s per base", for sync.budgets */
+} SyncLimits;
 
 typedef struct SyncProvider
 {
 	const char *kind;
 	const char *const *required_credentials;	/* NULL-terminated; NULL: validate_source checks */
-	double		default_requests_per_second;
+
+	/* The share of the API's limits a source uses unless told otherwise. */
+	double		default_quota_fraction;
+
+	/* The API's limits for this source; seen holds what usage headers said. */
+	void		(*limits) (SyncSource *source, const SyncQuota *seen, SyncLimits *limits);
+
+	/* Read usage headers into *seen; false when the response has none. May be NULL. */
+	bool		(*observe_quota) (SyncHttpResponse *resp, SyncQuota *seen);
+
+	/*
+	 * Seconds the source must wait when resp says it went over a limit, else
+	 * 0; *reason names the limit. A Retry-After header overrides the wait.
+	 */
+	double		(*rate_limit_wait) (SyncHttpResponse *resp, const char **reason);
+
+	/* True for requests that also draw on SyncLimits.search_rate. May be NULL. */
+	bool		(*is_search) (const char *method, const char *url);
 
 	/* Check options at create_source/alter_source time; ereport on error. */
 	void		(*validate_source) (SyncSource *source);
@@ -254,6 +304,25 @@ extern void sync_save_refreshed_token(SyncSource *source, json_t *token, const c
 extern bool sync_is_worker;
 extern void sync_refresh_token(SyncSource *source, SyncPage *page);
 extern void sync_worker_serve_token_refresh(void);
+
+/* ---------- budgets (ratelimit.c) and requests (request.c) ---------- */
+extern Size sync_budget_shmem_size(void);
+extern void sync_budget_shmem_startup(LWLock *lock);
+extern void sync_budget_acquire(SyncSource *source, bool search);
+extern long sync_budget_wait_ms(int32 source_id);
+extern bool sync_budget_note_response(SyncSource *source, SyncHttpResponse *resp, bool attributed);
+extern void sync_budget_note_transport_error(SyncSource *source);
+extern TimestampTz sync_budget_penalty_until(int32 source_id);
+extern void sync_budget_forget(int32 source_id);
+extern void sync_budget_reset_stats(int32 source_id);
+
+/*
+ * Make one API request for a source within its budget and count it in page
+ * (NULL outside a worker's step). HTTP statuses are returned, not raised.
+ */
+extern void sync_api_request(SyncSource *source, SyncPage *page, const char *method, const char *url,
+							 const SyncHttpHeader *headers, int nheaders, const char *body,
+							 const char *content_type, SyncHttpResponse *resp);
 
 /* ---------- catalog (catalog.c) ---------- */
 extern SyncSource *sync_load_source_by_name(const char *name, bool missing_ok);

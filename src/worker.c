@@ -36,18 +36,10 @@ typedef struct ScheduleEntry
 	int32		source_id;
 	TimestampTz next_due;
 	TimestampTz last_run;
+	TimestampTz walk_started_at;	/* first step since the collection was last caught up */
+	bool		retrying;		/* the last step failed or was rate limited */
 	bool		seen;			/* still configured in this round */
 } ScheduleEntry;
-
-/* A source's request budget: a token bucket. */
-typedef struct BudgetEntry
-{
-	int32		source_id;		/* hash key */
-	double		rate;			/* requests per second */
-	double		burst;
-	double		tokens;
-	TimestampTz refilled_at;
-} BudgetEntry;
 
 typedef struct DueCollection
 {
@@ -55,14 +47,11 @@ typedef struct DueCollection
 	int32		source_id;
 	bool		run_requested;
 	int			failures;
-	double		rate;
-	double		burst;
 	double		poll_interval_s;
 } DueCollection;
 
 static Oid	extension_oid = InvalidOid;
 static HTAB *schedule = NULL;
-static HTAB *budgets = NULL;
 static MemoryContext loop_ctx = NULL;
 static MemoryContext step_ctx = NULL;
 
@@ -176,8 +165,7 @@ worker_load_active(void)
 	int			ret;
 
 	worker_begin("sync: reading configuration", loop_ctx);
-	ret = SPI_execute("SELECT c.id, c.source_id, s.kind, st.run_requested, st.consecutive_failures, "
-					  "       s.options->>'requests_per_second', s.options->>'burst', "
+	ret = SPI_execute("SELECT c.id, c.source_id, st.run_requested, st.consecutive_failures, "
 					  "       coalesce(c.options->>'poll_interval', s.options->>'poll_interval') "
 					  "FROM sync.collections c "
 					  "JOIN sync.sources s ON s.id = c.source_id "
@@ -191,56 +179,16 @@ worker_load_active(void)
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		DueCollection *d = MemoryContextAllocZero(loop_ctx, sizeof(DueCollection));
 		bool		isnull;
-		const SyncProvider *provider = sync_find_provider(SPI_getvalue(tup, desc, 3));
 
 		d->collection_id = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
 		d->source_id = DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull));
-		d->run_requested = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
-		d->failures = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
-		d->rate = option_number(SPI_getvalue(tup, desc, 6),
-									 provider ? provider->default_requests_per_second : 1.0);
-		d->burst = option_number(SPI_getvalue(tup, desc, 7), 1.0);
-		d->poll_interval_s = option_number(SPI_getvalue(tup, desc, 8), 0.0);
-		if (d->rate <= 0)
-			d->rate = 1.0;
-		if (d->burst < 1)
-			d->burst = 1;
+		d->run_requested = DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull));
+		d->failures = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
+		d->poll_interval_s = option_number(SPI_getvalue(tup, desc, 5), 0.0);
 		result = lappend(result, d);
 	}
 	worker_commit();
 	return result;
-}
-
-static BudgetEntry *
-budget_for(DueCollection *d, TimestampTz now)
-{
-	bool		found;
-	BudgetEntry *b = hash_search(budgets, &d->source_id, HASH_ENTER, &found);
-
-	if (!found)
-	{
-		b->tokens = 1.0;
-		b->refilled_at = now;
-	}
-	b->rate = d->rate;
-	b->burst = d->burst;
-	if (now > b->refilled_at)
-	{
-		b->tokens += b->rate * (double) (now - b->refilled_at) / USECS_PER_SEC;
-		if (b->tokens > b->burst)
-			b->tokens = b->burst;
-		b->refilled_at = now;
-	}
-	return b;
-}
-
-/* Milliseconds until the bucket holds one whole request. */
-static long
-budget_wait_ms(BudgetEntry *b)
-{
-	if (b->tokens >= 1.0)
-		return 0;
-	return (long) ceil((1.0 - b->tokens) / b->rate * 1000.0);
 }
 
 static long
@@ -253,11 +201,16 @@ backoff_ms(int failures)
 	return (long) (Min(base, cap) * jitter);
 }
 
+/*
+ * Record a failed step with what its requests cost. A rate-limit answer is
+ * no failure of the collection: the source waits out its penalty and the
+ * step is tried again, so it does not count toward the error backoff.
+ */
 static void
-worker_record_failure(int32 collection_id, ErrorData *edata)
+worker_record_failure(int32 collection_id, ErrorData *edata, SyncPage *page, bool rate_limited)
 {
-	Datum		args[2];
-	Oid			types[2] = {INT4OID, TEXTOID};
+	Datum		args[8];
+	Oid			types[8] = {INT4OID, TEXTOID, BOOLOID, INT8OID, INT8OID, INT4OID, INT4OID, BOOLOID};
 	StringInfoData msg;
 	int			ret;
 
@@ -269,11 +222,24 @@ worker_record_failure(int32 collection_id, ErrorData *edata)
 	worker_begin("sync: recording an error", step_ctx);
 	args[0] = Int32GetDatum(collection_id);
 	args[1] = CStringGetTextDatum(msg.data);
-	ret = SPI_execute_with_args("UPDATE sync.collection_state SET consecutive_failures = consecutive_failures + 1, "
+	args[2] = BoolGetDatum(rate_limited);
+	args[3] = Int64GetDatum((int64) page->requests);
+	args[4] = Int64GetDatum(page->bytes);
+	args[5] = Int32GetDatum(page->errors);
+	args[6] = Int32GetDatum(page->rate_limited);
+	args[7] = BoolGetDatum(page->retry);
+	ret = SPI_execute_with_args("UPDATE sync.collection_state SET "
+								"consecutive_failures = consecutive_failures + CASE WHEN $3 THEN 0 ELSE 1 END, "
 								"last_error = $2, last_error_at = now(), run_requested = false, "
-								"activity = 'waiting to retry after an error' "
+								"activity = CASE WHEN $3 THEN 'waiting out the API''s rate limit' "
+								"                ELSE 'waiting to retry after an error' END, "
+								"requests = requests + $4, bytes_received = bytes_received + $5, "
+								"errors = errors + $6 + CASE WHEN $3 OR $6 > 0 THEN 0 ELSE 1 END, "
+								"rate_limited = rate_limited + $7, retries = retries + $8::int, "
+								"cycle_requests = CASE WHEN phase = 'incremental' THEN cycle_requests + $4 "
+								"                      ELSE cycle_requests END "
 								"WHERE collection_id = $1",
-								2, types, args, NULL, false, 0);
+								8, types, args, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "could not record a sync error: %s", SPI_result_code_string(ret));
 	worker_commit();
@@ -282,21 +248,24 @@ worker_record_failure(int32 collection_id, ErrorData *edata)
 /*
  * Run one step of one collection: read its state, let the provider make its
  * requests with no transaction open, then commit the page and cursor.
- * Returns the number of API requests made.
  */
-static int
-worker_run_step(DueCollection *due, bool *more, bool *failed)
+static void
+worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *failed, bool *rate_limited)
 {
 	MemoryContext oldctx = MemoryContextSwitchTo(step_ctx);
 	SyncSource *volatile source = NULL;
 	SyncCollection *volatile collection = NULL;
 	SyncPage	page;
-	volatile int requests = 0;
 
 	memset(&page, 0, sizeof(page));
 	page.total = -1;
+	page.retry = entry->retrying;
+	if (entry->walk_started_at == 0)
+		entry->walk_started_at = GetCurrentTimestamp();
+	page.caught_up_as_of = entry->walk_started_at;
 	*more = false;
 	*failed = false;
+	*rate_limited = false;
 
 	PG_TRY();
 	{
@@ -313,13 +282,17 @@ worker_run_step(DueCollection *due, bool *more, bool *failed)
 
 		pgstat_report_activity(STATE_RUNNING, "sync: waiting for the API");
 		source->provider->step(source, collection, &page);
-		requests = page.requests;
 
 		worker_begin("sync: applying a page", step_ctx);
 		sync_apply_page(collection, &page);
 		worker_commit();
 		MemoryContextSwitchTo(step_ctx);
 		*more = page.more;
+		if (strcmp(page.phase ? page.phase : collection->phase, "incremental") == 0 &&
+			(page.caught_up || !page.more))
+			entry->walk_started_at = 0;
+		else if (page.phase && strcmp(page.phase, "backfill") == 0)
+			entry->walk_started_at = 0;
 	}
 	PG_CATCH();
 	{
@@ -329,12 +302,14 @@ worker_run_step(DueCollection *due, bool *more, bool *failed)
 		edata = CopyErrorData();
 		FlushErrorState();
 		AbortCurrentTransaction();
-		requests = Max(requests, page.requests);
+		/* only an answer the provider recognised as a rate limit set a penalty */
+		*rate_limited = page.rate_limited > 0;
 		ereport(LOG,
 				(errcode(edata->sqlerrcode),
-				 errmsg("sync of collection %d failed: %s", due->collection_id, edata->message),
+				 errmsg("sync of collection %d %s: %s", due->collection_id,
+						*rate_limited ? "was rate limited" : "failed", edata->message),
 				 edata->detail ? errdetail_internal("%s", edata->detail) : 0));
-		worker_record_failure(due->collection_id, edata);
+		worker_record_failure(due->collection_id, edata, &page, *rate_limited);
 		*failed = true;
 	}
 	PG_END_TRY();
@@ -349,12 +324,13 @@ worker_run_step(DueCollection *due, bool *more, bool *failed)
 		sync_free_source(source);
 	MemoryContextSwitchTo(oldctx);
 	MemoryContextReset(step_ctx);
-	return requests;
 }
 
 /*
- * One round: pick the due collection that waited longest and whose source
- * has budget, and run it. Returns how long to sleep before the next round.
+ * One round: of the due collections whose source has budget, run the one
+ * that ran least recently, so the collections of a source take turns and a
+ * long backfill never starves the polls of the others. Returns how long to
+ * sleep before the next round.
  */
 static long
 worker_round(void)
@@ -377,21 +353,21 @@ worker_round(void)
 		DueCollection *d = lfirst(lc);
 		bool		found;
 		ScheduleEntry *entry = hash_search(schedule, &d->collection_id, HASH_ENTER, &found);
-		BudgetEntry *budget;
 		long		wait_ms;
 
 		if (!found)
 		{
 			entry->next_due = now;
 			entry->last_run = 0;
+			entry->walk_started_at = 0;
+			entry->retrying = false;
 		}
 		entry->seen = true;
 		entry->source_id = d->source_id;
 		if (d->run_requested)
 			entry->next_due = Min(entry->next_due, now);
 
-		budget = budget_for(d, now);
-		wait_ms = Max(budget_wait_ms(budget),
+		wait_ms = Max(sync_budget_wait_ms(d->source_id),
 					  entry->next_due > now ? (long) ((entry->next_due - now) / 1000) + 1 : 0);
 		if (wait_ms > 0)
 		{
@@ -415,25 +391,20 @@ worker_round(void)
 	{
 		bool		more;
 		bool		failed;
-		int			requests;
-		BudgetEntry *budget;
-		int32		id = best->collection_id;
+		bool		rate_limited;
 
-		requests = worker_run_step(best, &more, &failed);
+		worker_run_step(best, best_entry, &more, &failed, &rate_limited);
 		now = GetCurrentTimestamp();
-		budget = budget_for(best, now);
-		budget->tokens -= Max(requests, 1);
-		best_entry = hash_search(schedule, &id, HASH_FIND, NULL);
-		if (best_entry)
-		{
-			best_entry->last_run = now;
-			if (failed)
-				best_entry->next_due = TimestampTzPlusMilliseconds(now, backoff_ms(best->failures + 1));
-			else if (more)
-				best_entry->next_due = now;
-			else
-				best_entry->next_due = TimestampTzPlusMilliseconds(now, (long) (best->poll_interval_s * 1000));
-		}
+		best_entry->last_run = now;
+		best_entry->retrying = failed;
+		if (rate_limited)
+			best_entry->next_due = now;	/* the source's penalty holds it back */
+		else if (failed)
+			best_entry->next_due = TimestampTzPlusMilliseconds(now, backoff_ms(best->failures + 1));
+		else if (more)
+			best_entry->next_due = now;
+		else
+			best_entry->next_due = TimestampTzPlusMilliseconds(now, (long) (best->poll_interval_s * 1000));
 		sleep_ms = 0;
 	}
 	else if (!sync_enabled)
@@ -483,8 +454,6 @@ sync_worker_main(Datum arg)
 	ctl.keysize = sizeof(int32);
 	ctl.entrysize = sizeof(ScheduleEntry);
 	schedule = hash_create("sync schedule", 64, &ctl, HASH_ELEM | HASH_BLOBS);
-	ctl.entrysize = sizeof(BudgetEntry);
-	budgets = hash_create("sync budgets", 16, &ctl, HASH_ELEM | HASH_BLOBS);
 
 	for (;;)
 	{

@@ -13,7 +13,8 @@ bodies (a JSON array of {message, errorCode}). Every response has a Date header 
 server clock, shiftable via /__admin/clock); /services/data responses carry
 Sforce-Limit-Info. Bodies above 1 KB are gzipped when the client sends Accept-Encoding: gzip.
 
-Seeded data (deterministic per --seed): Accounts, Contacts, ContactHistory. Contact
+Seeded data (deterministic per --seed): Accounts, Contacts, ContactHistory; custom
+objects (Widget__c ...) come from POST /__admin/objects, seeded from the same seed. Contact
 SystemModstamps come in bursts sharing one second: the first 300 contacts (creation
 order) share one; with >= 4500 contacts a burst of 2100 shares another (more than one
 2000-record page). All seeded stamps end 1 h before --base-time (default
@@ -29,6 +30,10 @@ Behaviour worth knowing:
   * Account_Name__c is a cross-object formula: renaming the Account changes it
     without bumping the Contact's SystemModstamp. Legacy_Region__c is
     deprecatedAndHidden (in describe, invisible to SOQL).
+
+Request log (GET /__admin/requests): one entry per API request, token endpoint included,
+in completion order; `t` is the epoch second (float) at which the request line arrived,
+so sort by `t` for arrival order.
 
 /__admin/ is the test-control API (JSON in/out, no auth, not counted, not logged);
 GET /__admin/ lists every endpoint with its shape (ADMIN_HELP below).
@@ -83,7 +88,8 @@ ADMIN_HELP = {
                             "truncate?} -> {id}",
     "GET /__admin/faults": "-> [fault, ...]",
     "DELETE /__admin/faults": "-> {cleared: N}",
-    "GET /__admin/requests": "-> [{t, method, path, query, status}]",
+    "GET /__admin/requests": "-> [{t, method, path, query, status}] in completion order; t = epoch "
+                             "seconds (float) when the request arrived; admin calls are not logged",
     "DELETE /__admin/requests": "-> {cleared: N}",
     "GET /__admin/stats": "-> {requests: {endpoint: n}, api_usage: {used, max}, ...}",
     "POST /__admin/limits": "body {used?, max?} -> {used, max}",
@@ -93,7 +99,16 @@ ADMIN_HELP = {
     "POST /__admin/fields/{Obj}": "body {name, type, label?, length?, precision?, scale?, "
                                   "picklistValues?} -> describe of the new field",
     "DELETE /__admin/fields/{Obj}/{Field}": "-> {removed: name}",
-    "POST /__admin/reset": "body {records?, accounts?, seed?, deleted?} -> {records: {...}}",
+    "POST /__admin/objects": "body {name: 'Widget__c', records?: N=0, label?, labelPlural?} -> 201 "
+                             "{name, label, labelPlural, keyPrefix, records, fields}: a custom sObject "
+                             "(fields Id, OwnerId, IsDeleted, Name, audit fields, Amount__c, Quantity__c, "
+                             "Status__c, Notes__c), N records seeded from --seed, stamped before "
+                             "--base-time; 400 if the name is taken or not a custom API name",
+    "GET /__admin/objects": "-> [{name, label, labelPlural, keyPrefix, records, fields}] (custom objects)",
+    "DELETE /__admin/objects/{Name}": "-> {removed, records}: the object, its records, delete log and "
+                                      "query locators are gone (API: INVALID_TYPE / NOT_FOUND)",
+    "POST /__admin/reset": "body {records?, accounts?, seed?, deleted?} -> {records: {...}} "
+                           "(custom objects are dropped)",
 }
 
 
@@ -382,7 +397,8 @@ class SObjectType:
             "deepCloneable": False, "deletable": self.createable, "deprecatedAndHidden": False,
             "feedEnabled": False, "hasSubtypes": False, "isInterface": False, "isSubtype": False,
             "keyPrefix": self.key_prefix, "label": self.label, "labelPlural": self.label_plural,
-            "layoutable": self.createable, "mergeable": self.createable, "mruEnabled": self.createable,
+            "layoutable": self.createable, "mergeable": self.createable and not self.custom,
+            "mruEnabled": self.createable,
             "name": self.name, "queryable": self.queryable, "replicateable": self.replicateable,
             "retrieveable": self.retrieveable, "searchable": self.createable,
             "triggerable": self.createable, "undeletable": self.createable,
@@ -565,6 +581,30 @@ def aggregate_result_type():
                        label_plural="AggregateResult")
 
 
+CUSTOM_STATUSES = ["New", "In Progress", "On Hold", "Done", "Cancelled"]
+CUSTOM_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*__c$")
+
+
+def custom_object_type(name, label, label_plural, key_prefix):
+    """A custom sObject as Setup creates it: a text Name field plus a few custom fields."""
+    audit = system_fields(name)
+    fields = [
+        F("Id", "id", "Record ID", nillable=False, createable=False, updateable=False, defaulted=True),
+        audit[0],                                                   # OwnerId
+        F("IsDeleted", "boolean", "Deleted", nillable=False, createable=False, updateable=False,
+          defaulted=True, default_value=False),
+        # A text Name is nillable in describe: a record created without one is named after its
+        # (15-char) Id.
+        F("Name", "string", label + " Name", length=80, name_field=True, defaulted=True),
+    ] + audit[1:] + [
+        F("Amount__c", "currency", "Amount", precision=18, scale=2),
+        F("Quantity__c", "double", "Quantity", precision=18, scale=0),
+        F("Status__c", "picklist", "Status", picklist=CUSTOM_STATUSES),
+        F("Notes__c", "textarea", "Notes", length=255),
+    ]
+    return SObjectType(name, label, key_prefix, fields, custom=True, label_plural=label_plural)
+
+
 # ----------------------------------------------------------------------------
 # Seed data
 # ----------------------------------------------------------------------------
@@ -686,6 +726,7 @@ class Org:
             self.earliest_deleted = None  # admin-set purge point
             self.purge_mode = "error"
             self.locators = {}
+            self.custom_seq = 0           # key prefixes a01, a02, ... are never reused
             self.base_time = self.cfg.base_time or self.now().replace(minute=0, second=0, microsecond=0)
             self.seed_accounts(rng, n_accounts)
             self.seed_contacts(rng, n_contacts + n_deleted)
@@ -815,6 +856,27 @@ class Org:
             self.delete_log.append({"object": obj.name, "id": cid,
                                     "at": parse_iso(rec["SystemModstamp"].replace("+0000", "Z"))})
         self.delete_log.sort(key=lambda e: e["at"])
+
+    def seed_custom(self, obj, count):
+        """`count` records of a custom object, deterministic per (--seed, object name):
+        the same calls on a fresh fake give the same ids and values."""
+        rng = random.Random("%d/%s" % (self.seed, obj.name.lower()))
+        ids = IdFactory(random.Random("%d/%s/ids" % (self.seed, obj.name.lower())))
+        ids.used = self.ids.used          # one id space for the whole org
+        stamps = timestamp_schedule(rng, count, self.base_time, min(50, count // 2), 0)
+        for i in range(count):
+            name = "%s %s #%d" % (rng.choice(COMPANY_WORDS), obj.label, i + 1)
+            rec = {
+                "Id": ids.new(obj.key_prefix), "IsDeleted": False, "Name": name[:80],
+                "Amount__c": maybe(rng, 0.8, round(rng.uniform(0, 100000), 2)),
+                "Quantity__c": maybe(rng, 0.7, float(rng.randint(0, 1000))),
+                "Status__c": maybe(rng, 0.9, rng.choice(CUSTOM_STATUSES)),
+                "Notes__c": maybe(rng, 0.4, rng.choice(DESCRIPTIONS)),
+            }
+            if rng.random() < 0.03:
+                rec["Amount__c"] = 0.0
+            self.stamp_seeded(rng, rec, stamps[i])
+            obj.records[rec["Id"]] = rec
 
     # -- serialisation -------------------------------------------------------------
 
@@ -960,6 +1022,8 @@ class Org:
                     raise AdminError(400, "Required fields are missing: [%s]" % f.name)
             if obj.name == "Contact":
                 rec["Name"] = contact_name(rec)
+            elif obj.custom and rec.get("Name") is None:
+                rec["Name"] = rec["Id"][:15]       # Salesforce names an unnamed record by its id
             obj.records[rec["Id"]] = rec
             return rec
 
@@ -984,6 +1048,8 @@ class Org:
                 rec["LastModifiedById"] = self.user_id
             if obj.name == "Contact":
                 rec["Name"] = contact_name(rec)
+            elif obj.custom and rec.get("Name") is None:
+                rec["Name"] = rec["Id"][:15]       # Salesforce names an unnamed record by its id
             obj.records[rec["Id"]] = rec
             return rec
 
@@ -1075,6 +1141,68 @@ class Org:
             obj.reindex()
             obj.schema_changed = self.now_second()
             return {"removed": f.name}
+
+    # -- custom objects (admin) ------------------------------------------------------
+
+    @staticmethod
+    def custom_summary(obj):
+        return {"name": obj.name, "label": obj.label, "labelPlural": obj.label_plural,
+                "keyPrefix": obj.key_prefix, "records": sum(1 for r in list(obj.records.values())
+                                                            if not r["IsDeleted"]),
+                "fields": [f.name for f in obj.fields]}
+
+    def add_custom_object(self, spec):
+        if not isinstance(spec, dict):
+            raise AdminError(400, "body must be a JSON object")
+        name, count = spec.get("name"), spec.get("records", 0)
+        if not isinstance(name, str) or not CUSTOM_NAME_RE.match(name) or len(name) > 43:
+            raise AdminError(400, "object name must be a custom API name ending in __c "
+                                  "(letter first, single underscores, at most 40 chars before __c): %r"
+                             % (name,))
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 1000000:
+            raise AdminError(400, "records must be an integer 0..1000000")
+        label = spec.get("label") or name[:-3].replace("_", " ")
+        plural = spec.get("labelPlural") or label + "s"
+        if not isinstance(label, str) or not isinstance(plural, str) or len(label) > 40:
+            raise AdminError(400, "label and labelPlural must be strings (label at most 40 chars)")
+        with self.lock:
+            if name.lower() in self.types:
+                raise AdminError(400, "sObject %s already exists" % self.types[name.lower()].name)
+            taken = {t.key_prefix for t in self.types.values()}
+            while True:
+                self.custom_seq += 1
+                if self.custom_seq >= 62 * 62:
+                    raise AdminError(400, "out of custom key prefixes")
+                prefix = "a" + BASE62[self.custom_seq // 62] + BASE62[self.custom_seq % 62]
+                if prefix not in taken:
+                    break
+            obj = custom_object_type(name, label, plural, prefix)
+            obj.schema_changed = self.now_second()
+            self.seed_custom(obj, count)
+            self.write_gen += 1
+            # Copy-on-write: describeGlobal and recordCount iterate self.types without the lock.
+            self.types = dict(self.types, **{name.lower(): obj})
+            return self.custom_summary(obj)
+
+    def drop_custom_object(self, name):
+        with self.lock:
+            obj = self.sobject(name)
+            if obj is None:
+                raise AdminError(404, "unknown sObject %s" % name)
+            if not obj.custom:
+                raise AdminError(400, "%s is a standard object; only custom objects can be deleted" % obj.name)
+            self.types = {k: t for k, t in self.types.items() if t is not obj}
+            self.write_gen += 1
+            # Nothing of it survives: a new object of the same name starts clean.
+            self.delete_log = [e for e in self.delete_log if e["object"] != obj.name]
+            self.locators = {k: loc for k, loc in self.locators.items() if loc["obj"] is not obj}
+            self.render_cache = {k: v for k, v in self.render_cache.items() if k[1][0] != obj.name}
+            return {"removed": obj.name, "records": len(obj.records)}
+
+    def list_custom_objects(self):
+        with self.lock:
+            return [self.custom_summary(t) for t in sorted(self.types.values(), key=lambda t: t.name)
+                    if t.custom]
 
     # -- API usage -------------------------------------------------------------
 
@@ -1646,6 +1774,12 @@ class Handler(BaseHTTPRequestHandler):
         """Date header follows the (possibly shifted) server clock; clients use it as server time."""
         return email.utils.formatdate(self.org.now().timestamp(), usegmt=True)
 
+    def parse_request(self):
+        # Called as soon as the request line is read (before headers and body): the
+        # request log's `t` is this arrival time, not when the answer went out.
+        self.arrived = time.time()
+        return super().parse_request()
+
     def do_GET(self):
         self.dispatch("GET")
 
@@ -1712,7 +1846,7 @@ class Handler(BaseHTTPRequestHandler):
         if path.startswith("/__admin"):
             self.handle_admin(method, path, query, body)
             return
-        self.pending_log = {"t": time.time(), "method": method, "path": path, "query": query, "status": 0}
+        self.pending_log = {"t": self.arrived, "method": method, "path": path, "query": query, "status": 0}
         try:
             self.handle_api(method, path, query, body)
         finally:
@@ -2176,10 +2310,19 @@ def admin_record_view(obj, rec):
 
 def admin_route(org, method, parts, params, payload):
     """Dispatch /__admin/...; returns (status, JSON-able result)."""
-    key = (method, parts[0] if parts else "")
+    if not parts:
+        parts = [""]
+    key = (method, parts[0])
     n = len(parts)
     if key == ("GET", ""):
         return 200, ADMIN_HELP
+    if parts[0] == "objects":
+        if method == "GET" and n == 1:
+            return 200, org.list_custom_objects()
+        if method == "POST" and n == 1:
+            return 201, org.add_custom_object(payload)
+        if method == "DELETE" and n == 2:
+            return 200, org.drop_custom_object(parts[1])
     if parts[0] == "records" and n >= 2:
         obj = org.sobject(parts[1])
         if obj is None:

@@ -708,13 +708,16 @@ ok(wait_sql(60, "SELECT EXISTS (SELECT 1 FROM billing.customers WHERE id = '$E1'
 
 # 429s from a fault on the customers' event polls.
 admin($F, 'POST', 'faults', { path_regex => '^/v1/events\?.*type=customer\.\*', status => 429, count => 3 });
-ok(wait_sql(60, "SELECT state = 'error' AND consecutive_failures > 0 AND last_error LIKE '%HTTP 429%rate_limit%' "
+ok(wait_sql(60, "SELECT state = 'rate limited' AND consecutive_failures = 0 AND waiting_on LIKE 'rate limit: Stripe%' "
+		  . "AND last_error LIKE '%HTTP 429%rate_limit%' "
 		  . "FROM sync.status WHERE source = 'billing' AND collection = 'customers'"),
-	'customers: a 429 shows as state error with rate_limit in last_error');
+	'customers: a 429 shows as state rate limited (no error backoff) with rate_limit in last_error');
 ok(wait_sql(60, "SELECT state = 'syncing' AND consecutive_failures = 0 FROM sync.status "
 		  . "WHERE source = 'billing' AND collection = 'customers'"), 'customers: back to syncing after the 429s');
 is(join(',', map { "$_->{hits}/$_->{remaining}" } @{ admin($F, 'GET', 'faults') }), '3/0', 'all three 429s were served');
 like(status_of('customers')->{last_error} // '', qr/HTTP 429/, 'last_error keeps the 429 for the record');
+cmp_ok(sql("SELECT rate_limited FROM sync.stat_collections WHERE source = 'billing' AND collection = 'customers'"),
+	'>=', 3, 'sync.stat_collections counts the three 429s');
 admin($F, 'DELETE', 'faults');
 
 # 429s from the fake's own rate limiter, squeezed to 2 requests/s.
@@ -722,9 +725,9 @@ my $limited0 = admin($F, 'GET', 'rate_limit')->{limited};
 my $t_squeeze = sql('SELECT now()');
 admin($F, 'POST', 'rate_limit', { global => 2 });
 my $E2 = admin($F, 'POST', 'objects/customers', { name => 'During the rate limit' })->{id};
-ok(wait_sql(60, "SELECT count(*) > 0 FROM sync.status WHERE source = 'billing' AND state = 'error' "
+ok(wait_sql(60, "SELECT count(*) > 0 FROM sync.status WHERE source = 'billing' AND state = 'rate limited' "
 		  . "AND last_error LIKE '%HTTP 429%Testmode request rate limit exceeded%' AND last_error_at > '$t_squeeze'"),
-	'the fake\'s rate limit shows as state error with its 429');
+	'the fake\'s rate limit shows as state rate limited with its 429');
 ok(wait_until(60, sub { admin($F, 'GET', 'rate_limit')->{limited} > $limited0 }),
 	'the fake refused requests over its limit');
 admin($F, 'POST', 'rate_limit', { global => 25 });

@@ -780,10 +780,11 @@ note('section 4 done at ' . elapsed());
 admin($A, 'POST', 'faults', { path_regex => '^/crm/v3/objects/contacts/search', status => 429, count => 3,
 	body => { status => 'error', message => 'You have reached your secondly limit.', errorType => 'RATE_LIMIT',
 		correlationId => 'a5b2f6b4-0d0e-4b44-9a55-0123456789ab', policyName => 'SECONDLY' } });
-ok(wait_sql(60, "SELECT state = 'error' AND consecutive_failures > 0 "
+ok(wait_sql(60, "SELECT state = 'rate limited' AND consecutive_failures = 0 "
+	  . "AND waiting_on LIKE '%search limit%' "
 	  . "AND last_error LIKE '%HTTP 429 RATE_LIMIT: You have reached your secondly limit.%' "
 	  . "FROM sync.status WHERE source = 'crm' AND collection = 'contacts'"),
-	'contacts: a 429 shows as state error with HubSpot\'s message in last_error')
+	'contacts: a 429 shows as state rate limited with HubSpot\'s message in last_error')
   or diag('last_error: ' . (status_of('crm', 'contacts')->{last_error} // 'none'));
 ok(wait_sql(60, "SELECT state = 'syncing' AND consecutive_failures = 0 FROM sync.status "
 	  . "WHERE source = 'crm' AND collection = 'contacts'"), 'contacts: back to syncing after the 429s');

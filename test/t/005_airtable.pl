@@ -814,9 +814,10 @@ ok($pid =~ /^\d+$/, "the worker runs (pid $pid)");
 admin($A, 'POST', 'rate_limits', { per_base => 5, penalty => 3 });
 my $slow_poll = sql("SELECT last_poll_at FROM sync.status WHERE source = 'slow'");
 sql(q{SELECT sync.alter_source('base', options => '{"requests_per_second": 20, "poll_interval": 0}')});
-ok(wait_sql(60, "SELECT bool_or(state = 'error' AND consecutive_failures > 0 "
+ok(wait_sql(60, "SELECT bool_or(state = 'rate limited' AND consecutive_failures = 0 "
+	  . "AND waiting_on LIKE 'rate limit: Airtable''s 30-second penalty%' "
 	  . "AND last_error LIKE 'Airtable % failed with HTTP 429 RATE_LIMIT_REACHED%') FROM sync.status WHERE source = 'base'"),
-	'base: a 429 shows as state error with RATE_LIMIT_REACHED in last_error');
+	'base: a 429 shows as state rate limited (30-second penalty) with RATE_LIMIT_REACHED in last_error');
 sql(q{SELECT sync.alter_source('base', options => '{"requests_per_second": 3, "poll_interval": 1}')});
 my $t_calm = sql('SELECT clock_timestamp()');
 my $R1 = admin($A, 'POST', $rec_path, { fields => { Name => 'After the rate limit', Score => '1.5' } })->{id};
