@@ -81,7 +81,9 @@ psql_demo -c "SELECT id, first_name, last_name, system_modstamp, _synced_at FROM
 psql_demo -c "SELECT count(*) AS deleted_row_left FROM acme.contact WHERE id = '$GONE'"
 
 echo "== sync.status"
-psql_demo -x -c "SELECT source, collection, target_table, state, backfill_records, backfill_completed_at, last_poll_at, records_upserted, records_deleted, requests, last_error FROM sync.status"
+psql_demo -x -c "SELECT source, collection, target_table, state, backfill_records, backfill_completed_at, last_poll_at, lag, est_max_lag, records_upserted, records_deleted, requests, last_error FROM sync.status"
+echo "== sync.budgets"
+psql_demo -x -c "SELECT source, requests_per_second, basis, used_requests_per_second, daily_limit, daily_remaining, quota_headroom, collections, poll_cycle FROM sync.budgets"
 if [ -n "${KEEP:-}" ]; then
   echo "Cluster left running: psql -h $DIR -p $PORT -U postgres   (fake Salesforce at $FAKE, pid $FAKE_PID)"
 fi

@@ -10,6 +10,15 @@ SELECT name, kind, base_url, options, paused FROM sync.sources;
 SELECT * FROM sync.status;
 SELECT * FROM sync.columns;
 
+-- Budgets and statistics: a source appears at once; its budget once it has made a request.
+SELECT source, kind, requests_per_second, quota_fraction, collections, poll_cycle FROM sync.budgets;
+SELECT source, kind, requests, records_upserted, records_deleted, bytes_received, errors, rate_limited, retries,
+       stats_reset IS NOT NULL AS has_reset_time FROM sync.stat_sources;
+SELECT sync.alter_source('acme', options => '{"quota_fraction": 0.1}');
+SELECT options FROM sync.sources WHERE name = 'acme';
+SELECT sync.reset_stats();
+SELECT sync.reset_stats('acme');
+
 -- Options are merged; a null value removes a key; credentials are replaced and the token dropped.
 SELECT sync.alter_source('acme', options => '{"batch_size": 500, "api_version": null}');
 SELECT options FROM sync.sources WHERE name = 'acme';
@@ -35,6 +44,10 @@ SELECT length(sync._identifier(repeat('VeryLongFieldName', 6))) <= 63 AS fits,
 CREATE ROLE sync_reader LOGIN;
 SET ROLE sync_reader;
 SELECT source, collection FROM sync.status;
+SELECT source, requests FROM sync.stat_sources;
+SELECT source, requests_per_second FROM sync.budgets;
+SELECT count(*) FROM sync.stat_collections;
+SELECT sync.reset_stats();
 SELECT name FROM sync.sources;
 SELECT credentials FROM sync.source_secrets;
 SELECT sync.create_source('evil', 'salesforce', 'https://e.example.com', '{"client_id": "a", "client_secret": "b", "refresh_token": "c"}');

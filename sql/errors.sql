@@ -13,6 +13,10 @@ SELECT sync.create_source('acme', 'salesforce', 'https://acme.my.salesforce.com'
 SELECT sync.create_source('Acme Corp', 'salesforce', 'https://acme.my.salesforce.com', :'creds');
 SELECT sync.create_source('acme', 'salesforce', 'https://acme.my.salesforce.com', :'creds', '{"requests_per_second": -1}');
 SELECT sync.create_source('acme', 'salesforce', 'https://acme.my.salesforce.com', :'creds', '{"requests_per_second": "fast"}');
+SELECT sync.create_source('acme', 'salesforce', 'https://acme.my.salesforce.com', :'creds', '{"quota_fraction": 0}');
+SELECT sync.create_source('acme', 'salesforce', 'https://acme.my.salesforce.com', :'creds', '{"quota_fraction": 1.5}');
+SELECT sync.create_source('acme', 'salesforce', 'https://acme.my.salesforce.com', :'creds', '{"quota_fraction": "most"}');
+SELECT sync.create_source('acme', 'salesforce', 'https://acme.my.salesforce.com', :'creds', '{"burst": 0.5}');
 SELECT sync.create_source('acme', 'salesforce', 'https://acme.my.salesforce.com', :'creds', '{"batch_size": 5000}');
 SELECT sync.create_source('acme', 'salesforce', 'https://acme.my.salesforce.com', :'creds', '{"api_version": "latest"}');
 SELECT sync.create_source('acme', 'salesforce', 'https://acme.my.salesforce.com', :'creds', '{"verify_tls": false}');
@@ -31,6 +35,9 @@ SELECT sync.pause('acme', 'Contact');
 SELECT sync.resync('acme', 'Contact');
 SELECT sync.wait_for_backfill('acme', 'Contact', '1 second');
 SELECT sync.wait_for_backfill('acme', 'Contact', '-1 second');
+SELECT sync.reset_stats('acme', 'Contact');
+SELECT sync.reset_stats(NULL, 'Contact');
+SELECT sync.reset_stats('nope');
 SELECT sync.add_collection('acme', 'Contact; DROP TABLE x');
 SELECT sync.add_collection('acme', 'Contact', '{"fields": "Email"}');
 

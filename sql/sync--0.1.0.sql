@@ -209,12 +209,12 @@ SELECT s.name AS source, s.kind,
        coalesce(sum(st.errors), 0) + coalesce(min(b.other_errors), 0)            AS errors,
        coalesce(sum(st.rate_limited), 0) + coalesce(min(b.other_rate_limited), 0) AS rate_limited,
        coalesce(sum(st.retries), 0)                                               AS retries,
-       least(min(st.stats_reset), min(b.stats_reset))                             AS stats_reset
+       coalesce(least(min(st.stats_reset), min(b.stats_reset)), s.created_at)     AS stats_reset
 FROM sync.sources s
 LEFT JOIN sync.collections c ON c.source_id = s.id
 LEFT JOIN sync.collection_state st ON st.collection_id = c.id
 LEFT JOIN sync._budgets() b ON b.source_id = s.id
-GROUP BY s.id, s.name, s.kind;
+GROUP BY s.id, s.name, s.kind, s.created_at;
 COMMENT ON VIEW sync.stat_sources IS 'cumulative request statistics per source, including requests made outside collections (describe) since the server started';
 
 CREATE VIEW sync.columns AS
@@ -581,20 +581,25 @@ CREATE FUNCTION sync.reset_stats(source text DEFAULT NULL, collection text DEFAU
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     sid integer;
+    cid integer;
 BEGIN
     PERFORM sync._require_admin();
     IF source IS NULL AND collection IS NOT NULL THEN
         RAISE EXCEPTION 'a collection needs its source' USING ERRCODE = 'invalid_parameter_value',
             HINT = 'Call sync.reset_stats(source, collection).';
     END IF;
+    IF source IS NOT NULL THEN
+        sid := sync._source_id(source);
+    END IF;
+    IF collection IS NOT NULL THEN
+        cid := sync._collection_id(source, collection);
+    END IF;
     UPDATE sync.collection_state st
        SET requests = 0, records_upserted = 0, records_deleted = 0, bytes_received = 0, errors = 0,
            rate_limited = 0, retries = 0, stats_reset = now()
-     WHERE reset_stats.source IS NULL
-        OR (reset_stats.collection IS NULL AND st.collection_id IN
-                (SELECT id FROM sync.collections c WHERE c.source_id = sync._source_id(reset_stats.source)))
-        OR st.collection_id = sync._collection_id(reset_stats.source, reset_stats.collection);
-    IF collection IS NULL THEN
+      FROM sync.collections c
+     WHERE c.id = st.collection_id AND (sid IS NULL OR c.source_id = sid) AND (cid IS NULL OR c.id = cid);
+    IF cid IS NULL THEN
         FOR sid IN SELECT id FROM sync.sources s WHERE reset_stats.source IS NULL OR s.name = reset_stats.source LOOP
             PERFORM sync._budget_reset_stats(sid);
         END LOOP;
