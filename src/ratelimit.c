@@ -281,9 +281,12 @@ slot_count_use(BudgetSlot *slot, TimestampTz now)
 
 /*
  * Wait until the source's budget allows one more request, and take it.
- * Interruptible: SIGTERM and query cancel act while we wait.
+ * Interruptible: SIGTERM and query cancel act while we wait. A worker does
+ * not sit out a rate-limit penalty inside a step, since it serves other
+ * sources too: it gets false back and gives the step up until the penalty
+ * has passed.
  */
-void
+bool
 sync_budget_acquire(SyncSource *source, bool search)
 {
 	for (;;)
@@ -316,7 +319,14 @@ sync_budget_acquire(SyncSource *source, bool search)
 		if (search)
 			wait_us = Max(wait_us, bucket_wait_us(&slot->search));
 		if (slot->penalty_until > now)
+		{
+			if (sync_is_worker && slot->penalty_until - now > USECS_PER_SEC)
+			{
+				LWLockRelease(budget_lock);
+				return false;
+			}
 			wait_us = Max(wait_us, slot->penalty_until - now);
+		}
 		if (wait_us <= 0)
 		{
 			slot->main.tokens -= 1.0;
@@ -324,7 +334,7 @@ sync_budget_acquire(SyncSource *source, bool search)
 				slot->search.tokens -= 1.0;
 			slot_count_use(slot, now);
 			LWLockRelease(budget_lock);
-			return;
+			return true;
 		}
 		LWLockRelease(budget_lock);
 

@@ -16,7 +16,16 @@ sync_api_request(SyncSource *source, SyncPage *page, const char *method, const c
 	bool		search = provider->is_search && provider->is_search(method, url);
 	bool		limited;
 
-	sync_budget_acquire(source, search);
+	if (!sync_budget_acquire(source, search))
+	{
+		if (page)
+			page->penalized = true;
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("source \"%s\" is waiting out a rate-limit penalty", source->name),
+				 errdetail("The API refused a request of this source as over its limit; see sync.budgets."),
+				 errhint("The step runs again once the penalty has passed.")));
+	}
 	if (page)
 		page->requests++;
 	PG_TRY();

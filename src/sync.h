@@ -222,6 +222,7 @@ typedef struct SyncPage
 	int64		bytes;			/* response bytes received */
 	int			errors;			/* error answers and failed transfers */
 	int			rate_limited;	/* rate-limit answers */
+	bool		penalized;		/* gave up: the source is waiting out a penalty */
 } SyncPage;
 
 /* What the API's usage headers said (see SyncProvider.observe_quota). */
@@ -308,7 +309,7 @@ extern void sync_worker_serve_token_refresh(void);
 /* ---------- budgets (ratelimit.c) and requests (request.c) ---------- */
 extern Size sync_budget_shmem_size(void);
 extern void sync_budget_shmem_startup(LWLock *lock);
-extern void sync_budget_acquire(SyncSource *source, bool search);
+extern bool sync_budget_acquire(SyncSource *source, bool search);
 extern long sync_budget_wait_ms(int32 source_id);
 extern bool sync_budget_note_response(SyncSource *source, SyncHttpResponse *resp, bool attributed);
 extern void sync_budget_note_transport_error(SyncSource *source);

@@ -303,7 +303,7 @@ worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *fail
 		FlushErrorState();
 		AbortCurrentTransaction();
 		/* only an answer the provider recognised as a rate limit set a penalty */
-		*rate_limited = page.rate_limited > 0;
+		*rate_limited = page.rate_limited > 0 || page.penalized;
 		ereport(LOG,
 				(errcode(edata->sqlerrcode),
 				 errmsg("sync of collection %d %s: %s", due->collection_id,
