@@ -375,7 +375,7 @@ is(scalar(@{ $objs{customers} }), 500, 'fake holds 500 live customers');
 admin($F, 'DELETE', 'requests');
 
 secret_sql("SELECT sync.create_source('billing', 'stripe', '$F->{url}', '{\"secret_key\": \"$KEY\"}', "
-	  . "'{\"requests_per_second\": 50, \"poll_interval\": 1}')");
+	  . "'{\"requests_per_second\": 20, \"poll_interval\": 1}')");
 my $t_add = time;
 for my $c (@COLLECTIONS)
 {

@@ -1,0 +1,470 @@
+# The lag promise, measured end to end against the fake Salesforce org:
+#   sync.status.est_max_lag = (sum over the source's active collections of their
+#   average requests per polling cycle) / budget rate + poll_interval,
+# and the time from a change in the API until it shows in the table stays within it.
+#
+# One source at requests_per_second 4, burst 1, batch_size 200; custom objects of
+# 50 records each. For 1, 5 and 20 collections (the source is reused: collections
+# are added), once every backfill is done and the collections have been caught up a
+# few times:
+#   1. ~10 changes at random moments over a few polling cycles, each timed from the
+#      fake's answer to the PATCH until a persistent psql session (polling every
+#      25 ms) sees the new values; worst lag <= est_max_lag at the change + 1 s;
+#   2. sync.status.lag of every collection, sampled a few times, < est_max_lag + 1 s;
+#   3. est_max_lag follows the requests per cycle counted independently in the
+#      fake's request log (within 20% for 5 collections) and grows with N.
+# LAG_SEED=n reproduces a run's random choices.
+use strict;
+use warnings;
+
+use File::Basename qw(dirname);
+use File::Spec;
+use HTTP::Tiny;
+use IPC::Run;
+use JSON::PP;
+use List::Util qw(max min sum);
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time usleep);
+
+my $t_start = time;
+my $RATE = 4;
+my $RECORDS = 50;
+my $CHANGES = 10;
+my $TICK = 0.025;    # seconds between two looks at the table
+my $seed = $ENV{LAG_SEED} // int(rand(1_000_000));
+srand($seed);
+note "LAG_SEED=$seed";
+
+my $json = JSON::PP->new->utf8->canonical->allow_nonref;
+my $http = HTTP::Tiny->new(timeout => 60);
+my $fake_script = File::Spec->rel2abs(dirname(__FILE__) . '/../fake_salesforce.py');
+my $creds = '{"client_id": "test-client", "client_secret": "test-secret", "refresh_token": "test-refresh"}';
+
+# ---------------------------------------------------------------------------
+# Helpers: the fake (as in 002_salesforce.pl)
+# ---------------------------------------------------------------------------
+
+my @fakes;
+
+sub start_fake
+{
+	my ($name, @args) = @_;
+	my $out = '';
+	my $log = "$PostgreSQL::Test::Utils::log_path/fake_salesforce_$name.log";
+	my $timeout = IPC::Run::timeout(90);
+	my $h = IPC::Run::start([ '/usr/bin/python3', $fake_script, '--port', '0', @args ],
+		'<', \undef, '>', \$out, '2>', $log, $timeout);
+	eval { $h->pump until $out =~ /listening on (\d+)/; };
+	die "fake Salesforce $name did not start: $@ $out" unless $out =~ /listening on (\d+)/;
+	$timeout->reset;
+	my $fake = { name => $name, h => $h, url => "http://127.0.0.1:$1" };
+	push @fakes, $fake;
+	return $fake;
+}
+
+my ($bg_h, $bg_timer);
+
+END
+{
+	local $?;    # keep the test's exit status: reaping the fakes sets $?
+	eval { $bg_h->kill_kill(grace => 3) if $bg_h; };
+	for my $f (@fakes)
+	{
+		eval { $f->{h}->kill_kill(grace => 3); };
+	}
+}
+
+sub admin
+{
+	my ($fake, $method, $path, $body) = @_;
+	my %opt = (headers => { 'Content-Type' => 'application/json' });
+	$opt{content} = $json->encode($body) if defined $body;
+	my $res = $http->request($method, "$fake->{url}/__admin/$path", \%opt);
+	die "fake admin $method $path failed: $res->{status} $res->{content}\n" unless $res->{success};
+	return $json->decode($res->{content});
+}
+
+sub urldecode
+{
+	my ($s) = @_;
+	$s =~ tr/+/ /;
+	$s =~ s/%([0-9A-Fa-f]{2})/chr(hex($1))/eg;
+	return $s;
+}
+
+sub soql_of
+{
+	my ($e) = @_;
+	for my $pair (split /&/, $e->{query} // '')
+	{
+		my ($k, $v) = split /=/, $pair, 2;
+		return urldecode($v // '') if urldecode($k) eq 'q';
+	}
+	return undef;
+}
+
+# (kind, object) of a logged API request: kind is queryAll (a poll), query (a
+# backfill or sweep), more (a nextRecordsUrl page), deleted (getDeleted),
+# describe, token or other.
+sub classify_request
+{
+	my ($e) = @_;
+	my $p = $e->{path};
+	return ('token', undef) if $p eq '/services/oauth2/token';
+	if ($p =~ m{^/services/data/v[\d.]+/(query|queryAll)/?$})
+	{
+		my $kind = $1;
+		my $soql = soql_of($e) // '';
+		return ($kind, $soql =~ /\bFROM\s+(\w+)/i ? $1 : undef);
+	}
+	return ('more', undef) if $p =~ m{^/services/data/v[\d.]+/query/[A-Za-z0-9]+-\d+$};
+	return ('deleted', $1) if $p =~ m{^/services/data/v[\d.]+/sobjects/(\w+)/deleted/?$};
+	return ('describe', $1) if $p =~ m{^/services/data/v[\d.]+/sobjects/(\w+)/describe/?$};
+	return ('other', undef);
+}
+
+# ---------------------------------------------------------------------------
+# Helpers: the database
+# ---------------------------------------------------------------------------
+
+my $node;
+
+sub sql { return $node->safe_psql('postgres', $_[0]); }
+
+sub wait_until
+{
+	my ($timeout, $code) = @_;
+	my $deadline = time + $timeout;
+	while (1)
+	{
+		return 1 if $code->();
+		return 0 if time > $deadline;
+		usleep(200_000);
+	}
+}
+
+sub wait_sql
+{
+	my ($timeout, $query) = @_;
+	return wait_until($timeout, sub { sql($query) eq 't' });
+}
+
+sub elapsed { return sprintf('%.0fs', time - $t_start); }
+
+# A persistent psql session: the measuring loop must not pay for a connection per look.
+my ($bg_in, $bg_out, $bg_err) = ('', '', '');
+my $bg_n = 0;
+
+sub bg_start
+{
+	$bg_timer = IPC::Run::timeout(120);
+	$bg_h = IPC::Run::start(
+		[ 'psql', '-XAtq', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('postgres'), '-f', '-' ],
+		'<', \$bg_in, '>', \$bg_out, '2>', \$bg_err, $bg_timer);
+}
+
+sub bq
+{
+	my ($query) = @_;
+	my $tag = '__bq_' . ++$bg_n . '__';
+	$bg_timer->start(120);
+	$bg_in .= "$query;\n\\echo $tag\n";
+	$bg_h->pump until $bg_out =~ /\Q$tag\E\n/ || $bg_err ne '';
+	die "background psql failed on <$query>: $bg_err" if $bg_err ne '';
+	my $out = $bg_out;
+	$bg_out = '';
+	$out =~ s/\Q$tag\E\n.*\z//s;
+	chomp $out;
+	return $out;
+}
+
+sub quantile
+{
+	my ($q, @v) = @_;
+	@v = sort { $a <=> $b } @v;
+	return undef unless @v;
+	my $pos = $q * (@v - 1);
+	my $lo = int($pos);
+	my $hi = $lo + 1 < @v ? $lo + 1 : $lo;
+	return $v[$lo] + ($v[$hi] - $v[$lo]) * ($pos - $lo);
+}
+
+# ---------------------------------------------------------------------------
+# Setup: 20 custom objects in the fake, one source with a budget of 4 req/s
+# ---------------------------------------------------------------------------
+
+my $F = start_fake('lag', '--records', '100');
+my @objects = map { "Lag_${_}__c" } 1 .. 20;
+my %record_ids;
+for my $o (@objects)
+{
+	my $r = admin($F, 'POST', 'objects', { name => $o, records => $RECORDS });
+	die "object $o: " . $json->encode($r) unless $r->{records} == $RECORDS;
+	$record_ids{$o} = [ map { $_->{Id} } @{ admin($F, 'GET', "records/$o") } ];
+}
+is(scalar(@{ $record_ids{Lag_20__c} }), $RECORDS, "the fake holds $RECORDS records in each of 20 custom objects");
+
+$node = PostgreSQL::Test::Cluster->new('main');
+$node->init;
+$node->append_conf('postgresql.conf', <<'EOC');
+shared_preload_libraries = 'sync'
+timezone = 'UTC'
+sync.launcher_naptime = 1
+max_worker_processes = 16
+EOC
+$node->start;
+sql('CREATE EXTENSION sync');
+sql("SELECT sync.create_source('lag', 'salesforce', '$F->{url}', '$creds', "
+	  . "'{\"requests_per_second\": $RATE, \"burst\": 1, \"batch_size\": 200}')");
+bg_start();
+
+my %table;     # object -> target table
+my %column;    # object -> api field -> column
+my $active = 0;
+my %used_record;
+my (%est_of, %summary);
+
+# Grow the source to $n collections and wait until the new ones are backfilled and
+# every collection has been caught up a few times since.
+sub grow_to
+{
+	my ($n) = @_;
+	for my $i ($active + 1 .. $n)
+	{
+		my $o = $objects[ $i - 1 ];
+		$table{$o} = sql("SELECT sync.add_collection('lag', '$o')");
+	}
+	$active = $n;
+	ok( wait_sql(
+			180,
+			"SELECT count(*) = $n AND bool_and(phase = 'incremental' AND backfill_completed_at IS NOT NULL "
+			  . "AND state = 'syncing') FROM sync.status WHERE source = 'lag'"),
+		"$n collections: every backfill completes (" . elapsed() . ')')
+	  or diag(sql("SELECT collection, state, phase, backfill_records, last_error FROM sync.status"));
+	for my $i (1 .. $n)
+	{
+		my $o = $objects[ $i - 1 ];
+		next if $column{$o};
+		is(sql("SELECT count(*) FROM $table{$o}"), $RECORDS, "$n collections: $o backfilled with $RECORDS rows");
+		for my $row (split /\n/,
+			sql("SELECT api_field, column_name FROM sync.columns WHERE source = 'lag' AND collection = '$o'"))
+		{
+			my ($f, $c) = split /\|/, $row;
+			$column{$o}{$f} = $c;
+		}
+	}
+	# settled: each collection caught up in 3 full polling cycles after all backfills
+	my $ready = sql("SELECT extract(epoch from now())");
+	my $est = sql("SELECT max(extract(epoch from est_max_lag)) FROM sync.status WHERE source = 'lag'");
+	ok( wait_sql(
+			120,
+			"SELECT bool_and(last_caught_up_at > to_timestamp($ready + 3 * $est)) "
+			  . "FROM sync.status WHERE source = 'lag'"),
+		"$n collections: every collection is caught up 3 polling cycles (${est} s each) after the backfills ("
+		  . elapsed() . ')')
+	  or diag(sql("SELECT collection, state, last_caught_up_at, lag, est_max_lag FROM sync.status"));
+}
+
+# ---------------------------------------------------------------------------
+# The measurement for one number of collections
+# ---------------------------------------------------------------------------
+
+sub measure
+{
+	my ($n) = @_;
+	my $est_now = bq("SELECT max(extract(epoch from est_max_lag)) FROM sync.status WHERE source = 'lag'");
+	my $window = max(3 * $est_now, 4);
+	my @plan = sort { $a <=> $b } map { rand($window) } 1 .. $CHANGES;
+	my @sample_at = map { $window * ($_ - 0.5) / 4 } 1 .. 4;
+	my (@changes, @samples, @sample_violations, @est_samples);
+
+	admin($F, 'DELETE', 'requests');
+	my $t0 = time;
+	my $deadline = $t0 + $window + $est_now + 60;
+	my $next_tick = $t0;
+	while (time < $deadline)
+	{
+		my $now = time;
+		if (@plan && $now - $t0 >= $plan[0])
+		{
+			shift @plan;
+			my $o = $objects[ int(rand($n)) ];
+			my @free = grep { !$used_record{$_} } @{ $record_ids{$o} };
+			my $id = $free[ int(rand(@free)) ];
+			$used_record{$id} = 1;
+			my $k = scalar @changes;
+			my $name = "lag $n/$k " . int(rand(1e9));
+			my $amount = sprintf('%.2f', 1 + rand(99999));
+			my $est = bq("SELECT extract(epoch from est_max_lag) FROM sync.status "
+				  . "WHERE source = 'lag' AND collection = '$o'");
+			my $res = $http->request('PATCH', "$F->{url}/__admin/records/$o/$id",
+				{ headers => { 'Content-Type' => 'application/json' },
+				  content => $json->encode({ Name => $name, Amount__c => $amount + 0 }) });
+			my $t_answer = time;
+			die "PATCH $o/$id: $res->{status} $res->{content}" unless $res->{success};
+			push @changes, { k => $k, object => $o, id => $id, name => $name, amount => $amount,
+				est => $est, t => $t_answer, modstamp => $json->decode($res->{content})->{SystemModstamp} };
+		}
+		if (@sample_at && $now - $t0 >= $sample_at[0])
+		{
+			shift @sample_at;
+			my $rows = bq("SELECT collection, extract(epoch from lag), extract(epoch from est_max_lag) "
+				  . "FROM sync.status WHERE source = 'lag' ORDER BY collection");
+			my @r = map { [ split /\|/ ] } split /\n/, $rows;
+			push @samples, map { $_->[1] } @r;
+			push @est_samples, $r[0][2];
+			push @sample_violations, map { sprintf('%s lag %.3f s, est %.3f s at +%.1f s', @$_, $now - $t0) }
+			  grep { $_->[1] >= $_->[2] + 1 } @r;
+		}
+		my @pending = grep { !defined $_->{seen} } @changes;
+		if (@pending)
+		{
+			my $q = join ' UNION ALL ', map {
+				my $c = $_;
+				my $nm = $c->{name};
+				$nm =~ s/'/''/g;
+				"SELECT $c->{k} FROM $table{$c->{object}} WHERE id = '$c->{id}' "
+				  . "AND $column{$c->{object}}{Name} = '$nm' "
+				  . "AND $column{$c->{object}}{Amount__c} = $c->{amount}"
+			} @pending;
+			my $t_send = time;
+			my $out = bq($q);
+			# The values were not visible when the previous look was sent, and were
+			# when this one was: t_send bounds the moment from above within a tick.
+			for my $k (split /\n/, $out)
+			{
+				$changes[$k]{seen} = $t_send;
+				$changes[$k]{lag} = $t_send - $changes[$k]{t};
+			}
+		}
+		last if !@plan && !@sample_at && !grep { !defined $_->{seen} } @changes;
+		$next_tick += $TICK;
+		my $sleep = $next_tick - time;
+		if ($sleep > 0) { usleep(int($sleep * 1e6)); }
+		else { $next_tick = time; }
+	}
+	my $t1 = time;
+	my $log = admin($F, 'GET', 'requests');
+	my @seen = grep { defined $_->{lag} } @changes;
+	is(scalar(@seen), $CHANGES, "$n collections: all $CHANGES changes reach their tables");
+
+	my @lags = map { $_->{lag} } @seen;
+	my ($worst) = sort { ($b->{lag} - $b->{est}) <=> ($a->{lag} - $a->{est}) } @seen;
+	my $p50 = quantile(0.5, @lags);
+	my $lmax = max(@lags);
+	my $est_mean = sum(map { $_->{est} } @changes) / @changes;
+	diag(sprintf('%2d collections: est_max_lag %.3f s; change lag p50 %.3f s, max %.3f s (%d changes over %.1f s); '
+		  . 'sampled sync.status.lag max %.3f s', $n, $est_mean, $p50 // -1, $lmax // -1, scalar(@changes), $window,
+		max(@samples) // -1));
+	for my $c (@changes)
+	{
+		note(sprintf('  change %d: %s %s at +%.3f s (modstamp %s) est %.3f s lag %s', $c->{k}, $c->{object}, $c->{id},
+			$c->{t} - $t0, $c->{modstamp}, $c->{est}, defined $c->{lag} ? sprintf('%.3f s', $c->{lag}) : 'never'));
+	}
+	ok(defined $worst && @seen == @changes && $worst->{lag} <= $worst->{est} + 1,
+		sprintf('%d collections: worst change lag %.3f s <= est_max_lag %.3f s + 1 s', $n,
+			$worst ? $worst->{lag} : -1, $worst ? $worst->{est} : -1))
+	  or explain_lag($n, $worst, $log);
+	ok(@samples >= 4 * $n && !@sample_violations,
+		"$n collections: sync.status.lag of every collection, sampled 4 times, < est_max_lag + 1 s")
+	  or diag("violations:\n  " . join("\n  ", @sample_violations));
+
+	# Requests per polling cycle counted in the fake's log over the measurement window:
+	# per collection, its requests divided by its polls (queryAll); requests no
+	# collection can be told from (token, continuation pages) are spread over the polls.
+	my (%req, %polls, %poll_times, %kinds);
+	my $unattributed = 0;
+	for my $e (sort { $a->{t} <=> $b->{t} } @$log)
+	{
+		next if $e->{t} < $t0 || $e->{t} > $t1;
+		my ($kind, $obj) = classify_request($e);
+		$kinds{$kind}++;
+		if (!defined $obj) { $unattributed++; next; }
+		$req{$obj}++;
+		if ($kind eq 'queryAll') { $polls{$obj}++; push @{ $poll_times{$obj} }, $e->{t}; }
+	}
+	my @active_objects = @objects[ 0 .. $n - 1 ];
+	my $total_polls = sum(map { $polls{$_} // 0 } @active_objects) || 1;
+	my $per_cycle = 0;
+	my @gaps;
+	for my $o (@active_objects)
+	{
+		my $p = $polls{$o} // 0;
+		$per_cycle += $p ? ($req{$o} + $unattributed * $p / $total_polls) / $p : 1;
+		my @t = @{ $poll_times{$o} // [] };
+		push @gaps, map { $t[$_] - $t[ $_ - 1 ] } 1 .. $#t;
+	}
+	my $expected = $per_cycle / $RATE;
+	my $est_sampled = sum(@est_samples) / @est_samples;
+	diag(sprintf('%2d collections: %.2f requests per polling cycle in the fake\'s log -> %.3f s at %d req/s; '
+		  . 'est_max_lag %.3f s; time between two polls of a collection: mean %.3f s, max %.3f s',
+		$n, $per_cycle, $expected, $RATE, $est_sampled, @gaps ? sum(@gaps) / @gaps : -1, max(@gaps) // -1));
+	diag(sprintf('%2d collections: requests in %.1f s: %s', $n, $t1 - $t0,
+		join(', ', map { "$_ $kinds{$_}" } sort keys %kinds)));
+	$est_of{$n} = $est_sampled;
+	$summary{$n} = { expected => $expected, p50 => $p50, max => $lmax };
+	return $expected;
+}
+
+# Why a change took longer than the estimate: every request between the poll of its
+# collection before the change and the poll that brought it.
+sub explain_lag
+{
+	my ($n, $c, $log) = @_;
+	return unless $c;
+	diag(sprintf('change %d of %s (record %s) answered at %.3f, visible at %s, est %.3f s',
+		$c->{k}, $c->{object}, $c->{id}, $c->{t}, defined $c->{seen} ? sprintf('%.3f', $c->{seen}) : 'never', $c->{est}));
+	my @sorted = sort { $a->{t} <=> $b->{t} } @$log;
+	my ($from) = reverse grep {
+		my ($k, $o) = classify_request($_);
+		$_->{t} < $c->{t} && defined $o && $o eq $c->{object}
+	} @sorted;
+	my $from_t = $from ? $from->{t} : $c->{t} - 2;
+	my $to_t = defined $c->{seen} ? $c->{seen} : $c->{t} + 30;
+	diag('requests from the last request of the collection before the change until it was seen:');
+	for my $e (grep { $_->{t} >= $from_t && $_->{t} <= $to_t } @sorted)
+	{
+		my ($k, $o) = classify_request($e);
+		diag(sprintf('  %+8.3f s  %-8s %-10s %s %s', $e->{t} - $c->{t}, $k, $o // '-', $e->{status},
+			$e->{path}));
+	}
+	diag(sql("SELECT collection, state, activity, last_caught_up_at, lag, est_max_lag, requests "
+		  . "FROM sync.status WHERE collection = '$c->{object}'"));
+}
+
+# ---------------------------------------------------------------------------
+# 1, 5 and 20 collections
+# ---------------------------------------------------------------------------
+
+for my $n (1, 5, 20)
+{
+	grow_to($n);
+	is(sql("SELECT requests_per_second || '/' || burst FROM sync.budgets WHERE source = 'lag'"),
+		"$RATE/1", "$n collections: sync.budgets shows the budget of $RATE req/s, burst 1");
+	measure($n);
+}
+
+# est_max_lag follows the requests per cycle and grows with the number of collections.
+{
+	my $want5 = $summary{5}{expected};
+	ok(abs($est_of{5} - $want5) <= 0.2 * $want5,
+		sprintf('5 collections: est_max_lag %.3f s within 20%% of 5 x (requests per cycle) / %d = %.3f s',
+			$est_of{5}, $RATE, $want5));
+	ok($est_of{1} < $est_of{5} && $est_of{5} < $est_of{20},
+		sprintf('est_max_lag grows with the collections: %.3f s (1) < %.3f s (5) < %.3f s (20)',
+			$est_of{1}, $est_of{5}, $est_of{20}));
+	ok($est_of{20} >= 3 * $est_of{5} && $est_of{20} <= 5 * $est_of{5},
+		sprintf('20 collections cost about 4 times what 5 do: %.3f s vs %.3f s', $est_of{20}, $est_of{5}));
+}
+
+for my $n (1, 5, 20)
+{
+	diag(sprintf('summary: %2d collections  est_max_lag %.3f s  lag p50 %.3f s  max %.3f s', $n, $est_of{$n},
+		$summary{$n}{p50} // -1, $summary{$n}{max} // -1));
+}
+diag('runtime ' . elapsed());
+
+$node->stop;
+done_testing();
