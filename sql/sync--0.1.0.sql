@@ -259,6 +259,9 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'sync_register_database';
 CREATE FUNCTION sync._budget_forget(source_id integer) RETURNS void
 LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'sync_budget_forget_sql';
 
+CREATE FUNCTION sync._budget_clear_penalty(source_id integer) RETURNS void
+LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'sync_budget_clear_penalty_sql';
+
 CREATE FUNCTION sync._budget_reset_stats(source_id integer) RETURNS void
 LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'sync_budget_reset_stats_sql';
 
@@ -558,6 +561,8 @@ CREATE FUNCTION sync.run_now(source text, collection text DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM sync._require_admin();
+    -- the user knows the API takes requests again (e.g. its allocation was raised)
+    PERFORM sync._budget_clear_penalty(sync._source_id(source));
     UPDATE sync.collection_state
        SET run_requested = true, consecutive_failures = 0
      WHERE collection_id IN (SELECT id FROM sync.collections c
@@ -565,7 +570,7 @@ BEGIN
                                 AND (run_now.collection IS NULL OR c.id = sync._collection_id(source, run_now.collection)));
     PERFORM sync._wake();
 END $$;
-COMMENT ON FUNCTION sync.run_now(text, text) IS 'poll a source (or one collection) now, skipping any error backoff';
+COMMENT ON FUNCTION sync.run_now(text, text) IS 'poll a source (or one collection) now, skipping any error backoff and rate-limit penalty';
 
 CREATE FUNCTION sync.wait_for_backfill(source text, collection text, timeout interval)
 RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -620,7 +625,7 @@ REVOKE EXECUTE ON FUNCTION sync.create_source(text, text, text, jsonb, jsonb),
                            sync.resync(text, text), sync.run_now(text, text), sync.reconcile(text, text),
                            sync._describe(text, text), sync._validate_source(text, text, jsonb, jsonb),
                            sync.reset_stats(text, text), sync._budget_forget(integer),
-                           sync._budget_reset_stats(integer)
+                           sync._budget_reset_stats(integer), sync._budget_clear_penalty(integer)
 FROM PUBLIC;
 
 -- The database gets its worker when this transaction commits.

@@ -44,6 +44,7 @@ typedef struct BudgetSlot
 	Oid			dboid;
 	int32		source_id;		/* 0: free */
 	TimestampTz last_used;
+	TimestampTz created_at;
 
 	TokenBucket main;
 	TokenBucket search;
@@ -147,6 +148,7 @@ slot_find_or_add(Oid dboid, int32 source_id, TimestampTz now)
 	oldest->search.refilled_at = now;
 	oldest->seen.daily_remaining = -1;
 	oldest->stats_reset = now;
+	oldest->created_at = now;
 	return oldest;
 }
 
@@ -503,6 +505,22 @@ sync_budget_forget(int32 source_id)
 	LWLockRelease(budget_lock);
 }
 
+/* The user says the API will take requests again (sync.run_now). */
+void
+sync_budget_clear_penalty(int32 source_id)
+{
+	BudgetSlot *slot;
+
+	LWLockAcquire(budget_lock, LW_EXCLUSIVE);
+	slot = slot_find(MyDatabaseId, source_id);
+	if (slot)
+	{
+		slot->penalty_until = 0;
+		slot->consecutive_limited = 0;
+	}
+	LWLockRelease(budget_lock);
+}
+
 void
 sync_budget_reset_stats(int32 source_id)
 {
@@ -520,12 +538,20 @@ sync_budget_reset_stats(int32 source_id)
 
 PG_FUNCTION_INFO_V1(sync_budget_forget_sql);
 PG_FUNCTION_INFO_V1(sync_budget_reset_stats_sql);
+PG_FUNCTION_INFO_V1(sync_budget_clear_penalty_sql);
 PG_FUNCTION_INFO_V1(sync_budget_state);
 
 Datum
 sync_budget_forget_sql(PG_FUNCTION_ARGS)
 {
 	sync_budget_forget(PG_GETARG_INT32(0));
+	PG_RETURN_VOID();
+}
+
+Datum
+sync_budget_clear_penalty_sql(PG_FUNCTION_ARGS)
+{
+	sync_budget_clear_penalty(PG_GETARG_INT32(0));
 	PG_RETURN_VOID();
 }
 
@@ -563,6 +589,8 @@ sync_budget_state(PG_FUNCTION_ARGS)
 		bool		nulls[BUDGET_STATE_COLS];
 		int64		used = 0;
 		int			c = 0;
+		/* a budget younger than the window is averaged over its own age */
+		double		window = Min((double) USE_WINDOW_S, (double) (this_second - s->created_at / USECS_PER_SEC));
 
 		memset(nulls, 0, sizeof(nulls));
 		/* whole seconds before this one: the current second is still filling */
@@ -580,7 +608,7 @@ sync_budget_state(PG_FUNCTION_ARGS)
 		values[c++] = CStringGetTextDatum(s->basis);
 		values[c++] = CStringGetTextDatum(s->limited_by);
 		nulls[c - 1] = s->limited_by[0] == '\0';
-		values[c++] = Float8GetDatum((double) used / USE_WINDOW_S);
+		values[c++] = Float8GetDatum(window >= 1 ? (double) used / window : 0);
 		values[c++] = Float8GetDatum(s->seen.daily_limit);
 		nulls[c - 1] = s->seen.daily_limit <= 0;
 		values[c++] = Float8GetDatum(s->seen.daily_remaining);

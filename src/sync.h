@@ -316,6 +316,7 @@ extern void sync_budget_note_transport_error(SyncSource *source);
 extern TimestampTz sync_budget_penalty_until(int32 source_id);
 extern void sync_budget_forget(int32 source_id);
 extern void sync_budget_reset_stats(int32 source_id);
+extern void sync_budget_clear_penalty(int32 source_id);
 
 /*
  * Make one API request for a source within its budget and count it in page

@@ -712,8 +712,13 @@ ok(wait_sql(60, "SELECT state = 'rate limited' AND consecutive_failures = 0 AND 
 		  . "AND last_error LIKE '%HTTP 429%rate_limit%' "
 		  . "FROM sync.status WHERE source = 'billing' AND collection = 'customers'"),
 	'customers: a 429 shows as state rate limited (no error backoff) with rate_limit in last_error');
-ok(wait_sql(60, "SELECT state = 'syncing' AND consecutive_failures = 0 FROM sync.status "
-		  . "WHERE source = 'billing' AND collection = 'customers'"), 'customers: back to syncing after the 429s');
+ok(wait_until(60, sub { admin($F, 'GET', 'faults')->[0]{remaining} == 0 }),
+	'customers: each 429 penalty passed and the step was tried again until all three were served');
+{
+	my $t_served = time;
+	ok(wait_sql(60, "SELECT state = 'syncing' AND consecutive_failures = 0 AND last_poll_at > to_timestamp($t_served) "
+		  . "FROM sync.status WHERE source = 'billing' AND collection = 'customers'"), 'customers: back to syncing after the 429s');
+}
 is(join(',', map { "$_->{hits}/$_->{remaining}" } @{ admin($F, 'GET', 'faults') }), '3/0', 'all three 429s were served');
 like(status_of('customers')->{last_error} // '', qr/HTTP 429/, 'last_error keeps the 429 for the record');
 cmp_ok(sql("SELECT rate_limited FROM sync.stat_collections WHERE source = 'billing' AND collection = 'customers'"),

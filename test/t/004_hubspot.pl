@@ -786,8 +786,13 @@ ok(wait_sql(60, "SELECT state = 'rate limited' AND consecutive_failures = 0 "
 	  . "FROM sync.status WHERE source = 'crm' AND collection = 'contacts'"),
 	'contacts: a 429 shows as state rate limited with HubSpot\'s message in last_error')
   or diag('last_error: ' . (status_of('crm', 'contacts')->{last_error} // 'none'));
-ok(wait_sql(60, "SELECT state = 'syncing' AND consecutive_failures = 0 FROM sync.status "
-	  . "WHERE source = 'crm' AND collection = 'contacts'"), 'contacts: back to syncing after the 429s');
+ok(wait_until(60, sub { admin($A, 'GET', 'faults')->[0]{remaining} == 0 }),
+	'contacts: each 429 penalty passed and the step was tried again until all three were served');
+{
+	my $t_served = time;
+	ok(wait_sql(60, "SELECT state = 'syncing' AND consecutive_failures = 0 AND last_poll_at > to_timestamp($t_served) "
+		  . "FROM sync.status WHERE source = 'crm' AND collection = 'contacts'"), 'contacts: back to syncing after the 429s');
+}
 is(join(',', map { "$_->{hits}/$_->{remaining}" } @{ admin($A, 'GET', 'faults') }), '3/0', 'all three 429s were served');
 like(status_of('crm', 'contacts')->{last_error} // '', qr/429/, 'last_error keeps the 429 for the record');
 my $E2 = admin($A, 'POST', 'records/contacts', { properties => { email => 'after.429@example.com' } })->{id};

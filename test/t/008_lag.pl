@@ -7,12 +7,16 @@
 # 50 records each. For 1, 5 and 20 collections (the source is reused: collections
 # are added), once every backfill is done and the collections have been caught up a
 # few times:
-#   1. ~10 changes at random moments over a few polling cycles, each timed from the
-#      fake's answer to the PATCH until a persistent psql session (polling every
-#      25 ms) sees the new values; worst lag <= est_max_lag at the change + 1 s;
-#   2. sync.status.lag of every collection, sampled a few times, < est_max_lag + 1 s;
+#   1. ~10 changes at random moments per 3 polling cycles (at least 4 s), each timed
+#      from the fake's answer to the PATCH until a persistent psql session (looking
+#      every 25 ms) sees the new values; worst lag <= est_max_lag at the change + 1 s;
+#   2. sync.status.lag of every collection, sampled every 0.5 s, < est_max_lag + 1 s;
 #   3. est_max_lag follows the requests per cycle counted independently in the
 #      fake's request log (within 20% for 5 collections) and grows with N.
+# Steady state includes the periodic delete checks (getDeleted, default every 300 s),
+# which start once a collection's delete window is 60 s old: the 20-collection
+# measurement runs until every collection is past that point and two delete checks
+# ran, and also changes a record right before a collection's delete check is due.
 # LAG_SEED=n reproduces a run's random choices.
 use strict;
 use warnings;
@@ -33,6 +37,8 @@ my $RATE = 4;
 my $RECORDS = 50;
 my $CHANGES = 10;
 my $TICK = 0.025;    # seconds between two looks at the table
+my $SAMPLE_EVERY = 0.5;    # seconds between two samples of sync.status.lag
+my $DELETED_INTERVAL = 300;    # the source option's default: not set here
 my $seed = $ENV{LAG_SEED} // int(rand(1_000_000));
 srand($seed);
 note "LAG_SEED=$seed";
@@ -271,52 +277,86 @@ sub grow_to
 # The measurement for one number of collections
 # ---------------------------------------------------------------------------
 
+# Change a random unused record of $o in the fake; returns the change.
+sub make_change
+{
+	my ($n, $o, $k, $why) = @_;
+	my @free = grep { !$used_record{$_} } @{ $record_ids{$o} };
+	my $id = $free[ int(rand(@free)) ];
+	$used_record{$id} = 1;
+	my $name = "lag $n/$k " . int(rand(1e9));
+	my $amount = sprintf('%.2f', 1 + rand(99999));
+	my $est = bq("SELECT extract(epoch from est_max_lag) FROM sync.status WHERE source = 'lag' AND collection = '$o'");
+	my $res = $http->request('PATCH', "$F->{url}/__admin/records/$o/$id",
+		{ headers => { 'Content-Type' => 'application/json' },
+		  content => $json->encode({ Name => $name, Amount__c => $amount + 0 }) });
+	my $t_answer = time;
+	die "PATCH $o/$id: $res->{status} $res->{content}" unless $res->{success};
+	return { k => $k, object => $o, id => $id, name => $name, amount => $amount, why => $why,
+		est => $est, t => $t_answer, modstamp => $json->decode($res->{content})->{SystemModstamp} };
+}
+
+# $until: measure at least until then; $delete_checks: also until that many delete
+# checks ran and a change was made to a collection just before its delete check.
 sub measure
 {
-	my ($n) = @_;
+	my ($n, $until, $delete_checks) = @_;
 	my $est_now = bq("SELECT max(extract(epoch from est_max_lag)) FROM sync.status WHERE source = 'lag'");
-	my $window = max(3 * $est_now, 4);
-	my @plan = sort { $a <=> $b } map { rand($window) } 1 .. $CHANGES;
-	my @sample_at = map { $window * ($_ - 0.5) / 4 } 1 .. 4;
-	my (@changes, @samples, @sample_violations, @est_samples);
+	my $base = max(3 * $est_now, 4);
+	my $window = max($base, ($until // 0) - time);
+	my $nchanges = int($CHANGES * $window / $base + 0.5);
+	my @plan = sort { $a <=> $b } map { rand($window) } 1 .. $nchanges;
+	my (@changes, @samples, @sample_violations, @est_samples, %targeted);
+	my $checks_seen = 0;
 
 	admin($F, 'DELETE', 'requests');
 	my $t0 = time;
-	my $deadline = $t0 + $window + $est_now + 60;
+	my $t0_db = bq("SELECT extract(epoch from now())");
+	my $deadline = $t0 + $window + ($delete_checks ? 150 : 0) + $est_now + 60;
 	my $next_tick = $t0;
+	my $next_sample = $t0 + $SAMPLE_EVERY;
 	while (time < $deadline)
 	{
 		my $now = time;
 		if (@plan && $now - $t0 >= $plan[0])
 		{
 			shift @plan;
-			my $o = $objects[ int(rand($n)) ];
-			my @free = grep { !$used_record{$_} } @{ $record_ids{$o} };
-			my $id = $free[ int(rand(@free)) ];
-			$used_record{$id} = 1;
-			my $k = scalar @changes;
-			my $name = "lag $n/$k " . int(rand(1e9));
-			my $amount = sprintf('%.2f', 1 + rand(99999));
-			my $est = bq("SELECT extract(epoch from est_max_lag) FROM sync.status "
-				  . "WHERE source = 'lag' AND collection = '$o'");
-			my $res = $http->request('PATCH', "$F->{url}/__admin/records/$o/$id",
-				{ headers => { 'Content-Type' => 'application/json' },
-				  content => $json->encode({ Name => $name, Amount__c => $amount + 0 }) });
-			my $t_answer = time;
-			die "PATCH $o/$id: $res->{status} $res->{content}" unless $res->{success};
-			push @changes, { k => $k, object => $o, id => $id, name => $name, amount => $amount,
-				est => $est, t => $t_answer, modstamp => $json->decode($res->{content})->{SystemModstamp} };
+			push @changes, make_change($n, $objects[ int(rand($n)) ], scalar(@changes), 'random');
 		}
-		if (@sample_at && $now - $t0 >= $sample_at[0])
+		if ($now >= $next_sample)
 		{
-			shift @sample_at;
-			my $rows = bq("SELECT collection, extract(epoch from lag), extract(epoch from est_max_lag) "
-				  . "FROM sync.status WHERE source = 'lag' ORDER BY collection");
+			$next_sample += $SAMPLE_EVERY;
+			# lag, est_max_lag, when the collection was last stepped, and when its next
+			# delete check is due (deleted_interval 300 s, delete window 60 s old)
+			my $rows = bq("SELECT s.collection, extract(epoch from s.lag), extract(epoch from s.est_max_lag), "
+				  . "extract(epoch from st.last_poll_at), "
+				  . "greatest((st.cursor->>'deleted_at')::float8 + $DELETED_INTERVAL, "
+				  . "         (st.cursor->>'deleted_until')::float8 + 60), "
+				  . "(st.cursor->>'deleted_at')::float8 > $t0_db "
+				  . "FROM sync.status s JOIN sync.sources so ON so.name = s.source "
+				  . "JOIN sync.collections c ON c.source_id = so.id AND c.name = s.collection "
+				  . "JOIN sync.collection_state st ON st.collection_id = c.id "
+				  . "WHERE s.source = 'lag' ORDER BY s.collection");
 			my @r = map { [ split /\|/ ] } split /\n/, $rows;
 			push @samples, map { $_->[1] } @r;
 			push @est_samples, $r[0][2];
-			push @sample_violations, map { sprintf('%s lag %.3f s, est %.3f s at +%.1f s', @$_, $now - $t0) }
+			push @sample_violations, map { { object => $_->[0], lag => $_->[1], est => $_->[2], at => $now } }
 			  grep { $_->[1] >= $_->[2] + 1 } @r;
+			$checks_seen = grep { $_->[5] eq 't' } @r;
+			# A change right after a collection's last poll before its delete check is due.
+			if ($delete_checks && keys %targeted < 3)
+			{
+				for my $row (@r)
+				{
+					my ($o, $lag, $est, $stepped, $due) = @$row;
+					next if $targeted{$o} || $now - $stepped > $SAMPLE_EVERY + 0.3;
+					next unless $due > $stepped - 0.5 && $due < $stepped + 0.8 * $est;
+					$targeted{$o} = 1;
+					push @changes, make_change($n, $o, scalar(@changes),
+						sprintf('delete check due in %.1f s', $due - time));
+					last;
+				}
+			}
 		}
 		my @pending = grep { !defined $_->{seen} } @changes;
 		if (@pending)
@@ -339,16 +379,26 @@ sub measure
 				$changes[$k]{lag} = $t_send - $changes[$k]{t};
 			}
 		}
-		last if !@plan && !@sample_at && !grep { !defined $_->{seen} } @changes;
+		last
+		  if !@plan
+		  && time - $t0 >= $window
+		  && (!$delete_checks || ($checks_seen >= $delete_checks && keys %targeted))
+		  && !grep { !defined $_->{seen} } @changes;
 		$next_tick += $TICK;
 		my $sleep = $next_tick - time;
 		if ($sleep > 0) { usleep(int($sleep * 1e6)); }
 		else { $next_tick = time; }
 	}
 	my $t1 = time;
-	my $log = admin($F, 'GET', 'requests');
+	my $log = [ sort { $a->{t} <=> $b->{t} } @{ admin($F, 'GET', 'requests') } ];
 	my @seen = grep { defined $_->{lag} } @changes;
-	is(scalar(@seen), $CHANGES, "$n collections: all $CHANGES changes reach their tables");
+	is(scalar(@seen), scalar(@changes), "$n collections: all " . scalar(@changes) . ' changes reach their tables');
+	if ($delete_checks)
+	{
+		ok($checks_seen >= $delete_checks && keys %targeted >= 1,
+			"$n collections: the measurement saw $checks_seen delete checks, and "
+			  . scalar(keys %targeted) . ' changes made just before one');
+	}
 
 	my @lags = map { $_->{lag} } @seen;
 	my ($worst) = sort { ($b->{lag} - $b->{est}) <=> ($a->{lag} - $a->{est}) } @seen;
@@ -356,27 +406,30 @@ sub measure
 	my $lmax = max(@lags);
 	my $est_mean = sum(map { $_->{est} } @changes) / @changes;
 	diag(sprintf('%2d collections: est_max_lag %.3f s; change lag p50 %.3f s, max %.3f s (%d changes over %.1f s); '
-		  . 'sampled sync.status.lag max %.3f s', $n, $est_mean, $p50 // -1, $lmax // -1, scalar(@changes), $window,
-		max(@samples) // -1));
+		  . 'sync.status.lag sampled %d times, max %.3f s', $n, $est_mean, $p50 // -1, $lmax // -1,
+		scalar(@changes), $window, scalar(@est_samples), max(@samples) // -1));
 	for my $c (@changes)
 	{
-		note(sprintf('  change %d: %s %s at +%.3f s (modstamp %s) est %.3f s lag %s', $c->{k}, $c->{object}, $c->{id},
-			$c->{t} - $t0, $c->{modstamp}, $c->{est}, defined $c->{lag} ? sprintf('%.3f s', $c->{lag}) : 'never'));
+		my $line = sprintf('  change %d (%s): %s %s at +%.3f s (modstamp %s) est %.3f s lag %s', $c->{k}, $c->{why},
+			$c->{object}, $c->{id}, $c->{t} - $t0, $c->{modstamp}, $c->{est},
+			defined $c->{lag} ? sprintf('%.3f s', $c->{lag}) : 'never');
+		$c->{why} eq 'random' ? note($line) : diag($line);
 	}
 	ok(defined $worst && @seen == @changes && $worst->{lag} <= $worst->{est} + 1,
 		sprintf('%d collections: worst change lag %.3f s <= est_max_lag %.3f s + 1 s', $n,
 			$worst ? $worst->{lag} : -1, $worst ? $worst->{est} : -1))
-	  or explain_lag($n, $worst, $log);
-	ok(@samples >= 4 * $n && !@sample_violations,
-		"$n collections: sync.status.lag of every collection, sampled 4 times, < est_max_lag + 1 s")
-	  or diag("violations:\n  " . join("\n  ", @sample_violations));
+	  or explain_lag($worst, $log);
+	ok(@est_samples >= 4 && !@sample_violations,
+		sprintf('%d collections: sync.status.lag of every collection, sampled %d times, < est_max_lag + 1 s', $n,
+			scalar(@est_samples)))
+	  or explain_samples(\@sample_violations, $log);
 
 	# Requests per polling cycle counted in the fake's log over the measurement window:
 	# per collection, its requests divided by its polls (queryAll); requests no
 	# collection can be told from (token, continuation pages) are spread over the polls.
 	my (%req, %polls, %poll_times, %kinds);
 	my $unattributed = 0;
-	for my $e (sort { $a->{t} <=> $b->{t} } @$log)
+	for my $e (@$log)
 	{
 		next if $e->{t} < $t0 || $e->{t} > $t1;
 		my ($kind, $obj) = classify_request($e);
@@ -408,30 +461,56 @@ sub measure
 	return $expected;
 }
 
-# Why a change took longer than the estimate: every request between the poll of its
-# collection before the change and the poll that brought it.
+# The requests the fake saw between two polls (queryAll) of $obj around $at: what
+# the collection waited for. Polls of other collections are counted, the rest listed.
+sub requests_between_polls
+{
+	my ($obj, $at, $log) = @_;
+	my @polls = grep { my ($k, $o) = classify_request($_); $k eq 'queryAll' && $o eq $obj } @$log;
+	my ($before) = reverse grep { $_->{t} <= $at } @polls;
+	my ($after) = grep { $_->{t} > $at } @polls;
+	my $from = $before ? $before->{t} : $at - 10;
+	my $to = $after ? $after->{t} : $at + 10;
+	my @between = grep { $_->{t} > $from && $_->{t} < $to } @$log;
+	my $other_polls = grep { my ($k, $o) = classify_request($_); $k eq 'queryAll' } @between;
+	diag(sprintf('  %s: polls at %s and %s, %.3f s apart; in between %d requests: %d polls of other '
+		  . 'collections and:', $obj, $before ? sprintf('%.3f', $before->{t}) : '?',
+		$after ? sprintf('%.3f', $after->{t}) : '?', $to - $from, scalar(@between), $other_polls));
+	for my $e (@between)
+	{
+		my ($k, $o) = classify_request($e);
+		next if $k eq 'queryAll';
+		diag(sprintf('    %+8.3f s after the first poll: %-8s %-10s %s %s', $e->{t} - $from, $k, $o // '-',
+			$e->{status}, $e->{path}));
+	}
+}
+
+sub explain_samples
+{
+	my ($violations, $log) = @_;
+	my (%worst, %count);
+	for my $v (@$violations)
+	{
+		$count{ $v->{object} }++;
+		$worst{ $v->{object} } = $v if !$worst{ $v->{object} } || $worst{ $v->{object} }{lag} < $v->{lag};
+	}
+	my @by_lag = sort { $b->{lag} <=> $a->{lag} } values %worst;
+	diag(sprintf('%s: %d samples over, worst lag %.3f s with est_max_lag %.3f s at %.3f', $_->{object},
+		$count{ $_->{object} }, $_->{lag}, $_->{est}, $_->{at})) for @by_lag;
+	requests_between_polls($_->{object}, $_->{at}, $log) for @by_lag[ 0 .. min($#by_lag, 2) ];
+}
+
 sub explain_lag
 {
-	my ($n, $c, $log) = @_;
+	my ($c, $log) = @_;
 	return unless $c;
 	diag(sprintf('change %d of %s (record %s) answered at %.3f, visible at %s, est %.3f s',
 		$c->{k}, $c->{object}, $c->{id}, $c->{t}, defined $c->{seen} ? sprintf('%.3f', $c->{seen}) : 'never', $c->{est}));
-	my @sorted = sort { $a->{t} <=> $b->{t} } @$log;
-	my ($from) = reverse grep {
-		my ($k, $o) = classify_request($_);
-		$_->{t} < $c->{t} && defined $o && $o eq $c->{object}
-	} @sorted;
-	my $from_t = $from ? $from->{t} : $c->{t} - 2;
-	my $to_t = defined $c->{seen} ? $c->{seen} : $c->{t} + 30;
-	diag('requests from the last request of the collection before the change until it was seen:');
-	for my $e (grep { $_->{t} >= $from_t && $_->{t} <= $to_t } @sorted)
-	{
-		my ($k, $o) = classify_request($e);
-		diag(sprintf('  %+8.3f s  %-8s %-10s %s %s', $e->{t} - $c->{t}, $k, $o // '-', $e->{status},
-			$e->{path}));
-	}
-	diag(sql("SELECT collection, state, activity, last_caught_up_at, lag, est_max_lag, requests "
-		  . "FROM sync.status WHERE collection = '$c->{object}'"));
+	requests_between_polls($c->{object}, $c->{t}, $log);
+	diag(sql("SELECT s.collection, s.state, s.activity, s.last_caught_up_at, s.lag, s.est_max_lag, s.requests, "
+		  . "st.avg_cycle_requests, st.cursor FROM sync.status s "
+		  . "JOIN sync.collections c ON c.name = s.collection "
+		  . "JOIN sync.collection_state st ON st.collection_id = c.id WHERE s.collection = '$c->{object}'"));
 }
 
 # ---------------------------------------------------------------------------
@@ -443,7 +522,18 @@ for my $n (1, 5, 20)
 	grow_to($n);
 	is(sql("SELECT requests_per_second || '/' || burst FROM sync.budgets WHERE source = 'lag'"),
 		"$RATE/1", "$n collections: sync.budgets shows the budget of $RATE req/s, burst 1");
-	measure($n);
+	# Steady state includes the periodic delete checks (getDeleted), which begin once a
+	# collection's delete window is 60 s old: the last measurement lasts until every
+	# collection is past that point, and two polling cycles more.
+	my $until;
+	if ($n == 20)
+	{
+		my ($last_start, $est) = split /\|/,
+		  sql("SELECT extract(epoch from max(backfill_started_at)), max(extract(epoch from est_max_lag)) "
+			  . "FROM sync.status WHERE source = 'lag'");
+		$until = $last_start + 60 + 2 * $est + 5;
+	}
+	measure($n, $until, $n == 20 ? 2 : 0);
 }
 
 # est_max_lag follows the requests per cycle and grows with the number of collections.
