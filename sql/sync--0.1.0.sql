@@ -61,6 +61,7 @@ CREATE TABLE sync.collection_state (
     backfill_completed_at timestamptz,
     backfill_records      bigint NOT NULL DEFAULT 0,
     backfill_total        bigint,
+    backfill_rate         double precision,
     last_poll_at          timestamptz,
     last_caught_up_at     timestamptz,
     records_upserted      bigint NOT NULL DEFAULT 0,
@@ -84,6 +85,24 @@ CREATE TABLE sync.collection_state (
     last_sweep_started_at timestamptz,
     last_sweep_at         timestamptz
 );
+
+-- Values the API sent that do not fit their column: the row was stored with null there
+-- (or, when the key did not fit, not at all). One row per record and field, kept up to date.
+CREATE TABLE sync.rejected_values (
+    collection_id    integer NOT NULL REFERENCES sync.collections ON DELETE CASCADE,
+    record_id        text NOT NULL,
+    api_field        text NOT NULL,
+    column_name      text NOT NULL,
+    value            text,
+    sqlstate         text NOT NULL,
+    message          text NOT NULL,
+    record_dropped   boolean NOT NULL DEFAULT false,
+    first_rejected_at timestamptz NOT NULL DEFAULT now(),
+    last_rejected_at timestamptz NOT NULL DEFAULT now(),
+    times            integer NOT NULL DEFAULT 1,
+    PRIMARY KEY (collection_id, record_id, api_field)
+);
+COMMENT ON TABLE sync.rejected_values IS 'API values that did not fit their column; readable like the synced tables (not by PUBLIC)';
 
 -- Ids seen by the delete sweep in progress: rows not seen by its end were deleted in the API.
 CREATE TABLE sync.sweep_ids (
@@ -156,6 +175,13 @@ SELECT s.name                          AS source,
        st.phase,
        st.backfill_records,
        st.backfill_total,
+       CASE WHEN st.phase = 'incremental' AND st.backfill_completed_at IS NOT NULL THEN 100.0
+            ELSE round(least(100.0 * st.backfill_records / nullif(st.backfill_total, 0), 100.0), 1)
+            END                        AS backfill_percent,
+       round(st.backfill_rate::numeric, 1) AS backfill_rate,
+       CASE WHEN st.phase = 'backfill' AND st.backfill_rate > 0 AND st.backfill_total IS NOT NULL
+            THEN make_interval(secs => greatest(st.backfill_total - st.backfill_records, 0) / st.backfill_rate)
+            END                        AS backfill_eta,
        st.backfill_started_at,
        st.backfill_completed_at,
        st.last_poll_at,
@@ -216,6 +242,15 @@ LEFT JOIN sync.collection_state st ON st.collection_id = c.id
 LEFT JOIN sync._budgets() b ON b.source_id = s.id
 GROUP BY s.id, s.name, s.kind, s.created_at;
 COMMENT ON VIEW sync.stat_sources IS 'cumulative request statistics per source, including requests made outside collections (describe) since the server started';
+
+CREATE VIEW sync.rejected AS
+SELECT s.name AS source, c.name AS collection, c.relid::regclass AS target_table,
+       v.record_id, v.api_field, v.column_name, v.value, v.sqlstate, v.message AS error,
+       v.record_dropped, v.first_rejected_at, v.last_rejected_at, v.times
+FROM sync.rejected_values v
+JOIN sync.collections c ON c.id = v.collection_id
+JOIN sync.sources s ON s.id = c.source_id;
+COMMENT ON VIEW sync.rejected IS 'values from the API that did not fit their column (the row is stored with null there)';
 
 CREATE VIEW sync.columns AS
 SELECT s.name AS source, c.name AS collection, c.relid::regclass AS target_table,

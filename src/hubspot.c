@@ -555,6 +555,30 @@ hs_next_after(json_t *body)
 	return sync_json_string(json_object_get(json_object_get(body, "paging"), "next"), "after");
 }
 
+/* How many records the backfill will read: the list API does not say, a one-result search does. */
+static int64
+hs_count(SyncSource *source, SyncCollection *c, SyncPage *page)
+{
+	SyncHttpResponse resp = {0};
+	json_t	   *request = json_pack("{s:[s], s:i}", "properties", "hs_object_id", "limit", 1);
+	json_t	   *volatile body = NULL;
+	int64		total;
+
+	PG_TRY();
+	{
+		body = hs_request(source, page, "POST", psprintf("%s/search", hs_objects_path(source, c->name)),
+						  request, "count", &resp);
+	}
+	PG_FINALLY();
+	{
+		json_decref(request);
+	}
+	PG_END_TRY();
+	total = sync_json_int(body, "total", -1);
+	json_decref(body);
+	return total;
+}
+
 static void
 hs_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor)
 {
@@ -563,6 +587,8 @@ hs_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *
 	const char *next;
 	int64		newest;
 
+	if (sync_json_string(cursor, "after") == NULL)
+		page->total = hs_count(source, c, page);
 	body = hs_request(source, page, "GET",
 					  hs_list_path(source, c, sync_json_string(cursor, "after"), hs_property_list(c), false),
 					  NULL, "list", &resp);

@@ -7,6 +7,7 @@
  */
 #include "sync.h"
 
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "lib/stringinfo.h"
@@ -14,6 +15,7 @@
 #include "utils/hsearch.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "utils/timestamp.h"
 
 typedef struct CollectionPlans
@@ -262,6 +264,49 @@ run_with_json(SPIPlanPtr plan, json_t *array, int expected)
 }
 
 /*
+ * The page's upsert, in a subtransaction: when a value does not fit its
+ * column, the values that do not are set aside (see reject.c) and the page
+ * is stored without them.
+ */
+static int64
+upsert_page(SyncCollection *c, CollectionPlans *plans, SyncPage *page)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	volatile int64 upserted = 0;
+	ErrorData  *volatile failure = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		upserted = (int64) run_with_json(plans->upsert, page->records, SPI_OK_INSERT);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcontext);
+		failure = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_END_TRY();
+
+	if (failure == NULL)
+		return upserted;
+	if (ERRCODE_TO_CATEGORY(failure->sqlerrcode) != ERRCODE_DATA_EXCEPTION ||
+		sync_reject_unfit_values(c, page) == 0)
+		ReThrowError(failure);
+	if (json_array_size(page->records) == 0)
+		return 0;
+	return (int64) run_with_json(plans->upsert, page->records, SPI_OK_INSERT);
+}
+
+/*
  * Advance the collection's state; false when its cursor changed since the
  * step began (a resync), in which case the page is dropped.
  */
@@ -313,6 +358,13 @@ update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 		"  backfill_started_at = CASE WHEN phase = 'incremental' AND ($3 = 'backfill' OR $6) THEN now() "
 		"                             ELSE backfill_started_at END, "
 		"  backfill_total = coalesce($5, backfill_total), "
+		/* records per second of the backfill lately: ETA = what is left at this rate */
+		"  backfill_rate = CASE WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 "
+		"                            AND last_poll_at IS NOT NULL AND now() > last_poll_at "
+		"                       THEN coalesce(0.7 * backfill_rate, 0) + "
+		"                            CASE WHEN backfill_rate IS NULL THEN 1 ELSE 0.3 END * "
+		"                            $4 / extract(epoch FROM now() - last_poll_at) "
+		"                       WHEN phase = 'backfill' THEN backfill_rate ELSE NULL END, "
 		"  backfill_completed_at = CASE WHEN $6 THEN now() "
 		"                               WHEN phase = 'incremental' AND $3 = 'backfill' THEN NULL "
 		"                               ELSE backfill_completed_at END, "
@@ -444,7 +496,7 @@ sync_apply_page(SyncCollection *c, SyncPage *page)
 	/* Counted after the state update succeeds; the counts are known from the page. */
 	plans = plans_for(c);
 	if (page->records && json_array_size(page->records) > 0)
-		upserted = (int64) run_with_json(plans->upsert, page->records, SPI_OK_INSERT);
+		upserted = upsert_page(c, plans, page);
 	if (pending_deletes > 0)
 		deleted = (int64) run_with_json(plans->delete, page->deletions, SPI_OK_DELETE);
 	if (page->sweep_begin || page->sweep_ids || page->sweep_end)

@@ -7,6 +7,7 @@
  *   worker.c      a database's sync worker: scheduling, transactions, errors
  *   catalog.c     reading and writing the sync.* catalog tables through SPI
  *   store.c       creating synced tables and applying pages of records
+ *   reject.c      values that do not fit their columns: set aside, recorded
  *   http.c        interruptible libcurl requests
  *   ratelimit.c   per-source request budgets in shared memory
  *   request.c     every API request: budget, counters, rate-limit answers
@@ -336,6 +337,7 @@ extern void sync_lock_extension(void);
 
 /* ---------- store (store.c) ---------- */
 extern void sync_apply_page(SyncCollection *collection, SyncPage *page);
+extern int64 sync_reject_unfit_values(SyncCollection *collection, SyncPage *page);
 
 /* ---------- json helpers (jsonutil.c) ---------- */
 extern json_t *sync_json_parse(const char *text, size_t len, const char *what);

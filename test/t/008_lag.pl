@@ -461,27 +461,23 @@ sub measure
 	return $expected;
 }
 
-# The requests the fake saw between two polls (queryAll) of $obj around $at: what
-# the collection waited for. Polls of other collections are counted, the rest listed.
-sub requests_between_polls
+# The requests the fake saw from $from to $to, times relative to $from: every request
+# of $obj and every request that is no poll; polls of other collections are counted.
+sub requests_between
 {
-	my ($obj, $at, $log) = @_;
-	my @polls = grep { my ($k, $o) = classify_request($_); $k eq 'queryAll' && $o eq $obj } @$log;
-	my ($before) = reverse grep { $_->{t} <= $at } @polls;
-	my ($after) = grep { $_->{t} > $at } @polls;
-	my $from = $before ? $before->{t} : $at - 10;
-	my $to = $after ? $after->{t} : $at + 10;
-	my @between = grep { $_->{t} > $from && $_->{t} < $to } @$log;
-	my $other_polls = grep { my ($k, $o) = classify_request($_); $k eq 'queryAll' } @between;
-	diag(sprintf('  %s: polls at %s and %s, %.3f s apart; in between %d requests: %d polls of other '
-		  . 'collections and:', $obj, $before ? sprintf('%.3f', $before->{t}) : '?',
-		$after ? sprintf('%.3f', $after->{t}) : '?', $to - $from, scalar(@between), $other_polls));
+	my ($obj, $from, $to, $log) = @_;
+	my @between = grep { $_->{t} >= $from && $_->{t} <= $to } @$log;
+	my $other_polls = grep {
+		my ($k, $o) = classify_request($_);
+		$k eq 'queryAll' && ($o // '') ne $obj
+	} @between;
+	diag(sprintf('  requests from %.3f to %.3f (%.3f s): %d, of which %d polls of other collections, and:',
+		$from, $to, $to - $from, scalar(@between), $other_polls));
 	for my $e (@between)
 	{
 		my ($k, $o) = classify_request($e);
-		next if $k eq 'queryAll';
-		diag(sprintf('    %+8.3f s after the first poll: %-8s %-10s %s %s', $e->{t} - $from, $k, $o // '-',
-			$e->{status}, $e->{path}));
+		next if $k eq 'queryAll' && ($o // '') ne $obj;
+		diag(sprintf('    %+8.3f s  %-8s %-10s %s %s', $e->{t} - $from, $k, $o // '-', $e->{status}, $e->{path}));
 	}
 }
 
@@ -497,7 +493,9 @@ sub explain_samples
 	my @by_lag = sort { $b->{lag} <=> $a->{lag} } values %worst;
 	diag(sprintf('%s: %d samples over, worst lag %.3f s with est_max_lag %.3f s at %.3f', $_->{object},
 		$count{ $_->{object} }, $_->{lag}, $_->{est}, $_->{at})) for @by_lag;
-	requests_between_polls($_->{object}, $_->{at}, $log) for @by_lag[ 0 .. min($#by_lag, 2) ];
+	# the walk the lag counts from began at at - lag: show from just before it
+	requests_between($_->{object}, $_->{at} - $_->{lag} - 0.3, $_->{at}, $log)
+	  for @by_lag[ 0 .. min($#by_lag, 2) ];
 }
 
 sub explain_lag
@@ -506,7 +504,12 @@ sub explain_lag
 	return unless $c;
 	diag(sprintf('change %d of %s (record %s) answered at %.3f, visible at %s, est %.3f s',
 		$c->{k}, $c->{object}, $c->{id}, $c->{t}, defined $c->{seen} ? sprintf('%.3f', $c->{seen}) : 'never', $c->{est}));
-	requests_between_polls($c->{object}, $c->{t}, $log);
+	my ($before) = reverse grep {
+		my ($k, $o) = classify_request($_);
+		$k eq 'queryAll' && ($o // '') eq $c->{object} && $_->{t} <= $c->{t}
+	} @$log;
+	requests_between($c->{object}, $before ? $before->{t} : $c->{t} - 10,
+		defined $c->{seen} ? $c->{seen} : $c->{t} + 30, $log);
 	diag(sql("SELECT s.collection, s.state, s.activity, s.last_caught_up_at, s.lag, s.est_max_lag, s.requests, "
 		  . "st.avg_cycle_requests, st.cursor FROM sync.status s "
 		  . "JOIN sync.collections c ON c.name = s.collection "
