@@ -38,6 +38,9 @@ SELECT sync.wait_for_backfill('acme', 'Contact', '-1 second');
 SELECT sync.reset_stats('acme', 'Contact');
 SELECT sync.reset_stats(NULL, 'Contact');
 SELECT sync.reset_stats('nope');
+SELECT sync.add_column('acme', 'Contact', 'Email');
+SELECT sync.alter_column('acme', 'Contact', 'email', 'text');
+SELECT sync.remove_column('acme', 'Contact', 'email');
 SELECT sync.add_collection('acme', 'Contact; DROP TABLE x');
 SELECT sync.add_collection('acme', 'Contact', '{"fields": "Email"}');
 

@@ -48,8 +48,27 @@ CREATE TABLE sync.collection_columns (
     convert_sql   text,
     is_key        boolean NOT NULL DEFAULT false,
     is_version    boolean NOT NULL DEFAULT false,
+    attnum        smallint,             -- the column in the table, followed through renames
     PRIMARY KEY (collection_id, api_field),
     UNIQUE (collection_id, column_name)
+);
+
+-- Every field the API describes for a collection, synced or not; refreshed by the worker
+-- (option schema_interval), so fields added in the API later are listed, ready to add.
+CREATE TABLE sync.api_fields (
+    collection_id integer NOT NULL REFERENCES sync.collections ON DELETE CASCADE,
+    position      integer NOT NULL,
+    api_field     text NOT NULL,
+    api_type      text NOT NULL,
+    column_name   text NOT NULL,        -- the column name and type sync would give it
+    column_type   text NOT NULL,
+    wire_type     text NOT NULL,
+    convert_sql   text,
+    is_key        boolean NOT NULL DEFAULT false,
+    is_version    boolean NOT NULL DEFAULT false,
+    first_seen_at timestamptz NOT NULL DEFAULT now(),
+    last_seen_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (collection_id, api_field)
 );
 
 -- Where each collection stands. The cursor is the provider's own and commits with each page.
@@ -83,7 +102,12 @@ CREATE TABLE sync.collection_state (
     reconcile_requested   boolean NOT NULL DEFAULT false,
     sweep_started_at      timestamptz,
     last_sweep_started_at timestamptz,
-    last_sweep_at         timestamptz
+    last_sweep_at         timestamptz,
+    -- a backfill of some columns only: {"fields": [...], "cursor": {...}, "records": n, "started_at": ...}
+    column_backfill       jsonb,
+    last_column_backfill  jsonb,
+    schema_checked_at     timestamptz DEFAULT now(),
+    unsynced_attnums      smallint[] NOT NULL DEFAULT '{}'   -- user columns sync said it does not fill
 );
 
 -- Values the API sent that do not fit their column: the row was stored with null there
@@ -464,6 +488,7 @@ BEGIN
 
     CREATE TEMP TABLE IF NOT EXISTS _sync_described (LIKE sync.collection_columns) ON COMMIT DROP;
     ALTER TABLE _sync_described ADD COLUMN IF NOT EXISTS canonical_name text;
+    ALTER TABLE _sync_described ADD COLUMN IF NOT EXISTS synced boolean DEFAULT true;
     TRUNCATE _sync_described;
     INSERT INTO _sync_described (canonical_name, collection_id, position, api_field, api_type, column_name,
                                  column_type, wire_type, convert_sql, is_key, is_version)
@@ -487,7 +512,7 @@ BEGIN
                 USING ERRCODE = 'undefined_column',
                       HINT = 'Field names are the API''s; see the API''s schema of the collection.';
         END IF;
-        DELETE FROM _sync_described d
+        UPDATE _sync_described d SET synced = false
          WHERE NOT d.is_key AND NOT d.is_version AND lower(d.api_field) <> ALL (SELECT lower(w) FROM unnest(wanted) w);
     END IF;
 
@@ -502,7 +527,7 @@ BEGIN
     SELECT string_agg(format('%I %s', d.column_name, d.column_type), ', ' ORDER BY d.position),
            min(d.column_name) FILTER (WHERE d.is_key)
       INTO coldefs, keycol
-      FROM _sync_described d;
+      FROM _sync_described d WHERE d.synced;
     IF to_regnamespace(quote_ident(schema_name)) IS NULL THEN
         EXECUTE format('CREATE SCHEMA %I', schema_name);
     END IF;
@@ -516,11 +541,17 @@ BEGIN
     INSERT INTO sync.collections (source_id, name, relid, options)
     VALUES (sid, canonical, rel, options - 'schema' - 'table')
     RETURNING id INTO cid;
-    INSERT INTO sync.collection_columns (collection_id, position, api_field, api_type, column_name, column_type,
-                                         wire_type, convert_sql, is_key, is_version)
-    SELECT cid, row_number() OVER (ORDER BY d.position), d.api_field, d.api_type, d.column_name, d.column_type,
-           d.wire_type, d.convert_sql, d.is_key, d.is_version
+    INSERT INTO sync.api_fields (collection_id, position, api_field, api_type, column_name, column_type,
+                                 wire_type, convert_sql, is_key, is_version)
+    SELECT cid, d.position, d.api_field, d.api_type, d.column_name, d.column_type, d.wire_type, d.convert_sql,
+           d.is_key, d.is_version
       FROM _sync_described d;
+    INSERT INTO sync.collection_columns (collection_id, position, api_field, api_type, column_name, column_type,
+                                         wire_type, convert_sql, is_key, is_version, attnum)
+    SELECT cid, row_number() OVER (ORDER BY d.position), d.api_field, d.api_type, d.column_name, d.column_type,
+           d.wire_type, d.convert_sql, d.is_key, d.is_version,
+           (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = rel AND a.attname = d.column_name)
+      FROM _sync_described d WHERE d.synced;
     INSERT INTO sync.collection_state (collection_id, backfill_started_at, run_requested) VALUES (cid, now(), true);
     DROP TABLE _sync_described;
     RETURN rel;
@@ -647,6 +678,195 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION sync.reset_stats(text, text) IS 'zero the statistics of every source, one source, or one collection';
 
+-------------------------------------------------------------------------------
+-- Schema changes: a column added, retyped or dropped on a synced table
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION sync._assignable(from_type text, to_type text) RETURNS boolean
+LANGUAGE c STRICT STABLE AS 'MODULE_PATHNAME', 'sync_assignable';
+
+-- Fill some columns of every row from the API, without touching the collection's cursor.
+CREATE FUNCTION sync._start_column_backfill(collection_id integer, fields text[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE sync.collection_state st
+       SET column_backfill = jsonb_build_object(
+               'fields', (SELECT to_jsonb(array_agg(DISTINCT f ORDER BY f))
+                            FROM unnest(coalesce(ARRAY(SELECT jsonb_array_elements_text(st.column_backfill->'fields')),
+                                                 '{}') || fields) f
+                           WHERE EXISTS (SELECT 1 FROM sync.collection_columns m
+                                          WHERE m.collection_id = st.collection_id AND m.api_field = f)),
+               'cursor', '{}'::jsonb, 'records', 0, 'started_at', now()),
+           run_requested = true
+     WHERE st.collection_id = _start_column_backfill.collection_id;
+    PERFORM sync._wake();
+END $$;
+
+-- The value expression for a column whose type the user chose: assignment semantics when
+-- Postgres has an assignment cast from the type sync would use, else through text.
+CREATE FUNCTION sync._convert_for(natural_type text, column_type text, convert_sql text) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN CASE WHEN natural_type = column_type OR sync._assignable(natural_type, column_type) THEN convert_sql
+            ELSE 'CAST((' || coalesce(convert_sql, '%s') || ')::text AS ' || column_type || ')' END;
+
+CREATE FUNCTION sync._on_alter_table() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r       record;
+    col     record;
+    f       sync.api_fields;
+    changed text[];
+BEGIN
+    FOR r IN SELECT DISTINCT c.id AS collection_id, c.relid, c.name
+               FROM pg_event_trigger_ddl_commands() d
+               JOIN sync.collections c ON c.relid = d.objid
+              WHERE d.classid = 'pg_class'::regclass LOOP
+        changed := '{}';
+        SELECT m.column_name, m.api_field INTO col FROM sync.collection_columns m
+         WHERE m.collection_id = r.collection_id AND (m.is_key OR m.is_version)
+           AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = r.relid AND a.attnum = m.attnum
+                                                          AND NOT a.attisdropped);
+        IF FOUND THEN
+            RAISE EXCEPTION 'cannot drop column % of %: it holds the API''s %', quote_ident(col.column_name),
+                  r.relid::regclass, col.api_field
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      DETAIL = 'sync needs the record id and modification stamp of every row.',
+                      HINT = 'Remove the collection with sync.remove_collection() first.';
+        END IF;
+        -- dropped columns: stop fetching them
+        DELETE FROM sync.collection_columns m
+         WHERE m.collection_id = r.collection_id
+           AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = r.relid AND a.attnum = m.attnum
+                                                          AND NOT a.attisdropped);
+        -- renamed columns keep their field
+        UPDATE sync.collection_columns m SET column_name = a.attname
+          FROM pg_attribute a
+         WHERE m.collection_id = r.collection_id AND a.attrelid = r.relid AND a.attnum = m.attnum
+           AND a.attname <> m.column_name;
+        -- retyped columns: values are read again in the new type
+        FOR col IN SELECT m.api_field, format_type(a.atttypid, a.atttypmod) AS new_type,
+                          af.column_type AS natural_type, af.convert_sql
+                     FROM sync.collection_columns m
+                     JOIN pg_attribute a ON a.attrelid = r.relid AND a.attnum = m.attnum
+                     JOIN sync.api_fields af ON af.collection_id = m.collection_id AND af.api_field = m.api_field
+                    WHERE m.collection_id = r.collection_id
+                      AND format_type(a.atttypid, a.atttypmod) <> m.column_type LOOP
+            UPDATE sync.collection_columns m
+               SET column_type = col.new_type,
+                   convert_sql = sync._convert_for(col.natural_type, col.new_type, col.convert_sql)
+             WHERE m.collection_id = r.collection_id AND m.api_field = col.api_field;
+            changed := changed || col.api_field;
+        END LOOP;
+        -- added columns that name an API field: fetched from now on, and backfilled
+        FOR col IN SELECT a.attname, a.attnum, format_type(a.atttypid, a.atttypmod) AS col_type
+                     FROM pg_attribute a
+                    WHERE a.attrelid = r.relid AND a.attnum > 0 AND NOT a.attisdropped AND a.attname <> '_synced_at'
+                      AND NOT EXISTS (SELECT 1 FROM sync.collection_columns m
+                                       WHERE m.collection_id = r.collection_id AND m.attnum = a.attnum)
+                      AND a.attnum <> ALL (SELECT unnest(st.unsynced_attnums) FROM sync.collection_state st
+                                            WHERE st.collection_id = r.collection_id) LOOP
+            SELECT * INTO f FROM sync.api_fields af
+             WHERE af.collection_id = r.collection_id
+               AND (af.column_name = col.attname OR lower(af.api_field) = lower(col.attname))
+               AND NOT EXISTS (SELECT 1 FROM sync.collection_columns m
+                                WHERE m.collection_id = r.collection_id AND m.api_field = af.api_field)
+             ORDER BY af.column_name = col.attname DESC
+             LIMIT 1;
+            IF NOT FOUND THEN
+                RAISE NOTICE 'column % of % is not filled by sync', quote_ident(col.attname), r.relid::regclass
+                    USING DETAIL = format('No field of %s is named so (or it is already synced).', r.name),
+                          HINT = 'The fields sync can add are listed in sync.available_fields.';
+                UPDATE sync.collection_state st SET unsynced_attnums = st.unsynced_attnums || col.attnum
+                 WHERE st.collection_id = r.collection_id;
+                CONTINUE;
+            END IF;
+            INSERT INTO sync.collection_columns (collection_id, position, api_field, api_type, column_name,
+                                                 column_type, wire_type, convert_sql, is_key, is_version, attnum)
+            VALUES (r.collection_id,
+                    (SELECT coalesce(max(position), 0) + 1 FROM sync.collection_columns
+                      WHERE collection_id = r.collection_id),
+                    f.api_field, f.api_type, col.attname, col.col_type, f.wire_type,
+                    sync._convert_for(f.column_type, col.col_type, f.convert_sql), false, false, col.attnum);
+            changed := changed || f.api_field;
+        END LOOP;
+        IF changed <> '{}' THEN
+            PERFORM sync._start_column_backfill(r.collection_id, changed);
+        END IF;
+    END LOOP;
+END $$;
+
+CREATE EVENT TRIGGER sync_schema_change ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION sync._on_alter_table();
+
+CREATE FUNCTION sync.add_column(source text, collection text, api_field text, column_type text DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cid integer := sync._collection_id(source, collection);
+    f   sync.api_fields;
+BEGIN
+    PERFORM sync._require_admin();
+    SELECT * INTO f FROM sync.api_fields af WHERE af.collection_id = cid AND af.api_field = add_column.api_field;
+    IF NOT FOUND THEN
+        SELECT * INTO f FROM sync.api_fields af WHERE af.collection_id = cid AND lower(af.api_field) = lower(add_column.api_field);
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'collection "%" of source "%" has no field "%"', collection, source, api_field
+            USING ERRCODE = 'undefined_column',
+                  HINT = 'sync.available_fields lists the fields the API described (a new field appears there after the next schema check).';
+    END IF;
+    IF EXISTS (SELECT 1 FROM sync.collection_columns m WHERE m.collection_id = cid AND m.api_field = f.api_field) THEN
+        RAISE EXCEPTION 'field "%" of collection "%" is already synced', f.api_field, collection
+            USING ERRCODE = 'duplicate_column';
+    END IF;
+    EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', (SELECT relid::regclass FROM sync.collections WHERE id = cid),
+                   f.column_name, coalesce(add_column.column_type, f.column_type));
+    RETURN f.column_name;
+END $$;
+COMMENT ON FUNCTION sync.add_column(text, text, text, text) IS 'sync one more API field into a new column and backfill it (ALTER TABLE ADD COLUMN with the field''s name does the same)';
+
+CREATE FUNCTION sync.alter_column(source text, collection text, column_name text, column_type text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cid integer := sync._collection_id(source, collection);
+    rel regclass := (SELECT relid::regclass FROM sync.collections WHERE id = cid);
+BEGIN
+    PERFORM sync._require_admin();
+    IF NOT EXISTS (SELECT 1 FROM sync.collection_columns m WHERE m.collection_id = cid AND m.column_name = alter_column.column_name) THEN
+        RAISE EXCEPTION 'column "%" of % is not synced', column_name, rel USING ERRCODE = 'undefined_column';
+    END IF;
+    BEGIN
+        EXECUTE format('ALTER TABLE %s ALTER COLUMN %I TYPE %s USING %I::%s', rel, column_name, column_type,
+                       column_name, column_type);
+    EXCEPTION WHEN data_exception OR cannot_coerce OR datatype_mismatch THEN
+        -- the values are read again from the API in the new type
+        EXECUTE format('ALTER TABLE %s ALTER COLUMN %I TYPE %s USING NULL', rel, column_name, column_type);
+    END;
+END $$;
+COMMENT ON FUNCTION sync.alter_column(text, text, text, text) IS 'change a synced column''s type; its values are read again from the API';
+
+CREATE FUNCTION sync.remove_column(source text, collection text, column_name text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM sync._require_admin();
+    EXECUTE format('ALTER TABLE %s DROP COLUMN %I',
+                   (SELECT relid::regclass FROM sync.collections WHERE id = sync._collection_id(source, collection)),
+                   column_name);
+END $$;
+COMMENT ON FUNCTION sync.remove_column(text, text, text) IS 'drop a synced column: its field is no longer fetched';
+
+CREATE VIEW sync.available_fields AS
+SELECT s.name AS source, c.name AS collection, c.relid::regclass AS target_table,
+       af.api_field, af.api_type, af.column_name, af.column_type,
+       m.api_field IS NOT NULL AS synced,
+       m.column_name AS synced_as,
+       af.first_seen_at, af.last_seen_at
+FROM sync.api_fields af
+JOIN sync.collections c ON c.id = af.collection_id
+JOIN sync.sources s ON s.id = c.source_id
+LEFT JOIN sync.collection_columns m ON m.collection_id = af.collection_id AND m.api_field = af.api_field;
+COMMENT ON VIEW sync.available_fields IS 'every field the API describes per collection, whether synced, and when it was first seen';
+GRANT SELECT ON sync.available_fields TO PUBLIC;
+
 CREATE FUNCTION sync.worker_pid() RETURNS integer
 LANGUAGE c AS 'MODULE_PATHNAME', 'sync_worker_pid';
 COMMENT ON FUNCTION sync.worker_pid() IS 'process id of this database''s sync worker, or null when none runs';
@@ -660,7 +880,9 @@ REVOKE EXECUTE ON FUNCTION sync.create_source(text, text, text, jsonb, jsonb),
                            sync.resync(text, text), sync.run_now(text, text), sync.reconcile(text, text),
                            sync._describe(text, text), sync._validate_source(text, text, jsonb, jsonb),
                            sync.reset_stats(text, text), sync._budget_forget(integer),
-                           sync._budget_reset_stats(integer), sync._budget_clear_penalty(integer)
+                           sync._budget_reset_stats(integer), sync._budget_clear_penalty(integer),
+                           sync.add_column(text, text, text, text), sync.alter_column(text, text, text, text),
+                           sync.remove_column(text, text, text), sync._start_column_backfill(integer, text[])
 FROM PUBLIC;
 
 -- The database gets its worker when this transaction commits.

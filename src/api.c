@@ -11,6 +11,8 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "parser/parse_coerce.h"
+#include "parser/parse_type.h"
 #include "miscadmin.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
@@ -26,6 +28,7 @@ PG_FUNCTION_INFO_V1(sync_wake_trigger);
 PG_FUNCTION_INFO_V1(sync_register_database);
 PG_FUNCTION_INFO_V1(sync_wait_for_backfill);
 PG_FUNCTION_INFO_V1(sync_worker_pid);
+PG_FUNCTION_INFO_V1(sync_assignable);
 
 static json_t *
 jsonb_arg_to_json(FunctionCallInfo fcinfo, int argno, const char *what)
@@ -319,4 +322,17 @@ sync_worker_pid(PG_FUNCTION_ARGS)
 	if (pid == 0)
 		PG_RETURN_NULL();
 	PG_RETURN_INT32((int32) pid);
+}
+
+/* Whether a value of from_type can be stored in a column of to_type as an INSERT would. */
+Datum
+sync_assignable(PG_FUNCTION_ARGS)
+{
+	Oid			from_type;
+	Oid			to_type;
+	int32		typmod;
+
+	parseTypeString(text_to_cstring(PG_GETARG_TEXT_PP(0)), &from_type, &typmod, false);
+	parseTypeString(text_to_cstring(PG_GETARG_TEXT_PP(1)), &to_type, &typmod, false);
+	PG_RETURN_BOOL(can_coerce_type(1, &from_type, &to_type, COERCION_ASSIGNMENT));
 }

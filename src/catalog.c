@@ -168,7 +168,9 @@ sync_load_collection(int32 id)
 	int			ret;
 	MemoryContext oldctx;
 
-	ret = SPI_execute_with_args("SELECT c.id, c.source_id, c.name, c.relid, c.options, st.cursor, st.phase, st.reconcile_requested "
+	ret = SPI_execute_with_args("SELECT c.id, c.source_id, c.name, c.relid, c.options, st.cursor, st.phase, st.reconcile_requested, "
+								"       st.column_backfill, "
+								"       coalesce(extract(epoch FROM now() - st.schema_checked_at)::float8, 1e12) "
 								"FROM sync.collections c JOIN sync.collection_state st ON st.collection_id = c.id "
 								"WHERE c.id = $1",
 								1, &argtype, &arg, NULL, true, 1);
@@ -190,6 +192,8 @@ sync_load_collection(int32 id)
 	c->cursor = spi_json(tup, desc, 6, "collection cursor");
 	c->phase = spi_text(tup, desc, 7);
 	c->reconcile_requested = DatumGetBool(SPI_getbinval(tup, desc, 8, &isnull));
+	c->column_backfill = spi_json(tup, desc, 9, "column backfill");
+	c->schema_checked_ago_s = DatumGetFloat8(SPI_getbinval(tup, desc, 10, &isnull));
 	MemoryContextSwitchTo(oldctx);
 	c->fields = load_fields(id);
 	return c;
@@ -200,7 +204,8 @@ sync_free_collection(SyncCollection *collection)
 {
 	json_decref(collection->options);
 	json_decref(collection->cursor);
-	collection->options = collection->cursor = NULL;
+	json_decref(collection->column_backfill);
+	collection->options = collection->cursor = collection->column_backfill = NULL;
 }
 
 /*

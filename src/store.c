@@ -263,24 +263,30 @@ run_with_json(SPIPlanPtr plan, json_t *array, int expected)
 	return SPI_processed;
 }
 
-/*
- * The page's upsert, in a subtransaction: when a value does not fit its
- * column, the values that do not are set aside (see reject.c) and the page
- * is stored without them.
- */
-static int64
-upsert_page(SyncCollection *c, CollectionPlans *plans, SyncPage *page)
+/* Run a page's statement ($1 = records); a data error comes back instead of being raised. */
+static ErrorData *
+try_with_json(SPIPlanPtr plan, const char *sql, json_t *records, int expected, int64 *processed)
 {
 	MemoryContext oldcontext = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
-	volatile int64 upserted = 0;
 	ErrorData  *volatile failure = NULL;
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcontext);
 	PG_TRY();
 	{
-		upserted = (int64) run_with_json(plans->upsert, page->records, SPI_OK_INSERT);
+		if (plan)
+			*processed = (int64) run_with_json(plan, records, expected);
+		else
+		{
+			char	   *text = sync_json_dump(records);
+			Oid			argtype = TEXTOID;
+			Datum		arg = CStringGetTextDatum(text);
+
+			if (SPI_execute_with_args(sql, 1, &argtype, &arg, NULL, false, 0) != expected)
+				elog(ERROR, "could not apply a page");
+			*processed = (int64) SPI_processed;
+		}
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
@@ -295,15 +301,31 @@ upsert_page(SyncCollection *c, CollectionPlans *plans, SyncPage *page)
 		CurrentResourceOwner = oldowner;
 	}
 	PG_END_TRY();
+	return failure;
+}
+
+/*
+ * Store a page's records with plan (or sql). When a value does not fit its
+ * column, the values that do not are set aside (see reject.c) and the page
+ * is stored without them.
+ */
+static int64
+store_records(SyncCollection *c, SyncPage *page, SPIPlanPtr plan, const char *sql, int expected)
+{
+	int64		processed = 0;
+	ErrorData  *failure = try_with_json(plan, sql, page->records, expected, &processed);
 
 	if (failure == NULL)
-		return upserted;
+		return processed;
 	if (ERRCODE_TO_CATEGORY(failure->sqlerrcode) != ERRCODE_DATA_EXCEPTION ||
 		sync_reject_unfit_values(c, page) == 0)
 		ReThrowError(failure);
 	if (json_array_size(page->records) == 0)
 		return 0;
-	return (int64) run_with_json(plans->upsert, page->records, SPI_OK_INSERT);
+	failure = try_with_json(plan, sql, page->records, expected, &processed);
+	if (failure)
+		ReThrowError(failure);
+	return processed;
 }
 
 /*
@@ -496,7 +518,7 @@ sync_apply_page(SyncCollection *c, SyncPage *page)
 	/* Counted after the state update succeeds; the counts are known from the page. */
 	plans = plans_for(c);
 	if (page->records && json_array_size(page->records) > 0)
-		upserted = upsert_page(c, plans, page);
+		upserted = store_records(c, page, plans->upsert, NULL, SPI_OK_INSERT);
 	if (pending_deletes > 0)
 		deleted = (int64) run_with_json(plans->delete, page->deletions, SPI_OK_DELETE);
 	if (page->sweep_begin || page->sweep_ids || page->sweep_end)
@@ -512,4 +534,167 @@ sync_apply_page(SyncCollection *c, SyncPage *page)
 	}
 	if (page->backfill_done)
 		notify_backfill_done(c);
+}
+
+/*
+ * A page of a column backfill (columns->fields: the key, the modification
+ * stamp and the columns being filled): update those columns of rows that
+ * exist and are not newer than the page, then advance the column backfill's
+ * own cursor. The collection's cursor is not touched. Returns false when the
+ * column backfill was started again meanwhile (the page is dropped).
+ */
+bool
+sync_apply_column_page(SyncCollection *c, SyncCollection *columns, SyncPage *page)
+{
+	const SyncField *key = find_field(columns->fields, true);
+	const SyncField *version = find_field(columns->fields, false);
+	char	   *table = qualified_table(c);
+	StringInfoData sql;
+	ListCell   *lc;
+	bool		first;
+	int64		updated = 0;
+	Oid			types[10] = {INT4OID, TEXTOID, INT8OID, BOOLOID, TEXTOID, INT8OID, INT8OID, INT4OID, INT4OID,
+	BOOLOID};
+	Datum		args[10];
+	char	   *cursor_text;
+	int			ret;
+
+	initStringInfo(&sql);
+	appendStringInfo(&sql, "UPDATE %s AS t SET ", table);
+	foreach(lc, columns->fields)
+	{
+		SyncField  *f = lfirst(lc);
+
+		if (!f->is_key && !f->is_version)
+			appendStringInfo(&sql, "%s = s.%s, ", quote_identifier(f->column_name), quote_identifier(f->api_field));
+	}
+	appendStringInfoString(&sql, "_synced_at = now() FROM (SELECT DISTINCT ON (");
+	append_value_expr(&sql, key);
+	appendStringInfoString(&sql, ") ");
+	foreach(lc, columns->fields)
+	{
+		SyncField  *f = lfirst(lc);
+
+		append_value_expr(&sql, f);
+		appendStringInfo(&sql, " AS %s, ", quote_identifier(f->api_field));
+	}
+	appendStringInfoString(&sql, "r._sync_position FROM ROWS FROM (json_to_recordset($1::json) AS (");
+	first = true;
+	foreach(lc, columns->fields)
+	{
+		SyncField  *f = lfirst(lc);
+
+		appendStringInfo(&sql, "%s%s %s", first ? "" : ", ", quote_identifier(f->api_field), f->wire_type);
+		first = false;
+	}
+	appendStringInfoString(&sql, ")) WITH ORDINALITY AS r(");
+	foreach(lc, columns->fields)
+		appendStringInfo(&sql, "%s, ", quote_identifier(((SyncField *) lfirst(lc))->api_field));
+	appendStringInfoString(&sql, "_sync_position) ORDER BY 1");
+	if (version)
+	{
+		appendStringInfoString(&sql, ", ");
+		append_value_expr(&sql, version);
+		appendStringInfoString(&sql, " DESC NULLS LAST");
+	}
+	appendStringInfoString(&sql, ", r._sync_position DESC) AS s ");
+	appendStringInfo(&sql, "WHERE t.%s = s.%s", quote_identifier(key->column_name), quote_identifier(key->api_field));
+	/* a row changed since the page was read is newer: polling wrote these columns too */
+	if (version)
+		appendStringInfo(&sql, " AND (s.%s IS NULL OR t.%s IS NULL OR t.%s <= s.%s)",
+						 quote_identifier(version->api_field), quote_identifier(version->column_name),
+						 quote_identifier(version->column_name), quote_identifier(version->api_field));
+
+	if (page->records && json_array_size(page->records) > 0)
+		updated = store_records(columns, page, NULL, sql.data, SPI_OK_UPDATE);
+
+	cursor_text = sync_json_dump(page->cursor ? page->cursor : json_object());
+	args[0] = Int32GetDatum(c->id);
+	args[1] = CStringGetTextDatum(cursor_text);
+	args[2] = Int64GetDatum(updated);
+	args[3] = BoolGetDatum(page->backfill_done);
+	args[4] = CStringGetTextDatum(sync_json_string(c->column_backfill, "started_at"));
+	args[5] = Int64GetDatum((int64) page->requests);
+	args[6] = Int64GetDatum(page->bytes);
+	args[7] = Int32GetDatum(page->errors);
+	args[8] = Int32GetDatum(page->rate_limited);
+	args[9] = BoolGetDatum(page->retry);
+	ret = SPI_execute_with_args(
+		"UPDATE sync.collection_state SET "
+		"  column_backfill = CASE WHEN $4 THEN NULL "
+		"       ELSE column_backfill || jsonb_build_object('cursor', $2::jsonb, "
+		"                 'records', (column_backfill->>'records')::bigint + $3) END, "
+		"  last_column_backfill = CASE WHEN $4 THEN column_backfill || jsonb_build_object("
+		"       'records', (column_backfill->>'records')::bigint + $3, 'completed_at', now()) "
+		"       ELSE last_column_backfill END, "
+		"  requests = requests + $6, bytes_received = bytes_received + $7, errors = errors + $8, "
+		"  rate_limited = rate_limited + $9, retries = retries + $10::int, "
+		"  cycle_requests = CASE WHEN phase = 'incremental' THEN cycle_requests + $6 ELSE cycle_requests END, "
+		"  records_upserted = records_upserted + $3, consecutive_failures = 0, run_requested = false "
+		"WHERE collection_id = $1 AND column_backfill->>'started_at' = $5",
+		10, types, args, NULL, false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "could not update sync.collection_state: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+		return false;
+	if (page->backfill_done)
+	{
+		Oid			argtype = INT4OID;
+		Datum		arg = Int32GetDatum(c->id);
+
+		ret = SPI_execute_with_args(
+			"SELECT pg_notify('sync_backfill_completed', json_build_object("
+			"  'source', s.name, 'collection', c.name, 'table', c.relid::regclass::text, "
+			"  'columns', st.last_column_backfill->'fields', "
+			"  'records', (st.last_column_backfill->>'records')::bigint, "
+			"  'completed_at', st.last_column_backfill->'completed_at')::text) "
+			"FROM sync.collections c JOIN sync.sources s ON s.id = c.source_id "
+			"JOIN sync.collection_state st ON st.collection_id = c.id WHERE c.id = $1",
+			1, &argtype, &arg, NULL, false, 0);
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "could not notify: %s", SPI_result_code_string(ret));
+	}
+	return true;
+}
+
+/* What the API describes now: new fields are listed in sync.available_fields. */
+void
+sync_save_api_fields(SyncCollection *c, List *fields)
+{
+	ListCell   *lc;
+	int			position = 0;
+
+	foreach(lc, fields)
+	{
+		SyncField  *f = lfirst(lc);
+		Oid			types[10] = {INT4OID, INT4OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+		BOOLOID, BOOLOID};
+		Datum		args[10];
+		char		nulls[10] = "          ";
+		int			ret;
+
+		args[0] = Int32GetDatum(c->id);
+		args[1] = Int32GetDatum(++position);
+		args[2] = CStringGetTextDatum(f->api_field);
+		args[3] = CStringGetTextDatum(f->api_type ? f->api_type : "");
+		args[4] = CStringGetTextDatum(f->column_name);
+		args[5] = CStringGetTextDatum(f->column_type);
+		args[6] = CStringGetTextDatum(f->wire_type);
+		args[7] = CStringGetTextDatum(f->convert_sql ? f->convert_sql : "");
+		nulls[7] = f->convert_sql ? ' ' : 'n';
+		args[8] = BoolGetDatum(f->is_key);
+		args[9] = BoolGetDatum(f->is_version);
+		ret = SPI_execute_with_args(
+			"INSERT INTO sync.api_fields AS af (collection_id, position, api_field, api_type, column_name, "
+			"  column_type, wire_type, convert_sql, is_key, is_version) "
+			"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+			"ON CONFLICT (collection_id, api_field) DO UPDATE SET position = $2, api_type = $4, "
+			"  column_name = $5, column_type = $6, wire_type = $7, convert_sql = $8, last_seen_at = now()",
+			10, types, args, nulls, false, 0);
+		if (ret != SPI_OK_INSERT)
+			elog(ERROR, "could not save the API's fields: %s", SPI_result_code_string(ret));
+	}
+	if (SPI_execute_with_args("UPDATE sync.collection_state SET schema_checked_at = now() WHERE collection_id = $1",
+							  1, (Oid[]) {INT4OID}, (Datum[]) {Int32GetDatum(c->id)}, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "could not update sync.collection_state");
 }

@@ -189,6 +189,8 @@ typedef struct SyncCollection
 	json_t	   *cursor;			/* owned; provider-defined */
 	char	   *phase;			/* backfill | incremental */
 	bool		reconcile_requested;	/* sync.reconcile() asked for a delete sweep */
+	json_t	   *column_backfill;	/* owned; a backfill of some columns in progress, or NULL */
+	double		schema_checked_ago_s;	/* since the API's fields were last described */
 	List	   *fields;			/* SyncField * */
 } SyncCollection;
 
@@ -338,6 +340,8 @@ extern void sync_lock_extension(void);
 /* ---------- store (store.c) ---------- */
 extern void sync_apply_page(SyncCollection *collection, SyncPage *page);
 extern int64 sync_reject_unfit_values(SyncCollection *collection, SyncPage *page);
+extern bool sync_apply_column_page(SyncCollection *collection, SyncCollection *columns, SyncPage *page);
+extern void sync_save_api_fields(SyncCollection *collection, List *fields);
 
 /* ---------- json helpers (jsonutil.c) ---------- */
 extern json_t *sync_json_parse(const char *text, size_t len, const char *what);

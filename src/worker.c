@@ -38,6 +38,7 @@ typedef struct ScheduleEntry
 	TimestampTz last_run;
 	TimestampTz walk_started_at;	/* first step since the collection was last caught up */
 	bool		retrying;		/* the last step failed or was rate limited */
+	bool		column_turn;	/* the next step is the column backfill's */
 	bool		seen;			/* still configured in this round */
 } ScheduleEntry;
 
@@ -246,6 +247,62 @@ worker_record_failure(int32 collection_id, ErrorData *edata, SyncPage *page, boo
 }
 
 /*
+ * The collection as its column backfill sees it: the key, the modification
+ * stamp and the columns being filled, with the column backfill's own cursor.
+ */
+static SyncCollection *
+worker_column_backfill_view(SyncCollection *c)
+{
+	SyncCollection *view = palloc(sizeof(SyncCollection));
+	json_t	   *wanted = json_object_get(c->column_backfill, "fields");
+	json_t	   *cursor = json_object_get(c->column_backfill, "cursor");
+	ListCell   *lc;
+
+	*view = *c;
+	view->fields = NIL;
+	foreach(lc, c->fields)
+	{
+		SyncField  *f = lfirst(lc);
+		bool		keep = f->is_key || f->is_version;
+		size_t		i;
+		json_t	   *name;
+
+		json_array_foreach(wanted, i, name)
+			if (json_is_string(name) && strcmp(json_string_value(name), f->api_field) == 0)
+			keep = true;
+		if (keep)
+			view->fields = lappend(view->fields, f);
+	}
+	view->cursor = json_is_object(cursor) ? cursor : json_object();
+	view->phase = "backfill";
+	view->reconcile_requested = false;
+	view->column_backfill = NULL;
+	return view;
+}
+
+static double
+worker_schema_interval(SyncSource *source, SyncCollection *c)
+{
+	return sync_json_number(c->options, "schema_interval",
+							sync_json_number(source->options, "schema_interval", 3600));
+}
+
+/* Ask the API for the collection's fields again: new ones are listed, ready to add. */
+static void
+worker_check_schema(SyncSource *source, SyncCollection *collection)
+{
+	char	   *canonical = NULL;
+	List	   *fields;
+
+	pgstat_report_activity(STATE_RUNNING, "sync: describing a collection");
+	fields = source->provider->describe(source, collection->name, &canonical);
+	worker_begin("sync: saving the API's fields", step_ctx);
+	sync_save_api_fields(collection, fields);
+	worker_commit();
+	MemoryContextSwitchTo(step_ctx);
+}
+
+/*
  * Run one step of one collection: read its state, let the provider make its
  * requests with no transaction open, then commit the page and cursor.
  */
@@ -281,18 +338,37 @@ worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *fail
 					 errmsg("source \"%s\" has unknown kind \"%s\"", source->name, source->kind)));
 
 		pgstat_report_activity(STATE_RUNNING, "sync: waiting for the API");
-		source->provider->step(source, collection, &page);
+		if (collection->column_backfill && entry->column_turn)
+		{
+			/* a backfill of new columns takes every other turn: polling goes on */
+			SyncCollection *columns = worker_column_backfill_view(collection);
 
-		worker_begin("sync: applying a page", step_ctx);
-		sync_apply_page(collection, &page);
-		worker_commit();
-		MemoryContextSwitchTo(step_ctx);
-		*more = page.more;
-		if (strcmp(page.phase ? page.phase : collection->phase, "incremental") == 0 &&
-			(page.caught_up || !page.more))
-			entry->walk_started_at = 0;
-		else if (page.phase && strcmp(page.phase, "backfill") == 0)
-			entry->walk_started_at = 0;
+			source->provider->step(source, columns, &page);
+			worker_begin("sync: applying a page of a column backfill", step_ctx);
+			sync_apply_column_page(collection, columns, &page);
+			worker_commit();
+			MemoryContextSwitchTo(step_ctx);
+			*more = true;
+		}
+		else
+		{
+			source->provider->step(source, collection, &page);
+
+			worker_begin("sync: applying a page", step_ctx);
+			sync_apply_page(collection, &page);
+			worker_commit();
+			MemoryContextSwitchTo(step_ctx);
+			*more = page.more || collection->column_backfill != NULL;
+			if (strcmp(page.phase ? page.phase : collection->phase, "incremental") == 0 &&
+				(page.caught_up || !page.more))
+				entry->walk_started_at = 0;
+			else if (page.phase && strcmp(page.phase, "backfill") == 0)
+				entry->walk_started_at = 0;
+			if (strcmp(page.phase ? page.phase : collection->phase, "incremental") == 0 &&
+				collection->schema_checked_ago_s >= worker_schema_interval(source, collection))
+				worker_check_schema(source, collection);
+		}
+		entry->column_turn = !entry->column_turn;
 	}
 	PG_CATCH();
 	{
@@ -361,6 +437,7 @@ worker_round(void)
 			entry->last_run = 0;
 			entry->walk_started_at = 0;
 			entry->retrying = false;
+			entry->column_turn = false;
 		}
 		entry->seen = true;
 		entry->source_id = d->source_id;
