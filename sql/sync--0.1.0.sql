@@ -135,6 +135,36 @@ CREATE TABLE sync.sweep_ids (
     PRIMARY KEY (collection_id, id)
 );
 
+-- Where sync tells users about events: e-mail through an SMTP server, or a POST to a URL.
+-- Readable only by the extension's owner: targets hold addresses and SMTP passwords.
+CREATE TABLE sync.notification_targets (
+    id          serial PRIMARY KEY,
+    name        text NOT NULL UNIQUE,
+    kind        text NOT NULL CHECK (kind IN ('email', 'webhook')),
+    target      text NOT NULL,
+    options     jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(options) = 'object'),
+    events      text[] NOT NULL DEFAULT '{backfill_completed,collection_failing}',
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON sync.notification_targets FROM PUBLIC;
+
+-- Each event for each target, written in the transaction that made the event happen and
+-- delivered by the worker afterwards: an event is never lost, and a delivery is recorded
+-- before the worker may stop, so none is sent twice.
+CREATE TABLE sync.notification_outbox (
+    id              bigserial PRIMARY KEY,
+    target_id       integer NOT NULL REFERENCES sync.notification_targets ON DELETE CASCADE,
+    event           text NOT NULL,
+    payload         jsonb NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    last_error      text,
+    sent_at         timestamptz
+);
+CREATE INDEX ON sync.notification_outbox (next_attempt_at) WHERE sent_at IS NULL;
+REVOKE ALL ON sync.notification_outbox FROM PUBLIC;
+
 -------------------------------------------------------------------------------
 -- Views
 -------------------------------------------------------------------------------
@@ -867,6 +897,81 @@ LEFT JOIN sync.collection_columns m ON m.collection_id = af.collection_id AND m.
 COMMENT ON VIEW sync.available_fields IS 'every field the API describes per collection, whether synced, and when it was first seen';
 GRANT SELECT ON sync.available_fields TO PUBLIC;
 
+-------------------------------------------------------------------------------
+-- Notifications
+-------------------------------------------------------------------------------
+
+-- An event: NOTIFY on its channel now (at commit), and e-mail/webhook deliveries queued.
+CREATE FUNCTION sync._emit(event text, payload jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pg_notify('sync_' || event, payload::text);
+    INSERT INTO sync.notification_outbox (target_id, event, payload)
+    SELECT t.id, event, payload FROM sync.notification_targets t WHERE event = ANY (t.events);
+    IF FOUND THEN
+        PERFORM sync._wake();
+    END IF;
+END $$;
+
+CREATE FUNCTION sync.add_notification(name text, kind text, target text, options jsonb DEFAULT '{}',
+                                      events text[] DEFAULT '{backfill_completed,collection_failing}')
+RETURNS integer LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    nid integer;
+BEGIN
+    PERFORM sync._require_admin();
+    IF kind IS NULL OR kind NOT IN ('email', 'webhook') THEN
+        RAISE EXCEPTION 'unknown notification kind "%"', kind USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Use ''email'' (target: recipient addresses, options: smtp_url, from) or ''webhook'' (target: URL).';
+    END IF;
+    IF events IS NULL OR cardinality(events) = 0
+       OR NOT events <@ ARRAY['backfill_completed', 'collection_failing'] THEN
+        RAISE EXCEPTION 'invalid events %', events USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Events are backfill_completed and collection_failing.';
+    END IF;
+    IF jsonb_typeof(coalesce(options, '{}')) <> 'object' THEN
+        RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF kind = 'webhook' AND target !~ '^https?://[^/]' THEN
+        RAISE EXCEPTION 'invalid webhook URL "%"', target USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Give an http:// or https:// URL.';
+    END IF;
+    IF kind = 'email' THEN
+        IF target !~ '^[^@\s,]+@[^@\s,]+(\s*,\s*[^@\s,]+@[^@\s,]+)*$' THEN
+            RAISE EXCEPTION 'invalid e-mail recipients "%"', target USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Give one or more addresses separated by commas.';
+        END IF;
+        IF coalesce(options->>'smtp_url', '') !~ '^smtps?://[^/]' THEN
+            RAISE EXCEPTION 'an e-mail notification needs option "smtp_url"' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'For example {"smtp_url": "smtp://mail.example.com:587", "from": "sync@example.com"}; add "username" and "password" if the server asks.';
+        END IF;
+    END IF;
+    INSERT INTO sync.notification_targets (name, kind, target, options, events)
+    VALUES (name, kind, target, coalesce(options, '{}'), events)
+    RETURNING id INTO nid;
+    RETURN nid;
+END $$;
+COMMENT ON FUNCTION sync.add_notification(text, text, text, jsonb, text[]) IS 'send events (backfill_completed, collection_failing) by e-mail or to a webhook';
+
+CREATE FUNCTION sync.drop_notification(name text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM sync._require_admin();
+    DELETE FROM sync.notification_targets t WHERE t.name = drop_notification.name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'notification "%" does not exist', name USING ERRCODE = 'undefined_object';
+    END IF;
+END $$;
+
+CREATE VIEW sync.notifications AS
+SELECT o.id, t.name AS notification, t.kind, o.event, o.payload, o.created_at, o.attempts,
+       o.last_error, o.next_attempt_at, o.sent_at,
+       CASE WHEN o.sent_at IS NOT NULL THEN 'sent' WHEN o.attempts = 0 THEN 'pending' ELSE 'retrying' END AS state
+FROM sync.notification_outbox o
+JOIN sync.notification_targets t ON t.id = o.target_id;
+COMMENT ON VIEW sync.notifications IS 'every e-mail and webhook delivery of an event, and where it stands';
+REVOKE ALL ON sync.notifications FROM PUBLIC;
+
 CREATE FUNCTION sync.worker_pid() RETURNS integer
 LANGUAGE c AS 'MODULE_PATHNAME', 'sync_worker_pid';
 COMMENT ON FUNCTION sync.worker_pid() IS 'process id of this database''s sync worker, or null when none runs';
@@ -882,7 +987,9 @@ REVOKE EXECUTE ON FUNCTION sync.create_source(text, text, text, jsonb, jsonb),
                            sync.reset_stats(text, text), sync._budget_forget(integer),
                            sync._budget_reset_stats(integer), sync._budget_clear_penalty(integer),
                            sync.add_column(text, text, text, text), sync.alter_column(text, text, text, text),
-                           sync.remove_column(text, text, text), sync._start_column_backfill(integer, text[])
+                           sync.remove_column(text, text, text), sync._start_column_backfill(integer, text[]),
+                           sync.add_notification(text, text, text, jsonb, text[]), sync.drop_notification(text),
+                           sync._emit(text, jsonb)
 FROM PUBLIC;
 
 -- The database gets its worker when this transaction commits.

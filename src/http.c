@@ -261,6 +261,17 @@ sync_http_request(const char *method, const char *url,
 				  const char *body, const char *content_type,
 				  bool verify_tls, SyncHttpResponse *resp)
 {
+	sync_http_request_timeout(method, url, headers, nheaders, body, content_type, verify_tls,
+							  sync_http_timeout_ms, resp);
+}
+
+/* The same with a total timeout of its own (ms). */
+void
+sync_http_request_timeout(const char *method, const char *url,
+						  const SyncHttpHeader *headers, int nheaders,
+						  const char *body, const char *content_type,
+						  bool verify_tls, int timeout_ms, SyncHttpResponse *resp)
+{
 	struct curl_slist *volatile list = NULL;
 	char		errbuf[CURL_ERROR_SIZE];
 	volatile CURLcode result = CURLE_OK;
@@ -304,8 +315,8 @@ sync_http_request(const char *method, const char *url,
 	curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, errbuf);
 	curl_easy_setopt(easy, CURLOPT_USERAGENT, sync_user_agent);
 	curl_easy_setopt(easy, CURLOPT_HTTPHEADER, list);
-	curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, (long) sync_http_connect_timeout_ms);
-	curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, (long) sync_http_timeout_ms);
+	curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, (long) Min(sync_http_connect_timeout_ms, timeout_ms));
+	curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, (long) timeout_ms);
 	curl_easy_setopt(easy, CURLOPT_ACCEPT_ENCODING, "");
 	curl_easy_setopt(easy, CURLOPT_SSL_VERIFYPEER, verify_tls ? 1L : 0L);
 	curl_easy_setopt(easy, CURLOPT_SSL_VERIFYHOST, verify_tls ? 2L : 0L);

@@ -488,7 +488,10 @@ apply_sweep(SyncCollection *c, SyncPage *page)
 	return deleted;
 }
 
-/* Tell listeners, at commit and so exactly once, that a backfill completed. */
+/*
+ * Tell listeners (NOTIFY, at commit and so exactly once) and queue the e-mail
+ * and webhook deliveries, in the transaction of the page that completed it.
+ */
 static void
 notify_backfill_done(SyncCollection *c)
 {
@@ -497,9 +500,10 @@ notify_backfill_done(SyncCollection *c)
 	int			ret;
 
 	ret = SPI_execute_with_args(
-		"SELECT pg_notify('sync_backfill_completed', json_build_object("
+		"SELECT sync._emit('backfill_completed', jsonb_build_object("
 		"  'source', s.name, 'collection', c.name, 'table', c.relid::regclass::text, "
-		"  'records', st.backfill_records, 'completed_at', st.backfill_completed_at)::text) "
+		"  'records', st.backfill_records, 'started_at', st.backfill_started_at, "
+		"  'completed_at', st.backfill_completed_at)) "
 		"FROM sync.collections c JOIN sync.sources s ON s.id = c.source_id "
 		"JOIN sync.collection_state st ON st.collection_id = c.id WHERE c.id = $1",
 		1, &argtype, &arg, NULL, false, 0);
@@ -643,11 +647,12 @@ sync_apply_column_page(SyncCollection *c, SyncCollection *columns, SyncPage *pag
 		Datum		arg = Int32GetDatum(c->id);
 
 		ret = SPI_execute_with_args(
-			"SELECT pg_notify('sync_backfill_completed', json_build_object("
+			"SELECT sync._emit('backfill_completed', jsonb_build_object("
 			"  'source', s.name, 'collection', c.name, 'table', c.relid::regclass::text, "
 			"  'columns', st.last_column_backfill->'fields', "
 			"  'records', (st.last_column_backfill->>'records')::bigint, "
-			"  'completed_at', st.last_column_backfill->'completed_at')::text) "
+			"  'started_at', st.last_column_backfill->'started_at', "
+			"  'completed_at', st.last_column_backfill->'completed_at')) "
 			"FROM sync.collections c JOIN sync.sources s ON s.id = c.source_id "
 			"JOIN sync.collection_state st ON st.collection_id = c.id WHERE c.id = $1",
 			1, &argtype, &arg, NULL, false, 0);

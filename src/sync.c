@@ -17,6 +17,7 @@ PG_MODULE_MAGIC;
 bool		sync_enabled = true;
 int			sync_max_databases = 64;
 int			sync_max_sources = 256;
+int			sync_notify_after_failures = 5;
 int			sync_launcher_naptime_s = 10;
 int			sync_http_timeout_ms = 60000;
 int			sync_http_connect_timeout_ms = 10000;
@@ -49,6 +50,11 @@ sync_define_settings(void)
 							"Each takes a few hundred bytes of shared memory.",
 							&sync_max_sources, 256, 1, 65536,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("sync.notify_after_failures",
+							"Failed attempts in a row after which a collection counts as failing.",
+							"Then NOTIFY sync_collection_failing is sent, and e-mail/webhook notifications.",
+							&sync_notify_after_failures, 5, 1, 1000000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("sync.launcher_naptime",
 							"How often the launcher looks for new databases.",
 							NULL, &sync_launcher_naptime_s, 10, 1, 3600,

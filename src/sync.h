@@ -13,6 +13,8 @@
  *   request.c     every API request: budget, counters, rate-limit answers
  *   provider.c    the registry of providers (one file per API)
  *   salesforce.c  the Salesforce provider
+ *   notify.c      delivering queued notifications: webhooks, and e-mail via smtp.c
+ *   smtp.c        sending one e-mail through an SMTP server
  *   api.c         SQL-callable functions
  *   naming.c      API names to Postgres identifiers
  */
@@ -57,6 +59,7 @@ extern int	sync_max_response_bytes;
 extern int	sync_max_backoff_s;
 extern int	sync_lock_timeout_ms;
 extern int	sync_max_sources;
+extern int	sync_notify_after_failures;
 extern char *sync_user_agent;
 extern bool sync_allow_insecure_tls;
 
@@ -135,6 +138,10 @@ extern void sync_http_request(const char *method, const char *url,
 							  const SyncHttpHeader *headers, int nheaders,
 							  const char *body, const char *content_type,
 							  bool verify_tls, SyncHttpResponse *resp);
+extern void sync_http_request_timeout(const char *method, const char *url,
+									  const SyncHttpHeader *headers, int nheaders,
+									  const char *body, const char *content_type,
+									  bool verify_tls, int timeout_ms, SyncHttpResponse *resp);
 extern char *sync_http_urlencode(const char *s);
 extern double sync_http_server_time(SyncHttpResponse *resp);
 extern char *sync_http_header(SyncHttpResponse *resp, const char *name);
@@ -328,6 +335,11 @@ extern void sync_budget_clear_penalty(int32 source_id);
 extern void sync_api_request(SyncSource *source, SyncPage *page, const char *method, const char *url,
 							 const SyncHttpHeader *headers, int nheaders, const char *body,
 							 const char *content_type, SyncHttpResponse *resp);
+
+/* ---------- notifications (notify.c, smtp.c) ---------- */
+extern void sync_deliver_notifications(void);
+extern bool sync_smtp_send(const char *smtp_url, json_t *options, const char *from, const char *recipients,
+						   const char *message, char **error);
 
 /* ---------- catalog (catalog.c) ---------- */
 extern SyncSource *sync_load_source_by_name(const char *name, bool missing_ok);

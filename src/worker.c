@@ -55,6 +55,7 @@ static Oid	extension_oid = InvalidOid;
 static HTAB *schedule = NULL;
 static MemoryContext loop_ctx = NULL;
 static MemoryContext step_ctx = NULL;
+static TimestampTz next_delivery_check = 0;	/* notifications are looked for once a second */
 
 static void
 worker_detach(int code, Datum arg)
@@ -210,8 +211,8 @@ backoff_ms(int failures)
 static void
 worker_record_failure(int32 collection_id, ErrorData *edata, SyncPage *page, bool rate_limited)
 {
-	Datum		args[8];
-	Oid			types[8] = {INT4OID, TEXTOID, BOOLOID, INT8OID, INT8OID, INT4OID, INT4OID, BOOLOID};
+	Datum		args[9];
+	Oid			types[9] = {INT4OID, TEXTOID, BOOLOID, INT8OID, INT8OID, INT4OID, INT4OID, BOOLOID, INT4OID};
 	StringInfoData msg;
 	int			ret;
 
@@ -229,7 +230,8 @@ worker_record_failure(int32 collection_id, ErrorData *edata, SyncPage *page, boo
 	args[5] = Int32GetDatum(page->errors);
 	args[6] = Int32GetDatum(page->rate_limited);
 	args[7] = BoolGetDatum(page->retry);
-	ret = SPI_execute_with_args("UPDATE sync.collection_state SET "
+	args[8] = Int32GetDatum(sync_notify_after_failures);
+	ret = SPI_execute_with_args("WITH failed AS (UPDATE sync.collection_state SET "
 								"consecutive_failures = consecutive_failures + CASE WHEN $3 THEN 0 ELSE 1 END, "
 								"last_error = $2, last_error_at = now(), run_requested = false, "
 								"activity = CASE WHEN $3 THEN 'waiting out the API''s rate limit' "
@@ -239,9 +241,15 @@ worker_record_failure(int32 collection_id, ErrorData *edata, SyncPage *page, boo
 								"rate_limited = rate_limited + $7, retries = retries + $8::int, "
 								"cycle_requests = CASE WHEN phase = 'incremental' THEN cycle_requests + $4 "
 								"                      ELSE cycle_requests END "
-								"WHERE collection_id = $1",
-								8, types, args, NULL, false, 0);
-	if (ret != SPI_OK_UPDATE)
+								"WHERE collection_id = $1 RETURNING consecutive_failures, activity) "
+								/* persistent failure: tell the user once, when it crosses the threshold */
+								"SELECT sync._emit('collection_failing', jsonb_build_object("
+								"   'source', s.name, 'collection', c.name, 'table', c.relid::regclass::text, "
+								"   'consecutive_failures', f.consecutive_failures, 'error', $2, 'at', now())) "
+								"FROM failed f, sync.collections c JOIN sync.sources s ON s.id = c.source_id "
+								"WHERE c.id = $1 AND NOT $3 AND f.consecutive_failures = $9",
+								9, types, args, NULL, false, 0);
+	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not record a sync error: %s", SPI_result_code_string(ret));
 	worker_commit();
 }
@@ -548,6 +556,12 @@ sync_worker_main(Datum arg)
 		{
 			sync_worker_serve_token_refresh();
 			sleep_ms = worker_round();
+			if (GetCurrentTimestamp() >= next_delivery_check)
+			{
+				sync_deliver_notifications();
+				next_delivery_check = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
+				sleep_ms = Min(sleep_ms, 1000);
+			}
 		}
 		PG_CATCH();
 		{
