@@ -268,8 +268,8 @@ sub grow_to
 			120,
 			"SELECT bool_and(last_caught_up_at > to_timestamp($ready + 3 * $est)) "
 			  . "FROM sync.status WHERE source = 'lag'"),
-		"$n collections: every collection is caught up 3 polling cycles (${est} s each) after the backfills ("
-		  . elapsed() . ')')
+		sprintf('%d collections: every collection is caught up 3 polling cycles (%.3f s each) after the backfills (%s)',
+			$n, $est, elapsed()))
 	  or diag(sql("SELECT collection, state, last_caught_up_at, lag, est_max_lag FROM sync.status"));
 }
 
