@@ -11,14 +11,12 @@
  */
 #include "sync.h"
 
-#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
-#include "utils/resowner.h"
 
 #define REJECTED_VALUE_MAX_BYTES 1000
 
@@ -57,41 +55,16 @@ stored_value_expr(SyncCollection *c, const SyncField *f)
 	return psprintf("CAST((%s) AS %s)", expr.data, format_type_with_typemod(typid, typmod));
 }
 
-/* Run sql over records ($1); true when it raised no error. The error is kept in *error. */
+/* Whether every value of records survives sql; the error of the first that does not. */
 static bool
 fits(const char *sql, json_t *records, ErrorData **error)
 {
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	char	   *text = sync_json_dump(records);
-	Oid			argtype = TEXTOID;
-	Datum		arg = CStringGetTextDatum(text);
-	volatile bool ok = true;
+	int64		processed;
+	ErrorData  *failure = sync_try_with_records(NULL, sql, records, SPI_OK_SELECT, &processed);
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
-	{
-		if (SPI_execute_with_args(sql, 1, &argtype, &arg, NULL, true, 0) != SPI_OK_SELECT)
-			elog(ERROR, "could not check values");
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcontext);
-		if (error)
-			*error = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		ok = false;
-	}
-	PG_END_TRY();
-	pfree(text);
-	return ok;
+	if (failure && error)
+		*error = failure;
+	return failure == NULL;
 }
 
 static void

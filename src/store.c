@@ -263,9 +263,12 @@ run_with_json(SPIPlanPtr plan, json_t *array, int expected)
 	return SPI_processed;
 }
 
-/* Run a page's statement ($1 = records); a data error comes back instead of being raised. */
-static ErrorData *
-try_with_json(SPIPlanPtr plan, const char *sql, json_t *records, int expected, int64 *processed)
+/*
+ * Run a statement ($1 = records as JSON) in a subtransaction of its own: an
+ * error comes back instead of being raised, and nothing of it is left.
+ */
+ErrorData *
+sync_try_with_records(SPIPlanPtr plan, const char *sql, json_t *records, int expected, int64 *processed)
 {
 	MemoryContext oldcontext = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
@@ -313,7 +316,7 @@ static int64
 store_records(SyncCollection *c, SyncPage *page, SPIPlanPtr plan, const char *sql, int expected)
 {
 	int64		processed = 0;
-	ErrorData  *failure = try_with_json(plan, sql, page->records, expected, &processed);
+	ErrorData  *failure = sync_try_with_records(plan, sql, page->records, expected, &processed);
 
 	if (failure == NULL)
 		return processed;
@@ -322,7 +325,7 @@ store_records(SyncCollection *c, SyncPage *page, SPIPlanPtr plan, const char *sq
 		ReThrowError(failure);
 	if (json_array_size(page->records) == 0)
 		return 0;
-	failure = try_with_json(plan, sql, page->records, expected, &processed);
+	failure = sync_try_with_records(plan, sql, page->records, expected, &processed);
 	if (failure)
 		ReThrowError(failure);
 	return processed;

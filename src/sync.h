@@ -352,6 +352,9 @@ extern void sync_lock_extension(void);
 /* ---------- store (store.c) ---------- */
 extern void sync_apply_page(SyncCollection *collection, SyncPage *page);
 extern int64 sync_reject_unfit_values(SyncCollection *collection, SyncPage *page);
+struct _SPI_plan;
+extern ErrorData *sync_try_with_records(struct _SPI_plan *plan, const char *sql, json_t *records,
+										int expected, int64 *processed);
 extern bool sync_apply_column_page(SyncCollection *collection, SyncCollection *columns, SyncPage *page);
 extern void sync_save_api_fields(SyncCollection *collection, List *fields);
 
