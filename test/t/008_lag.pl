@@ -312,7 +312,7 @@ sub measure
 	admin($F, 'DELETE', 'requests');
 	my $t0 = time;
 	my $t0_db = bq("SELECT extract(epoch from now())");
-	my $deadline = $t0 + $window + ($delete_checks ? 150 : 0) + $est_now + 60;
+	my $deadline = $t0 + $window + ($delete_checks ? 90 : 0) + $est_now + 30;
 	my $next_tick = $t0;
 	my $next_sample = $t0 + $SAMPLE_EVERY;
 	while (time < $deadline)
