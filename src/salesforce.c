@@ -610,12 +610,18 @@ sf_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *
 	if (!json_object_get(cursor, "deleted_until"))
 		json_object_set_new(cursor, "deleted_until", json_real(started));
 	/*
-	 * The first delete check comes at a random point of the interval, so that
-	 * collections backfilled together do not all check in the same cycle.
+	 * The first delete check comes at a random point of an interval starting
+	 * when the delete log can first be read (a minute after deleted_until), so
+	 * that collections backfilled together do not all check in the same cycle.
 	 */
-	json_object_set_new(cursor, "deleted_at",
-						json_real((double) time(NULL) -
-								  sf_deleted_interval(source, c) * ((double) random() / (double) PG_INT32_MAX)));
+	{
+		double		interval = sf_deleted_interval(source, c);
+		double		earliest = Max((double) time(NULL), sync_json_number(cursor, "deleted_until", 0) + 60);
+
+		json_object_set_new(cursor, "deleted_at",
+							json_real(earliest - interval +
+									  interval * ((double) random() / (double) PG_INT32_MAX)));
+	}
 }
 
 static void

@@ -39,6 +39,7 @@ typedef struct ScheduleEntry
 	TimestampTz walk_started_at;	/* first step since the collection was last caught up */
 	bool		retrying;		/* the last step failed or was rate limited */
 	bool		column_turn;	/* the next step is the column backfill's */
+	int			walk_steps;		/* steps of the unfinished walk */
 	bool		seen;			/* still configured in this round */
 } ScheduleEntry;
 
@@ -326,7 +327,11 @@ worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *fail
 	page.total = -1;
 	page.retry = entry->retrying;
 	if (entry->walk_started_at == 0)
+	{
 		entry->walk_started_at = GetCurrentTimestamp();
+		entry->walk_steps = 0;
+	}
+	entry->walk_steps++;
 	page.caught_up_as_of = entry->walk_started_at;
 	*more = false;
 	*failed = false;
@@ -411,6 +416,25 @@ worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *fail
 }
 
 /*
+ * Whether entry should run before other: the collection that ran least
+ * recently goes first, except that an incremental walk a few steps long (a
+ * delete check and the poll after it, a second page of changes) finishes
+ * first: making it wait another round would double its lag.
+ */
+#define WALK_STEPS_FIRST 4
+
+static bool
+worker_runs_before(ScheduleEntry *entry, ScheduleEntry *other)
+{
+	bool		entry_walking = entry->walk_started_at != 0 && entry->walk_steps < WALK_STEPS_FIRST;
+	bool		other_walking = other->walk_started_at != 0 && other->walk_steps < WALK_STEPS_FIRST;
+
+	if (entry_walking != other_walking)
+		return entry_walking;
+	return entry->last_run < other->last_run;
+}
+
+/*
  * One round: of the due collections whose source has budget, run the one
  * that ran least recently, so the collections of a source take turns and a
  * long backfill never starves the polls of the others. Returns how long to
@@ -459,7 +483,7 @@ worker_round(void)
 			sleep_ms = Min(sleep_ms, wait_ms);
 			continue;
 		}
-		if (best == NULL || entry->last_run < best_entry->last_run)
+		if (best == NULL || worker_runs_before(entry, best_entry))
 		{
 			best = d;
 			best_entry = entry;
