@@ -249,8 +249,13 @@ SELECT s.name                          AS source,
        CASE WHEN s.paused OR c.paused THEN NULL
             WHEN b.penalty_until IS NOT NULL
                  THEN format('rate limit: %s, until %s', b.penalty_reason, b.penalty_until)
+            WHEN st.consecutive_failures > 0 AND st.last_error ~* 'token|invalid_grant|authoriz'
+                 THEN 'token refresh: retry after an error'
             WHEN st.consecutive_failures > 0 THEN 'retry after an error'
             WHEN b.limited_by LIKE 'daily allocation nearly spent%' THEN b.limited_by
+            WHEN (st.phase = 'backfill' OR st.column_backfill IS NOT NULL) AND b.rate IS NOT NULL
+                 THEN format('request budget: %s requests/s shared by %s collections',
+                             round(b.rate::numeric, 2), cy.collections)
             END                        AS waiting_on,
        st.records_upserted,
        st.records_deleted,
