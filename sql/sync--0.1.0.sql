@@ -583,10 +583,12 @@ BEGIN
       FROM _sync_described d;
     INSERT INTO sync.collection_columns (collection_id, position, api_field, api_type, column_name, column_type,
                                          wire_type, convert_sql, is_key, is_version, attnum)
-    SELECT cid, row_number() OVER (ORDER BY d.position), d.api_field, d.api_type, d.column_name, d.column_type,
-           d.wire_type, d.convert_sql, d.is_key, d.is_version,
-           (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = rel AND a.attname = d.column_name)
-      FROM _sync_described d WHERE d.synced;
+    SELECT cid, row_number() OVER (ORDER BY d.position), d.api_field, d.api_type, d.column_name,
+           -- as Postgres spells it (timestamp with time zone, not timestamptz): ALTER TABLE compares it
+           format_type(a.atttypid, a.atttypmod), d.wire_type, d.convert_sql, d.is_key, d.is_version, a.attnum
+      FROM _sync_described d
+      JOIN pg_attribute a ON a.attrelid = rel AND a.attname = d.column_name
+     WHERE d.synced;
     INSERT INTO sync.collection_state (collection_id, backfill_started_at, run_requested) VALUES (cid, now(), true);
     DROP TABLE _sync_described;
     RETURN rel;

@@ -14,6 +14,7 @@
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
+#include "common/base64.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -30,6 +31,7 @@
 typedef struct Delivery
 {
 	int64		id;
+	int32		target_id;
 	char	   *name;
 	char	   *kind;
 	char	   *target;
@@ -67,7 +69,8 @@ due_deliveries(MemoryContext ctx)
 
 	begin();
 	ret = SPI_execute("SELECT o.id, t.name, t.kind, t.target, t.options::text, o.event, o.payload::text, "
-					  "       to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), o.attempts "
+					  "       to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), o.attempts, "
+					  "       t.id "
 					  "FROM sync.notification_outbox o JOIN sync.notification_targets t ON t.id = o.target_id "
 					  "WHERE o.sent_at IS NULL AND o.next_attempt_at <= now() "
 					  "ORDER BY o.id LIMIT " CppAsString2(DELIVERY_BATCH), true, 0);
@@ -91,6 +94,7 @@ due_deliveries(MemoryContext ctx)
 		d->payload = SPI_getvalue(tup, desc, 7);
 		d->created_at = SPI_getvalue(tup, desc, 8);
 		d->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 9, &isnull));
+		d->target_id = DatumGetInt32(SPI_getbinval(tup, desc, 10, &isnull));
 		result = lappend(result, d);
 		MemoryContextSwitchTo(old);
 	}
@@ -114,6 +118,7 @@ deliver_webhook(Delivery *d, char **error)
 	char	   *body = webhook_body(d);
 	MemoryContext ctx = CurrentMemoryContext;
 	volatile bool ok = false;
+	uint32		holdoff = InterruptHoldoffCount;
 
 	headers[0].name = "X-Sync-Event";
 	headers[0].value = d->event;
@@ -132,6 +137,8 @@ deliver_webhook(Delivery *d, char **error)
 	{
 		ErrorData  *edata;
 
+		/* raising an error reset the holdoff count: we still hold interrupts */
+		InterruptHoldoffCount = holdoff;
 		MemoryContextSwitchTo(ctx);
 		edata = CopyErrorData();
 		FlushErrorState();
@@ -149,6 +156,61 @@ payload_field(json_t *payload, const char *key)
 	return v ? v : "?";
 }
 
+/* Quoted-printable (RFC 2045): the body is 7-bit whatever the payload holds. */
+static char *
+quoted_printable(const char *text)
+{
+	StringInfoData out;
+	int			line = 0;
+
+	initStringInfo(&out);
+	for (const unsigned char *p = (const unsigned char *) text; *p; p++)
+	{
+		bool		crlf = (p[0] == '\r' && p[1] == '\n');
+		bool		at_line_end = (p[1] == '\0' || (p[1] == '\r' && p[2] == '\n'));
+		char		piece[4];
+
+		if (crlf)
+		{
+			appendStringInfoString(&out, "\r\n");
+			p++;
+			line = 0;
+			continue;
+		}
+		if ((*p >= 33 && *p <= 126 && *p != '=') || ((*p == ' ' || *p == '\t') && !at_line_end))
+			snprintf(piece, sizeof(piece), "%c", *p);
+		else
+			snprintf(piece, sizeof(piece), "=%02X", *p);
+		if (line + strlen(piece) > 75)
+		{
+			appendStringInfoString(&out, "=\r\n");
+			line = 0;
+		}
+		appendStringInfoString(&out, piece);
+		line += strlen(piece);
+	}
+	return out.data;
+}
+
+/* A header value as an RFC 2047 encoded word when it is not plain ASCII. */
+static char *
+header_text(const char *text)
+{
+	int			len = strlen(text);
+	char	   *b64;
+	int			n;
+
+	for (const unsigned char *p = (const unsigned char *) text; *p; p++)
+		if (*p >= 128 || *p < 32)
+		{
+			b64 = palloc0(pg_b64_enc_len(len) + 1);
+			n = pg_b64_encode(text, len, b64, pg_b64_enc_len(len));
+			b64[Max(n, 0)] = '\0';
+			return psprintf("=?UTF-8?B?%s?=", b64);
+		}
+	return pstrdup(text);
+}
+
 /* An RFC 5322 message: headers, blank line, a short text and the event's JSON. */
 static char *
 email_message(Delivery *d, const char *from)
@@ -159,6 +221,8 @@ email_message(Delivery *d, const char *from)
 	const char *subject;
 	pg_time_t	now = (pg_time_t) time(NULL);
 	char		date[128];
+	int			body_start;
+	char	   *body;
 
 	if (gethostname(host, sizeof(host)) != 0)
 		strlcpy(host, "localhost", sizeof(host));
@@ -176,11 +240,13 @@ email_message(Delivery *d, const char *from)
 	appendStringInfo(&msg, "Date: %s\r\n", date);
 	appendStringInfo(&msg, "From: %s\r\n", from);
 	appendStringInfo(&msg, "To: %s\r\n", d->target);
-	appendStringInfo(&msg, "Subject: %s\r\n", subject);
+	appendStringInfo(&msg, "Subject: %s\r\n", header_text(subject));
 	appendStringInfo(&msg, "Message-ID: <sync-%lld@%s>\r\n", (long long) d->id, host);
 	appendStringInfo(&msg, "X-Sync-Event: %s\r\n", d->event);
 	appendStringInfo(&msg, "X-Sync-Delivery: %lld\r\n", (long long) d->id);
-	appendStringInfoString(&msg, "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n");
+	appendStringInfoString(&msg, "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+						   "Content-Transfer-Encoding: quoted-printable\r\n\r\n");
+	body_start = msg.len;
 	if (strcmp(d->event, "backfill_completed") == 0)
 		appendStringInfo(&msg, "The backfill of %s (source %s) into %s completed: %lld records.\r\n",
 						 payload_field(payload, "collection"), payload_field(payload, "source"),
@@ -192,6 +258,10 @@ email_message(Delivery *d, const char *from)
 						 payload_field(payload, "error"));
 	appendStringInfo(&msg, "\r\n%s\r\n", d->payload);
 	json_decref(payload);
+	body = quoted_printable(msg.data + body_start);
+	msg.len = body_start;
+	msg.data[body_start] = '\0';
+	appendStringInfoString(&msg, body);
 	return msg.data;
 }
 
@@ -233,6 +303,20 @@ record_attempt(Delivery *d, bool ok, const char *error)
 								4, types, args, nulls, false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "could not update sync.notification_outbox: %s", SPI_result_code_string(ret));
+	if (!ok)
+	{
+		/* the target's other deliveries wait as long: a dead receiver must not hold up the sync */
+		Oid			ttypes[2] = {INT4OID, INT8OID};
+		Datum		targs[2] = {Int32GetDatum(d->target_id), Int64GetDatum(d->id)};
+
+		ret = SPI_execute_with_args("UPDATE sync.notification_outbox o SET next_attempt_at = f.next_attempt_at "
+									"FROM sync.notification_outbox f "
+									"WHERE f.id = $2 AND o.target_id = $1 AND o.sent_at IS NULL "
+									"  AND o.next_attempt_at < f.next_attempt_at",
+									2, ttypes, targs, NULL, false, 0);
+		if (ret != SPI_OK_UPDATE)
+			elog(ERROR, "could not update sync.notification_outbox: %s", SPI_result_code_string(ret));
+	}
 	commit();
 	if (!ok)
 		ereport(LOG,
@@ -250,12 +334,18 @@ sync_deliver_notifications(void)
 	List	   *due = due_deliveries(ctx);
 	ListCell   *lc;
 
+	List	   *failed_targets = NIL;
+
 	foreach(lc, due)
 	{
 		Delivery   *d = lfirst(lc);
 		char	   *error = NULL;
 		bool		ok;
 		uint32		holdoff = InterruptHoldoffCount;
+
+		/* a target that just failed is not tried again in this round: it would hold up the sync */
+		if (list_member_int(failed_targets, d->target_id))
+			continue;
 
 		pgstat_report_activity(STATE_RUNNING, "sync: delivering a notification");
 		/* sending and recording it sent happen together: a SIGTERM waits (timeouts bound it) */
@@ -267,6 +357,8 @@ sync_deliver_notifications(void)
 			else
 				ok = deliver_email(d, &error);
 			record_attempt(d, ok, error);
+			if (!ok)
+				failed_targets = lappend_int(failed_targets, d->target_id);
 		}
 		PG_CATCH();
 		{

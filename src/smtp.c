@@ -103,8 +103,16 @@ sync_smtp_send(const char *smtp_url, json_t *options, const char *from, const ch
 
 	result = curl_easy_perform(curl);
 	if (result != CURLE_OK)
-		*error = psprintf("SMTP delivery through \"%s\" failed: %s", sync_http_host_of(smtp_url),
+	{
+		long		reply = 0;
+		long		port = 0;
+
+		curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &reply);
+		curl_easy_getinfo(curl, CURLINFO_PRIMARY_PORT, &port);
+		*error = psprintf("SMTP delivery through %s:%ld failed%s: %s", sync_http_host_of(smtp_url), port,
+						  reply ? psprintf(" (server reply %ld)", reply) : "",
 						  errbuf[0] ? errbuf : curl_easy_strerror(result));
+	}
 	curl_easy_cleanup(curl);
 	curl_slist_free_all(rcpt);
 	return result == CURLE_OK;
