@@ -7,12 +7,11 @@ use strict;
 use warnings;
 
 use FindBin;
-use HTTP::Tiny;
-use IPC::Run;
-use JSON::PP;
+use lib $FindBin::Bin;
 use Time::HiRes qw(time usleep);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use SyncTest;
 use Test::More;
 
 my $suite_started = time;
@@ -21,42 +20,16 @@ my $suite_started = time;
 # Helpers
 ###############################################################################
 
+# start_fake, admin, sql, sql_in etc. are in SyncTest.pm.
 my $node;
-my $fake;
+my $F;    # the fake Salesforce
 my $fake_url;
-my $http = HTTP::Tiny->new(timeout => 15);
-
-END
-{
-	$fake->kill_kill if $fake && $fake->pumpable;
-}
-
-# Call the fake's admin API; dies on an HTTP error.
-sub admin
-{
-	my ($method, $path, $body) = @_;
-	my %opts;
-	if (defined $body)
-	{
-		$opts{content} = encode_json($body);
-		$opts{headers} = { 'Content-Type' => 'application/json' };
-	}
-	my $res = $http->request($method, "$fake_url/__admin/$path", \%opts);
-	die "fake admin $method $path failed: $res->{status} $res->{content}"
-	  unless $res->{success};
-	return decode_json($res->{content});
-}
+http_options(timeout => 15);
 
 # Number of API requests (not admin calls) the fake has completed.
 sub api_requests
 {
-	return scalar grep { $_->{path} =~ m{^/services/} } @{ admin('GET', 'requests') };
-}
-
-sub sql
-{
-	my ($db, $query) = @_;
-	return $node->safe_psql($db, $query);
+	return scalar grep { $_->{path} =~ m{^/services/} } @{ admin($F, 'GET', 'requests') };
 }
 
 # Poll $cond every 100 ms until it returns true; seconds waited, or undef on timeout.
@@ -80,14 +53,14 @@ sub wait_for
 sub worker_pids
 {
 	my ($db) = @_;
-	return sql('postgres',
+	return sql(
 		"SELECT coalesce(string_agg(pid::text, ',' ORDER BY pid), '') FROM pg_stat_activity "
 		  . "WHERE backend_type = 'sync worker' AND datname = '$db'");
 }
 
 sub launcher_pids
 {
-	return sql('postgres',
+	return sql(
 		"SELECT coalesce(string_agg(pid::text, ',' ORDER BY pid), '') FROM pg_stat_activity "
 		  . "WHERE backend_type = 'sync launcher'");
 }
@@ -98,27 +71,12 @@ sub fmt { return sprintf('%.2f', $_[0] // -1); }
 # Fake Salesforce and the server
 ###############################################################################
 
-my $fake_dir = PostgreSQL::Test::Utils::tempdir;
-$fake = IPC::Run::start(
-	[ '/usr/bin/python3', "$FindBin::Bin/../fake_salesforce.py", '--port', '0', '--records', '300' ],
-	'<', '/dev/null', '>', "$fake_dir/fake.out", '2>', "$fake_dir/fake.err");
-my $fake_port;
-wait_for('the fake Salesforce to listen', 30, sub {
-	my $out = -e "$fake_dir/fake.out" ? slurp_file("$fake_dir/fake.out") : '';
-	($fake_port) = $out =~ /listening on (\d+)/;
-	return defined $fake_port;
-}) or BAIL_OUT('fake Salesforce did not start: ' . (-e "$fake_dir/fake.err" ? slurp_file("$fake_dir/fake.err") : ''));
-$fake_url = "http://127.0.0.1:$fake_port";
+$F = eval { start_fake('salesforce', 'main', { timeout => 30 }, '--records', '300') }
+  or BAIL_OUT("fake Salesforce did not start: $@");
+$fake_url = $F->{url};
 note "fake Salesforce at $fake_url";
 
-$node = PostgreSQL::Test::Cluster->new('main');
-$node->init;
-$node->append_conf('postgresql.conf',
-	"shared_preload_libraries = 'sync'\n"
-	  . "timezone = 'UTC'\n"
-	  . "sync.launcher_naptime = 1\n"
-	  . "max_worker_processes = 16\n");
-$node->start;
+$node = start_node(create_extension => 0);
 
 my $credentials = '{"client_id": "test-client", "client_secret": "test-secret", "refresh_token": "test-refresh"}';
 
@@ -131,27 +89,27 @@ ok(defined $waited, 'a "sync launcher" runs with shared_preload_libraries = sync
 my $launcher_pid = launcher_pids();
 like($launcher_pid, qr/^\d+$/, 'exactly one sync launcher runs');
 
-sql('postgres', 'CREATE EXTENSION sync');
+sql('CREATE EXTENSION sync');
 $waited = wait_for('a worker for postgres', 15, sub { worker_pids('postgres') =~ /^\d+$/ });
 note 'worker for postgres appeared ' . fmt($waited) . ' s after CREATE EXTENSION';
 ok(defined $waited && $waited < 10, 'a "sync worker" for database postgres appears within seconds of CREATE EXTENSION');
 my $pg_worker = worker_pids('postgres');
-is(sql('postgres', 'SELECT sync.worker_pid()'), $pg_worker, 'sync.worker_pid() returns the pid of that worker');
+is(sql('SELECT sync.worker_pid()'), $pg_worker, 'sync.worker_pid() returns the pid of that worker');
 
 ###############################################################################
 # 2. A second database is found by itself; one without the extension keeps no worker
 ###############################################################################
 
-sql('postgres', 'CREATE DATABASE other');
-sql('postgres', 'CREATE DATABASE noext');
-sql('other', 'CREATE EXTENSION sync');
+sql('CREATE DATABASE other');
+sql('CREATE DATABASE noext');
+sql_in('other', 'CREATE EXTENSION sync');
 $waited = wait_for('a worker for other', 15, sub { worker_pids('other') =~ /^\d+$/ });
 note 'worker for other appeared ' . fmt($waited) . ' s after CREATE EXTENSION';
 ok(defined $waited && $waited < 10, 'a second worker appears for database other within seconds');
 my $other_worker = worker_pids('other');
-is(sql('other', 'SELECT sync.worker_pid()'), $other_worker, 'sync.worker_pid() in other returns its own worker');
+is(sql_in('other', 'SELECT sync.worker_pid()'), $other_worker, 'sync.worker_pid() in other returns its own worker');
 isnt($other_worker, $pg_worker, 'the two databases have different workers');
-is(sql('postgres', 'SELECT sync.worker_pid()'), $pg_worker, 'the worker of postgres is unchanged');
+is(sql('SELECT sync.worker_pid()'), $pg_worker, 'the worker of postgres is unchanged');
 
 # The launcher probes noext (naptime 1 s); the probe must exit and not come back.
 sleep 4;
@@ -162,18 +120,18 @@ for (1 .. 10)
 	usleep(200_000);
 }
 is(join('|', grep { $_ ne '' } @noext_samples), '', 'a database without the extension has no lasting worker');
-is(sql('noext', "SELECT count(*) FROM pg_extension WHERE extname = 'sync'"), '0', 'noext indeed lacks the extension');
+is(sql_in('noext', "SELECT count(*) FROM pg_extension WHERE extname = 'sync'"), '0', 'noext indeed lacks the extension');
 
 ###############################################################################
 # 3. Configuration changes reach the worker at commit, not before
 ###############################################################################
 
-sql('postgres', qq{SELECT sync.create_source('acme', 'salesforce', '$fake_url', '$credentials',
+sql(qq{SELECT sync.create_source('acme', 'salesforce', '$fake_url', '$credentials',
 	'{"requests_per_second": 50, "burst": 5, "poll_interval": 3600}')});
-sql('postgres', q{SELECT sync.add_collection('acme', 'Contact')});
-is(sql('postgres', q{SELECT sync.wait_for_backfill('acme', 'Contact', '60 s')}), 't',
+sql(q{SELECT sync.add_collection('acme', 'Contact')});
+is(sql(q{SELECT sync.wait_for_backfill('acme', 'Contact', '60 s')}), 't',
 	'backfill of 300 contacts completes with poll_interval 3600');
-is(sql('postgres', 'SELECT count(*) FROM acme.contact'), '300', 'all 300 contacts arrived');
+is(sql('SELECT count(*) FROM acme.contact'), '300', 'all 300 contacts arrived');
 
 # Let the first incremental poll that follows the backfill finish.
 wait_for('the worker to go idle', 20, sub {
@@ -187,30 +145,30 @@ my $s1 = $node->background_psql('postgres', on_error_stop => 1);
 $s1->query_safe('BEGIN');
 $s1->query_safe(q{SELECT sync.pause('acme')});
 my $before = api_requests();
-sql('postgres', q{SELECT sync.run_now('acme')});
+sql(q{SELECT sync.run_now('acme')});
 $waited = wait_for('a poll while the pause is uncommitted', 10, sub { api_requests() > $before });
 ok(defined $waited, 'while pause() is uncommitted the worker keeps making requests (run_now honoured)');
-is(sql('postgres', q{SELECT state FROM sync.status WHERE source = 'acme'}), 'syncing',
+is(sql(q{SELECT state FROM sync.status WHERE source = 'acme'}), 'syncing',
 	'state is not paused before the pause commits');
 wait_for('the run_now poll to finish', 10, sub {
-	sql('postgres', q{SELECT NOT run_requested FROM sync.collection_state}) eq 't';
+	sql(q{SELECT NOT run_requested FROM sync.collection_state}) eq 't';
 });
 $s1->query_safe('COMMIT');
-is(sql('postgres', q{SELECT state FROM sync.status WHERE source = 'acme'}), 'paused', 'state is paused after COMMIT');
+is(sql(q{SELECT state FROM sync.status WHERE source = 'acme'}), 'paused', 'state is paused after COMMIT');
 sleep 1;
 $before = api_requests();
-sql('postgres', q{SELECT sync.run_now('acme')});
+sql(q{SELECT sync.run_now('acme')});
 sleep 3;
 is(api_requests(), $before, 'after the pause committed, run_now makes no request');
 
 # resume() wakes the worker at commit; the pending run_now then polls at once.
 $before = api_requests();
-sql('postgres', q{SELECT sync.resume('acme')});
+sql(q{SELECT sync.resume('acme')});
 $waited = wait_for('a poll after resume', 10, sub { api_requests() > $before });
 note 'first request after resume: ' . fmt($waited) . ' s';
 ok(defined $waited && $waited < 5, 'resume() wakes the worker at commit');
 wait_for('the worker to go idle', 20, sub {
-	sql('postgres', q{SELECT NOT run_requested FROM sync.collection_state}) eq 't';
+	sql(q{SELECT NOT run_requested FROM sync.collection_state}) eq 't';
 });
 
 # run_now inside a transaction held open: nothing before COMMIT, the change
@@ -218,20 +176,20 @@ wait_for('the worker to go idle', 20, sub {
 # would find nothing to do and the next natural wake is 10 s away.
 for my $trial (1 .. 3)
 {
-	my $rec = admin('POST', 'records/Contact', { FirstName => 'Wake', LastName => "Commit$trial" });
+	my $rec = admin($F, 'POST', 'records/Contact', { FirstName => 'Wake', LastName => "Commit$trial" });
 	my $id = $rec->{Id};
 	$s1->query_safe('BEGIN');
 	$s1->query_safe(q{SELECT sync.run_now('acme')});
 	sleep 2;
-	is(sql('postgres', "SELECT count(*) FROM acme.contact WHERE id = '$id'"), '0',
+	is(sql("SELECT count(*) FROM acme.contact WHERE id = '$id'"), '0',
 		"trial $trial: the new record does not arrive while run_now is uncommitted");
 	$s1->query_safe('COMMIT');
 	$waited = wait_for("record $id", 20, sub {
-		sql('postgres', "SELECT count(*) FROM acme.contact WHERE id = '$id'") eq '1';
+		sql("SELECT count(*) FROM acme.contact WHERE id = '$id'") eq '1';
 	});
 	note "trial $trial: record arrived " . fmt($waited) . ' s after COMMIT of run_now';
 	ok(defined $waited && $waited < 4, "trial $trial: run_now acts at commit (record arrived quickly, poll_interval 3600)");
-	is(sql('postgres', "SELECT last_name FROM acme.contact WHERE id = '$id'"), "Commit$trial",
+	is(sql("SELECT last_name FROM acme.contact WHERE id = '$id'"), "Commit$trial",
 		"trial $trial: the record's values arrived");
 }
 
@@ -239,13 +197,13 @@ for my $trial (1 .. 3)
 # 4. SIGHUP: sync.enabled = off stops the requests, on resumes them
 ###############################################################################
 
-sql('postgres', q{SELECT sync.alter_source('acme', options => '{"poll_interval": 0, "requests_per_second": 5, "burst": 1}')});
+sql(q{SELECT sync.alter_source('acme', options => '{"poll_interval": 0, "requests_per_second": 5, "burst": 1}')});
 $before = api_requests();
 $waited = wait_for('requests to flow', 15, sub { api_requests() >= $before + 3 });
 ok(defined $waited, 'with poll_interval 0 the worker polls continuously');
 
-sql('postgres', 'ALTER SYSTEM SET sync.enabled = off');
-sql('postgres', 'SELECT pg_reload_conf()');
+sql('ALTER SYSTEM SET sync.enabled = off');
+sql('SELECT pg_reload_conf()');
 sleep 2;
 my $c1 = api_requests();
 sleep 3;
@@ -253,13 +211,13 @@ my $c2 = api_requests();
 is($c2, $c1, 'after sync.enabled = off and a reload the worker makes no requests');
 is(worker_pids('postgres'), $pg_worker, 'the worker stays connected while disabled');
 
-sql('postgres', 'ALTER SYSTEM RESET sync.enabled');
-sql('postgres', 'SELECT pg_reload_conf()');
+sql('ALTER SYSTEM RESET sync.enabled');
+sql('SELECT pg_reload_conf()');
 $waited = wait_for('requests to resume', 15, sub { api_requests() > $c2 });
 note 'requests resumed ' . fmt($waited) . ' s after sync.enabled was reset';
 ok(defined $waited && $waited < 5, 'after sync.enabled is back on requests resume promptly (SIGHUP wakes the worker)');
 
-sql('postgres', q{SELECT sync.alter_source('acme', options => '{"poll_interval": 3600, "requests_per_second": 50, "burst": 5}')});
+sql(q{SELECT sync.alter_source('acme', options => '{"poll_interval": 3600, "requests_per_second": 50, "burst": 5}')});
 wait_for('the worker to go idle', 20, sub {
 	my $n = api_requests();
 	usleep(1_000_000);
@@ -271,20 +229,20 @@ wait_for('the worker to go idle', 20, sub {
 ###############################################################################
 
 my $log_offset = -s $node->logfile;
-my $fault = admin('POST', 'faults', { path_regex => '/services/data/v[0-9.]+/queryAll', delay => 30, count => 1 });
-sql('postgres', q{SELECT sync.run_now('acme')});
+my $fault = admin($F, 'POST', 'faults', { path_regex => '/services/data/v[0-9.]+/queryAll', delay => 30, count => 1 });
+sql(q{SELECT sync.run_now('acme')});
 $waited = wait_for('the worker to send the slow request', 15, sub {
-	my ($f) = grep { $_->{id} == $fault->{id} } @{ admin('GET', 'faults') };
+	my ($f) = grep { $_->{id} == $fault->{id} } @{ admin($F, 'GET', 'faults') };
 	return $f && $f->{hits} == 1;
 });
 ok(defined $waited, 'the worker sent the request the fake delays by 30 s');
 $waited = wait_for('the worker to show it waits for the API', 5, sub {
-	sql('postgres', "SELECT query FROM pg_stat_activity WHERE pid = $pg_worker") eq 'sync: waiting for the API';
+	sql("SELECT query FROM pg_stat_activity WHERE pid = $pg_worker") eq 'sync: waiting for the API';
 });
 ok(defined $waited, 'pg_stat_activity shows the worker waiting for the API');
 
 my $t0 = time;
-is(sql('postgres', "SELECT pg_terminate_backend($pg_worker)"), 't', 'pg_terminate_backend(worker)');
+is(sql("SELECT pg_terminate_backend($pg_worker)"), 't', 'pg_terminate_backend(worker)');
 my $gone = wait_for("worker $pg_worker to exit", 30, sub { !kill(0, $pg_worker) });
 note 'worker exited ' . fmt(defined $gone ? time - $t0 : undef) . ' s after pg_terminate_backend, mid-request';
 ok(defined $gone && time - $t0 < 2, 'SIGTERM ends the worker within a second or two while an HTTP request is in flight');
@@ -298,15 +256,15 @@ ok(defined $waited && $waited < 12, 'the launcher restarts a worker for postgres
 my $old_pg_worker = $pg_worker;
 $pg_worker = worker_pids('postgres');
 isnt($pg_worker, $old_pg_worker, 'the new worker has a new pid');
-is(sql('postgres', 'SELECT sync.worker_pid()'), $pg_worker, 'sync.worker_pid() reports the new worker');
+is(sql('SELECT sync.worker_pid()'), $pg_worker, 'sync.worker_pid() reports the new worker');
 is(launcher_pids(), $launcher_pid, 'the launcher survived (no crash-restart)');
 
 # The restarted worker works: a record created now arrives after run_now.
 {
-	my $rec = admin('POST', 'records/Contact', { FirstName => 'After', LastName => 'Restart' });
-	sql('postgres', q{SELECT sync.run_now('acme')});
+	my $rec = admin($F, 'POST', 'records/Contact', { FirstName => 'After', LastName => 'Restart' });
+	sql(q{SELECT sync.run_now('acme')});
 	$waited = wait_for('the record after restart', 20, sub {
-		sql('postgres', "SELECT count(*) FROM acme.contact WHERE id = '$rec->{Id}'") eq '1';
+		sql("SELECT count(*) FROM acme.contact WHERE id = '$rec->{Id}'") eq '1';
 	});
 	ok(defined $waited, 'the restarted worker syncs again');
 }
@@ -314,7 +272,7 @@ is(launcher_pids(), $launcher_pid, 'the launcher survived (no crash-restart)');
 # 6. Terminating an idle worker (other) restarts it; the server stays up.
 my $bystander = $node->background_psql('other', on_error_stop => 1);
 my $bystander_pid = $bystander->query_safe('SELECT pg_backend_pid()');
-is(sql('other', "SELECT pg_terminate_backend($other_worker)"), 't', 'terminate the worker of other');
+is(sql_in('other', "SELECT pg_terminate_backend($other_worker)"), 't', 'terminate the worker of other');
 $waited = wait_for('a new worker for other', 20, sub {
 	my $p = worker_pids('other');
 	return $p =~ /^\d+$/ && $p ne $other_worker;
@@ -337,10 +295,10 @@ unlike($log, qr/was terminated by signal/, 'no process died of a signal');
 # 7. DROP EXTENSION with a running (busy) worker; CREATE EXTENSION brings it back
 ###############################################################################
 
-sql('other', qq{SELECT sync.create_source('beta', 'salesforce', '$fake_url', '$credentials',
+sql_in('other', qq{SELECT sync.create_source('beta', 'salesforce', '$fake_url', '$credentials',
 	'{"requests_per_second": 10, "burst": 2, "poll_interval": 0}')});
-sql('other', q{SELECT sync.add_collection('beta', 'Contact')});
-is(sql('other', q{SELECT sync.wait_for_backfill('beta', 'Contact', '60 s')}), 't', 'other: backfill completes');
+sql_in('other', q{SELECT sync.add_collection('beta', 'Contact')});
+is(sql_in('other', q{SELECT sync.wait_for_backfill('beta', 'Contact', '60 s')}), 't', 'other: backfill completes');
 $before = api_requests();
 $waited = wait_for('other to poll', 15, sub { api_requests() >= $before + 3 });
 ok(defined $waited, 'the worker of other is busy polling');
@@ -361,7 +319,7 @@ sleep 2;
 is(worker_pids('other'), '', 'no worker comes back for other while the extension is absent');
 unlike(slurp_file($node->logfile, $log_offset), qr/deadlock detected/, 'no deadlock between DROP EXTENSION and the worker');
 
-sql('other', 'CREATE EXTENSION sync');
+sql_in('other', 'CREATE EXTENSION sync');
 $waited = wait_for('a worker for other again', 15, sub { worker_pids('other') =~ /^\d+$/ });
 ok(defined $waited && $waited < 10, 'CREATE EXTENSION again brings the worker back');
 $other_worker = worker_pids('other');
@@ -378,7 +336,7 @@ note 'idle worker of other exited ' . fmt($idle_exit) . ' s after DROP EXTENSION
 # round, at most 10 s later (see the report). A hang would fail here.
 ok(defined $idle_exit && $idle_exit < 12, 'an idle worker exits within seconds of DROP EXTENSION (its 10 s round)');
 
-sql('other', 'CREATE EXTENSION sync');
+sql_in('other', 'CREATE EXTENSION sync');
 $waited = wait_for('a worker for other again', 15, sub { worker_pids('other') =~ /^\d+$/ });
 ok(defined $waited && $waited < 10, 'CREATE EXTENSION brings the worker back again');
 $other_worker = worker_pids('other');
@@ -389,12 +347,12 @@ $other_worker = worker_pids('other');
 # (When written, this failed: the surviving worker kept the dropped
 # collection 1's in-memory schedule, next poll in 3600 s; sync.run_now()
 # unblocked it. See the helper report.)
-sql('other', qq{SELECT sync.create_source('gamma', 'salesforce', '$fake_url', '$credentials',
+sql_in('other', qq{SELECT sync.create_source('gamma', 'salesforce', '$fake_url', '$credentials',
 	'{"requests_per_second": 50, "burst": 5, "poll_interval": 3600}')});
-sql('other', q{SELECT sync.add_collection('gamma', 'Contact')});
-is(sql('other', q{SELECT sync.wait_for_backfill('gamma', 'Contact', '60 s')}), 't', 'other: gamma backfill completes');
+sql_in('other', q{SELECT sync.add_collection('gamma', 'Contact')});
+is(sql_in('other', q{SELECT sync.wait_for_backfill('gamma', 'Contact', '60 s')}), 't', 'other: gamma backfill completes');
 wait_for('the worker of other to go idle', 20, sub {
-	sql('other', q{SELECT NOT run_requested AND phase = 'incremental' FROM sync.collection_state}) eq 't';
+	sql_in('other', q{SELECT NOT run_requested AND phase = 'incremental' FROM sync.collection_state}) eq 't';
 });
 sleep 1;
 my $reinstall_worker = worker_pids('other');
@@ -407,12 +365,12 @@ SELECT sync.create_source('delta', 'salesforce', '$fake_url', '$credentials',
 SELECT sync.add_collection('delta', 'Contact');
 COMMIT;});
 is($ret, 0, 'DROP EXTENSION; CREATE EXTENSION; create_source; add_collection in one transaction');
-note 'collection ids after reinstall: ' . sql('other', 'SELECT string_agg(id::text, \',\') FROM sync.collections');
+note 'collection ids after reinstall: ' . sql_in('other', 'SELECT string_agg(id::text, \',\') FROM sync.collections');
 $t0 = time;
-my $reinstalled = sql('other', q{SELECT sync.wait_for_backfill('delta', 'Contact', '20 s')});
+my $reinstalled = sql_in('other', q{SELECT sync.wait_for_backfill('delta', 'Contact', '20 s')});
 note 'worker of other before reinstall: ' . $reinstall_worker . ', after: ' . worker_pids('other')
   . '; waited ' . fmt(time - $t0) . ' s; status: '
-  . sql('other', q{SELECT state || ' ' || backfill_records || ' records, ' || requests || ' requests' FROM sync.status});
+  . sql_in('other', q{SELECT state || ' ' || backfill_records || ' records, ' || requests || ' requests' FROM sync.status});
 is($reinstalled, 't', 'after a reinstall in one transaction the new collection is backfilled (no stale schedule)');
 $other_worker = worker_pids('other');
 
@@ -420,7 +378,7 @@ $other_worker = worker_pids('other');
 # 8. DROP DATABASE with a running worker, and WITH (FORCE)
 ###############################################################################
 
-my $other_oid = sql('postgres', "SELECT oid FROM pg_database WHERE datname = 'other'");
+my $other_oid = sql("SELECT oid FROM pg_database WHERE datname = 'other'");
 $log_offset = -s $node->logfile;
 $t0 = time;
 ($ret, $out, $err) = $node->psql('postgres', "SET statement_timeout = '30s'; DROP DATABASE other");
@@ -430,12 +388,12 @@ unlike($err, qr/being accessed by other users/, 'no "being accessed by other use
 ok(defined wait_for('the worker of other to end', 5, sub { !kill(0, $other_worker) }),
 	'the worker of the dropped database is gone');
 
-sql('postgres', 'CREATE DATABASE third');
-sql('third', 'CREATE EXTENSION sync');
+sql('CREATE DATABASE third');
+sql_in('third', 'CREATE EXTENSION sync');
 $waited = wait_for('a worker for third', 15, sub { worker_pids('third') =~ /^\d+$/ });
 ok(defined $waited, 'third has a worker');
 my $third_worker = worker_pids('third');
-my $third_oid = sql('postgres', "SELECT oid FROM pg_database WHERE datname = 'third'");
+my $third_oid = sql("SELECT oid FROM pg_database WHERE datname = 'third'");
 my $third_user = $node->background_psql('third', on_error_stop => 0);
 $third_user->query_safe('SELECT 1');
 ($ret, $out, $err) = $node->psql('postgres', "SET statement_timeout = '30s'; DROP DATABASE third WITH (FORCE)");
@@ -447,18 +405,18 @@ eval { $third_user->quit };
 
 # Neither dropped database gets a worker again.
 sleep 3;
-is(sql('postgres', "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'sync worker' AND datid IN ($other_oid, $third_oid)"),
+is(sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'sync worker' AND datid IN ($other_oid, $third_oid)"),
 	'0', 'no worker is started for a dropped database');
 unlike(slurp_file($node->logfile, $log_offset), qr/database \d+ does not exist/,
 	'the launcher never tried to start a worker in a dropped database');
-is(sql('postgres', 'SELECT sync.worker_pid()'), $pg_worker, 'the worker of postgres is untouched');
+is(sql('SELECT sync.worker_pid()'), $pg_worker, 'the worker of postgres is untouched');
 
 ###############################################################################
 # 9. The launcher survives its own termination
 ###############################################################################
 
 $t0 = time;
-is(sql('postgres', "SELECT pg_terminate_backend($launcher_pid)"), 't', 'terminate the launcher');
+is(sql("SELECT pg_terminate_backend($launcher_pid)"), 't', 'terminate the launcher');
 $waited = wait_for('a new launcher', 30, sub {
 	my $p = launcher_pids();
 	return $p =~ /^\d+$/ && $p ne $launcher_pid;
@@ -468,7 +426,7 @@ ok(defined $waited && $waited < 20, 'the postmaster restarts the launcher');
 is(worker_pids('postgres'), $pg_worker, 'the worker of postgres kept running across the launcher restart');
 
 # The new launcher holds no handle for that worker; it must still restart it.
-is(sql('postgres', "SELECT pg_terminate_backend($pg_worker)"), 't', 'terminate the worker adopted by the new launcher');
+is(sql("SELECT pg_terminate_backend($pg_worker)"), 't', 'terminate the worker adopted by the new launcher');
 $waited = wait_for('a worker started by the new launcher', 20, sub {
 	my $p = worker_pids('postgres');
 	return $p =~ /^\d+$/ && $p ne $pg_worker;
@@ -483,7 +441,6 @@ unlike(slurp_file($node->logfile), qr/terminating any other active server proces
 
 $s1->quit;
 $node->stop;
-$fake->kill_kill;
-undef $fake;
+$F->{h}->kill_kill;
 note 'suite took ' . fmt(time - $suite_started) . ' s';
 done_testing();

@@ -10,96 +10,36 @@
 use strict;
 use warnings;
 
-use File::Basename qw(dirname);
-use File::Spec;
-use HTTP::Tiny;
-use IPC::Run;
+use FindBin;
+use lib $FindBin::Bin;
 use JSON::PP;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use SyncTest;
 use Test::More;
-use Time::HiRes qw(time usleep);
+use Time::HiRes qw(time);
 
-my $t_start = time;
 my $json = JSON::PP->new->utf8->canonical->allow_nonref;
-my $http = HTTP::Tiny->new(timeout => 60);
-my $fake_script = File::Spec->rel2abs(dirname(__FILE__) . '/../fake_salesforce.py');
 my $creds = '{"client_id": "test-client", "client_secret": "test-secret", "refresh_token": "test-refresh"}';
+my $node;    # set up below; start_fake, admin, sql, wait_sql, status_of etc. are in SyncTest.pm
 
 # ---------------------------------------------------------------------------
-# Helpers: the fake
+# Helpers: the fake's API and request log
 # ---------------------------------------------------------------------------
-
-my @fakes;
-
-sub start_fake
-{
-	my ($name, @args) = @_;
-	my $out = '';
-	my $log = "$PostgreSQL::Test::Utils::log_path/fake_salesforce_$name.log";
-	my $timeout = IPC::Run::timeout(90);
-	my $h = IPC::Run::start([ '/usr/bin/python3', $fake_script, '--port', '0', @args ],
-		'<', \undef, '>', \$out, '2>', $log, $timeout);
-	eval { $h->pump until $out =~ /listening on (\d+)/; };
-	die "fake Salesforce $name did not start: $@ $out" unless $out =~ /listening on (\d+)/;
-	$timeout->reset;
-	my $fake = { name => $name, h => $h, url => "http://127.0.0.1:$1" };
-	push @fakes, $fake;
-	return $fake;
-}
-
-END
-{
-	local $?;    # keep the test's exit status: reaping the fakes sets $?
-	for my $f (@fakes)
-	{
-		eval { $f->{h}->kill_kill(grace => 3); };
-	}
-}
-
-sub admin
-{
-	my ($fake, $method, $path, $body) = @_;
-	my %opt = (headers => { 'Content-Type' => 'application/json' });
-	$opt{content} = $json->encode($body) if defined $body;
-	my $res = $http->request($method, "$fake->{url}/__admin/$path", \%opt);
-	die "fake admin $method $path failed: $res->{status} $res->{content}\n" unless $res->{success};
-	return $json->decode($res->{content});
-}
 
 # The describe of an object, fetched through the fake's public API with our own token.
 sub api_describe
 {
 	my ($fake, $object) = @_;
-	my $res = $http->post_form("$fake->{url}/services/oauth2/token",
+	my $res = http()->post_form("$fake->{url}/services/oauth2/token",
 		{ grant_type => 'refresh_token', client_id => 'test-client',
 		  client_secret => 'test-secret', refresh_token => 'test-refresh' });
 	die "token: $res->{status} $res->{content}" unless $res->{success};
 	my $tok = $json->decode($res->{content});
-	$res = $http->get("$tok->{instance_url}/services/data/v66.0/sobjects/$object/describe",
+	$res = http()->get("$tok->{instance_url}/services/data/v66.0/sobjects/$object/describe",
 		{ headers => { Authorization => "Bearer $tok->{access_token}" } });
 	die "describe: $res->{status} $res->{content}" unless $res->{success};
 	return $json->decode($res->{content});
-}
-
-sub urldecode
-{
-	my ($s) = @_;
-	$s =~ tr/+/ /;
-	$s =~ s/%([0-9A-Fa-f]{2})/chr(hex($1))/eg;
-	return $s;
-}
-
-# The SOQL of a logged query request, or undef.
-sub soql_of
-{
-	my ($e) = @_;
-	for my $pair (split /&/, $e->{query} // '')
-	{
-		my ($k, $v) = split /=/, $pair, 2;
-		return urldecode($v // '') if urldecode($k) eq 'q';
-	}
-	return undef;
 }
 
 sub is_query_start { return $_[0]->{path} =~ m{^/services/data/v[\d.]+/query/?$}; }
@@ -120,54 +60,8 @@ sub brief_entry
 }
 
 # ---------------------------------------------------------------------------
-# Helpers: the database
-# ---------------------------------------------------------------------------
-
-my $node;
-
-sub sql { return $node->safe_psql('postgres', $_[0]); }
-
-sub wait_until
-{
-	my ($timeout, $code) = @_;
-	my $deadline = time + $timeout;
-	while (1)
-	{
-		return 1 if $code->();
-		return 0 if time > $deadline;
-		usleep(200_000);
-	}
-}
-
-sub wait_sql
-{
-	my ($timeout, $query) = @_;
-	return wait_until($timeout, sub { sql($query) eq 't' });
-}
-
-sub status_of
-{
-	my ($source) = @_;
-	my $r = sql("SELECT row_to_json(s) FROM sync.status s WHERE source = '$source' AND collection = 'Contact'");
-	return $r eq '' ? {} : $json->decode($r);
-}
-
-sub elapsed { return sprintf('%.0fs', time - $t_start); }
-
-# ---------------------------------------------------------------------------
 # Helpers: independent conversion of API values, and table comparison
 # ---------------------------------------------------------------------------
-
-sub days_from_civil
-{
-	my ($y, $m, $d) = @_;
-	$y -= 1 if $m <= 2;
-	my $era = int($y / 400);
-	my $yoe = $y - $era * 400;
-	my $doy = int((153 * ($m > 2 ? $m - 3 : $m + 9) + 2) / 5) + $d - 1;
-	my $doe = $yoe * 365 + int($yoe / 4) - int($yoe / 100) + $doy;
-	return $era * 146097 + $doe - 719468;
-}
 
 # Seconds since the epoch of a Salesforce datetime ("2024-05-01T12:34:56.000+0000").
 sub sf_datetime_epoch
@@ -179,18 +73,6 @@ sub sf_datetime_epoch
 	$e += "0.$p[6]" if defined $p[6];
 	$e -= ($p[8] eq '-' ? -1 : 1) * ($p[9] * 3600 + $p[10] * 60) if $p[7] ne 'Z';
 	return $e;
-}
-
-# A JSON structure with numbers, strings and booleans told apart, numbers normalised.
-sub canon
-{
-	my ($v) = @_;
-	return undef unless defined $v;
-	return { map { $_ => canon($v->{$_}) } keys %$v } if ref $v eq 'HASH';
-	return [ map { canon($_) } @$v ] if ref $v eq 'ARRAY';
-	return $v ? 'bool:true' : 'bool:false' if JSON::PP::is_bool($v);
-	my $enc = JSON::PP->new->allow_nonref->encode($v);    # before anything stringifies $v
-	return $enc =~ /^"/ ? "str:$v" : 'num:' . sprintf('%.15g', $v);
 }
 
 my %TEXT_TYPE = map { $_ => 1 }
@@ -301,20 +183,10 @@ is(sf_datetime_epoch('2024-05-01T12:34:56.789+0000'), 1714566896.789, 'datetime 
 is(sf_datetime_epoch('2024-05-01T14:34:56Z') - 7200, sf_datetime_epoch('2024-05-01T14:34:56+02:00'),
 	'datetime helper: offsets');
 
-my $A = start_fake('a', '--records', 5000, '--seed', 1);
-my $B = start_fake('b', '--records', 4600, '--seed', 2);
+my $A = start_fake('salesforce', 'a', '--records', 5000, '--seed', 1);
+my $B = start_fake('salesforce', 'b', '--records', 4600, '--seed', 2);
 
-$node = PostgreSQL::Test::Cluster->new('main');
-$node->init;
-$node->append_conf('postgresql.conf', <<'EOC');
-shared_preload_libraries = 'sync'
-timezone = 'UTC'
-sync.launcher_naptime = 1
-sync.max_backoff = 4
-max_worker_processes = 16
-EOC
-$node->start;
-sql('CREATE EXTENSION sync');
+$node = start_node(max_backoff => 4);    # and CREATE EXTENSION sync
 
 # Field types from the fake's describe: the reference for the expected conversions.
 my $describe = api_describe($A, 'Contact');
@@ -344,7 +216,7 @@ my $t_backfill = time;
 is(sql("SELECT sync.wait_for_backfill('acme', 'Contact', '180s')"), 't', 'acme Contact backfill completes');
 note(sprintf('backfill of 5000 records took %.1fs (at %s)', time - $t_backfill, elapsed()));
 
-my $st = status_of('acme');
+my $st = status_of('acme', 'Contact');
 is($st->{state}, 'syncing', 'status: state syncing after the backfill');
 is($st->{phase}, 'incremental', 'status: phase incremental');
 is($st->{backfill_records}, 5000, 'status: backfill_records = 5000');
@@ -521,12 +393,12 @@ sql("SELECT sync.add_collection('beta', 'Contact')");
 ok(wait_sql(60, "SELECT phase = 'backfill' AND backfill_records BETWEEN 400 AND 2400 FROM sync.status "
 	  . "WHERE source = 'beta'"), 'beta: backfill under way');
 my $expired = admin($B, 'POST', 'expire_tokens');
-$st = status_of('beta');
+$st = status_of('beta', 'Contact');
 ok($st->{phase} eq 'backfill' && $st->{backfill_records} < 4600,
 	"beta: tokens expired mid-backfill ($st->{backfill_records} of 4600 records in)");
 cmp_ok($expired->{expired}, '>=', 1, 'the fake revoked the token in use');
 is(sql("SELECT sync.wait_for_backfill('beta', 'Contact', '120s')"), 't', 'beta: backfill completes');
-$st = status_of('beta');
+$st = status_of('beta', 'Contact');
 is($st->{backfill_records}, 4600, 'beta: backfill_records = 4600');
 is($st->{backfill_total}, 4600, 'beta: backfill_total = 4600');
 ok(!defined $st->{last_error} && $st->{consecutive_failures} == 0, 'beta: the refresh was no error')
@@ -566,12 +438,12 @@ sql("SELECT sync.add_collection('gamma', 'Contact')");
 ok(wait_sql(60, "SELECT phase = 'backfill' AND backfill_records BETWEEN 400 AND 2400 FROM sync.status "
 	  . "WHERE source = 'gamma'"), 'gamma: backfill under way');
 my $expired_locs = admin($B, 'POST', 'expire_locators');
-$st = status_of('gamma');
+$st = status_of('gamma', 'Contact');
 ok($st->{phase} eq 'backfill' && $st->{backfill_records} < $nb,
 	"gamma: locators expired mid-backfill ($st->{backfill_records} of $nb records in)");
 cmp_ok($expired_locs->{expired}, '>=', 1, 'the fake dropped the query locator in use');
 is(sql("SELECT sync.wait_for_backfill('gamma', 'Contact', '120s')"), 't', 'gamma: backfill completes');
-$st = status_of('gamma');
+$st = status_of('gamma', 'Contact');
 is($st->{backfill_records}, $nb, "gamma: backfill_records = $nb (nothing counted twice)");
 is($st->{backfill_total}, $nb, "gamma: backfill_total = $nb");
 ok(!defined $st->{last_error} && $st->{consecutive_failures} == 0, 'gamma: the expired locator was no error')
@@ -607,14 +479,14 @@ sql("SELECT sync.create_source('delta', 'salesforce', '$B->{url}', '$creds', "
 sql("SELECT sync.add_collection('delta', 'Contact')");
 ok(wait_sql(90, "SELECT phase = 'backfill' AND backfill_records BETWEEN 1000 AND 3400 FROM sync.status "
 	  . "WHERE source = 'delta'"), 'delta: backfill under way');
-$st = status_of('delta');
+$st = status_of('delta', 'Contact');
 ok($st->{backfill_records} > 0 && $st->{backfill_records} < ($st->{backfill_total} // 0),
 	"delta: restarting with $st->{backfill_records} of " . ($st->{backfill_total} // '?') . ' records in');
 $node->stop('fast');
 my $t_mark = time;
 $node->start;
 is(sql("SELECT sync.wait_for_backfill('delta', 'Contact', '180s')"), 't', 'delta: backfill completes after the restart');
-$st = status_of('delta');
+$st = status_of('delta', 'Contact');
 is($st->{backfill_records}, $nb, "delta: backfill_records = $nb (no page counted twice, none skipped)");
 is($st->{backfill_total}, $nb, "delta: backfill_total = $nb");
 compare_table('delta.contact after a restart', 'delta.contact', \@fields, $b_records);
@@ -655,7 +527,7 @@ sql("SELECT sync.resync('beta', 'Contact')");
 my $t_resync = time;
 sql("SELECT sync.resume('beta')");
 is(sql("SELECT sync.wait_for_backfill('beta', 'Contact', '120s')"), 't', 'beta: resync backfill completes');
-$st = status_of('beta');
+$st = status_of('beta', 'Contact');
 is($st->{backfill_records}, $nb, "beta: the resync read the $nb records left");
 note('section 7 (resync) started at ' . elapsed() . '; its delete check comes at the end');
 
@@ -672,7 +544,7 @@ ok(wait_sql(60, "SELECT state = 'syncing' AND consecutive_failures = 0 FROM sync
 	'acme: back to syncing after the faults');
 my $faults = admin($A, 'GET', 'faults');
 is(join(',', map { "$_->{hits}/$_->{remaining}" } @$faults), '3/0', 'all three 503s were served');
-$st = status_of('acme');
+$st = status_of('acme', 'Contact');
 like($st->{last_error} // '', qr/HTTP 503 SERVER_UNAVAILABLE/, 'last_error keeps the 503 for the record');
 ok(defined $st->{last_error_at}, 'last_error_at set');
 my $E1 = admin($A, 'POST', 'records/Contact', { LastName => 'After503', Email => 'e1@example.com' })->{Id};
@@ -711,7 +583,7 @@ $a_records = admin($A, 'GET', 'records/Contact');
 my $got = compare_table('acme.contact at the end', 'acme.contact', \@fields, $a_records);
 ok(!$got->{$H1} && !$got->{$N2} && !$got->{$S1} && $got->{$U1} && $got->{$N1} && $got->{$E1},
 	'deleted records are gone, undeleted and new ones present');
-$st = status_of('acme');
+$st = status_of('acme', 'Contact');
 is($st->{records_deleted}, 4, 'records_deleted counts the 4 rows deleted (2 soft, 2 hard)');
 is($st->{state}, 'syncing', 'acme ends syncing');
 

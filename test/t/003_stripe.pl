@@ -14,21 +14,17 @@ use strict;
 use warnings;
 use utf8;
 
-use Encode qw(decode);
-use File::Basename qw(dirname);
-use File::Spec;
-use HTTP::Tiny;
-use IPC::Run;
+use FindBin;
+use lib $FindBin::Bin;
 use JSON::PP;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use SyncTest;
 use Test::More;
-use Time::HiRes qw(time usleep);
+use Time::HiRes qw(time);
 
-my $t_start = time;
 my $json = JSON::PP->new->utf8->canonical->allow_nonref;
-my $http = HTTP::Tiny->new(timeout => 60);
-my $fake_script = File::Spec->rel2abs(dirname(__FILE__) . '/../fake_stripe.py');
+my $node;    # set up below; start_fake, admin, sql, wait_until, status_of etc. are in SyncTest.pm
 
 my @COLLECTIONS = qw(customers charges invoices subscriptions products prices payment_intents);
 my %EVENT_PREFIX = (
@@ -37,66 +33,8 @@ my %EVENT_PREFIX = (
 	payment_intents => 'payment_intent');
 
 # ---------------------------------------------------------------------------
-# Helpers: the fake
+# Helpers: the fake's request log
 # ---------------------------------------------------------------------------
-
-my @fakes;
-
-sub start_fake
-{
-	my ($name, @args) = @_;
-	my $out = '';
-	my $log = "$PostgreSQL::Test::Utils::log_path/fake_stripe_$name.log";
-	my $timeout = IPC::Run::timeout(90);
-	my $h = IPC::Run::start([ '/usr/bin/python3', $fake_script, '--port', '0', @args ],
-		'<', \undef, '>', \$out, '2>', $log, $timeout);
-	eval { $h->pump until $out =~ /listening on (\d+)/; };
-	die "fake Stripe $name did not start: $@ $out" unless $out =~ /listening on (\d+)/;
-	$timeout->reset;
-	my $fake = { name => $name, h => $h, url => "http://127.0.0.1:$1" };
-	push @fakes, $fake;
-	return $fake;
-}
-
-END
-{
-	local $?;    # keep the test's exit status: reaping the fakes sets $?
-	for my $f (@fakes)
-	{
-		eval { $f->{h}->kill_kill(grace => 3); };
-	}
-}
-
-sub admin
-{
-	my ($fake, $method, $path, $body) = @_;
-	my %opt = (headers => { 'Content-Type' => 'application/json' });
-	$opt{content} = $json->encode($body) if defined $body;
-	my $res = $http->request($method, "$fake->{url}/__admin/$path", \%opt);
-	die "fake admin $method $path failed: $res->{status} $res->{content}\n" unless $res->{success};
-	return $json->decode($res->{content});
-}
-
-sub urldecode
-{
-	my ($s) = @_;
-	$s =~ tr/+/ /;
-	$s =~ s/%([0-9A-Fa-f]{2})/chr(hex($1))/eg;
-	return $s;
-}
-
-# The query parameters of a logged request (last value wins).
-sub qparams
-{
-	my ($e) = @_;
-	my %p;
-	for my $pair (split /&/, $e->{query} // '')
-	{
-		my ($k, $v) = split /=/, $pair, 2;
-		$p{ urldecode($k) } = urldecode($v // '');
-	}
-	return \%p;
-}
 
 sub brief_entry
 {
@@ -116,51 +54,9 @@ sub mask_key
 # Helpers: the database
 # ---------------------------------------------------------------------------
 
-my $node;
-
-sub sql { return $node->safe_psql('postgres', $_[0]); }
-
-# The same, as characters (for comparisons with non-ASCII literals).
-sub sql_text { return decode('UTF-8', sql($_[0])); }
-
 # A statement carrying a secret: kept out of the server log (log_statement = all in TAP
 # clusters), so that the log can show whether the extension itself leaks the key.
 sub secret_sql { return $node->safe_psql('postgres', "SET log_statement = 'none';\n$_[0]"); }
-
-sub wait_until
-{
-	my ($timeout, $code, $interval) = @_;
-	my $deadline = time + $timeout;
-	while (1)
-	{
-		return 1 if $code->();
-		return 0 if time > $deadline;
-		usleep(($interval // 0.2) * 1_000_000);
-	}
-}
-
-sub wait_sql
-{
-	my ($timeout, $query) = @_;
-	return wait_until($timeout, sub { sql($query) eq 't' });
-}
-
-sub status_of
-{
-	my ($collection) = @_;
-	my $r = sql("SELECT row_to_json(s) FROM sync.status s WHERE source = 'billing' AND collection = '$collection'");
-	return $r eq '' ? {} : $json->decode($r);
-}
-
-sub cursor_of
-{
-	my ($collection) = @_;
-	return $json->decode(sql("SELECT st.cursor FROM sync.collection_state st JOIN sync.collections c "
-		  . "ON c.id = st.collection_id JOIN sync.sources s ON s.id = c.source_id "
-		  . "WHERE s.name = 'billing' AND c.name = '$collection'"));
-}
-
-sub elapsed { return sprintf('%.0fs', time - $t_start); }
 
 sub in_list
 {
@@ -171,18 +67,6 @@ sub in_list
 # ---------------------------------------------------------------------------
 # Helpers: independent conversion of API values, and table comparison
 # ---------------------------------------------------------------------------
-
-# A JSON structure with numbers, strings and booleans told apart, numbers normalised.
-sub canon
-{
-	my ($v) = @_;
-	return undef unless defined $v;
-	return { map { $_ => canon($v->{$_}) } keys %$v } if ref $v eq 'HASH';
-	return [ map { canon($_) } @$v ] if ref $v eq 'ARRAY';
-	return $v ? 'bool:true' : 'bool:false' if JSON::PP::is_bool($v);
-	my $enc = JSON::PP->new->allow_nonref->encode($v);    # before anything stringifies $v
-	return $enc =~ /^"/ ? "str:$v" : 'num:' . sprintf('%.15g', $v);
-}
 
 sub is_json_number
 {
@@ -337,21 +221,11 @@ is(expect_canon('unix_time', 1700000000), got_canon('unix_time', '1700000000.000
 # Defaults: 500 customers (a burst of 150 sharing the oldest `created` second and one
 # of 120 in the middle), 20 products, 40 prices, 200 subscriptions, 300 invoices,
 # payment intents and charges; Stripe's sandbox rate limit of 25 requests/s.
-$F = start_fake('main');
+$F = start_fake('stripe', 'main');
 my $KEY = admin($F, 'GET', 'keys')->[0]{key};
 like($KEY, qr/^sk_test_\w{20,}$/, 'the fake has its secret key');
 
-$node = PostgreSQL::Test::Cluster->new('main');
-$node->init;
-$node->append_conf('postgresql.conf', <<'EOC');
-shared_preload_libraries = 'sync'
-timezone = 'UTC'
-sync.launcher_naptime = 1
-sync.max_backoff = 4
-max_worker_processes = 16
-EOC
-$node->start;
-sql('CREATE EXTENSION sync');
+$node = start_node(max_backoff => 4);    # and CREATE EXTENSION sync
 
 # ---------------------------------------------------------------------------
 # 1. Backfill of all seven collections
@@ -439,7 +313,7 @@ note(sprintf('backfill of seven collections took %.1fs (at %s)', $t_backfilled -
 
 for my $c (@COLLECTIONS)
 {
-	my $st = status_of($c);
+	my $st = status_of('billing', $c);
 	is($st->{state}, 'syncing', "$c: state syncing after the backfill")
 	  or diag("last_error: " . ($st->{last_error} // 'none'));
 	is($st->{backfill_records}, scalar(@{ $objs{$c} }), "$c: backfill_records = " . scalar(@{ $objs{$c} }));
@@ -492,7 +366,7 @@ note('section 1 done at ' . elapsed());
 # 2a. The very first events of a collection after a backfill that found no event
 #     (cursor "since"): 120 charges created at once, more than a 100-event page.
 {
-	my $cur = cursor_of('charges');
+	my $cur = cursor_of('billing', 'charges');
 	ok(!defined $cur->{event} && defined $cur->{since}, 'charges: no event existed, the cursor is a time')
 	  or diag($json->encode($cur));
 	my $t_bulk = time;
@@ -558,7 +432,7 @@ my @d1_subs = map { $_->{id} }
 my ($S1) = map { $_->{id} } grep { $_->{customer} ne $D1 } @active_subs;
 admin($F, 'DELETE', "objects/customers/$D1");
 ok(wait_sql(60, "SELECT NOT EXISTS (SELECT 1 FROM billing.customers WHERE id = '$D1')"), 'a deleted customer is gone');
-is(status_of('customers')->{records_deleted}, 1, 'customers: records_deleted counts the deleted customer');
+is(status_of('billing', 'customers')->{records_deleted}, 1, 'customers: records_deleted counts the deleted customer');
 ok(wait_sql(60, "SELECT count(*) = " . scalar(@d1_subs) . " FROM billing.subscriptions WHERE status = 'canceled' "
 		  . "AND id IN (" . in_list(\@d1_subs) . ')'),
 	'the deleted customer\'s subscriptions are kept, canceled');
@@ -582,8 +456,8 @@ admin($F, 'DELETE', "objects/prices/$PR");
 admin($F, 'DELETE', "objects/products/$P");
 ok(wait_sql(60, "SELECT NOT EXISTS (SELECT 1 FROM billing.products WHERE id = '$P') "
 		  . "AND NOT EXISTS (SELECT 1 FROM billing.prices WHERE id = '$PR')"), 'a deleted product and price are gone');
-is(status_of('products')->{records_deleted}, 1, 'products: records_deleted = 1');
-is(status_of('prices')->{records_deleted}, 1, 'prices: records_deleted = 1');
+is(status_of('billing', 'products')->{records_deleted}, 1, 'products: records_deleted = 1');
+is(status_of('billing', 'prices')->{records_deleted}, 1, 'prices: records_deleted = 1');
 
 # 2g. 250 customers created in one second: three pages of events.
 {
@@ -596,7 +470,7 @@ is(status_of('prices')->{records_deleted}, 1, 'prices: records_deleted = 1');
 }
 
 settle_and_compare('billing.customers after the changes', 'customers', 60);
-is(status_of('customers')->{records_deleted}, 1, 'customers: still one row deleted');
+is(status_of('billing', 'customers')->{records_deleted}, 1, 'customers: still one row deleted');
 settle_and_compare("billing.$_ after the changes", $_, 30) for qw(subscriptions products prices);
 note('section 2 done at ' . elapsed());
 
@@ -610,10 +484,10 @@ ok(wait_until(30, sub {
 		my $log = admin($F, 'GET', 'requests');
 		!@$log || $log->[-1]{t} < time - 2;
 	}, 0.5), 'the paused source makes no more requests');
-my $old_cursor = cursor_of('customers');
+my $old_cursor = cursor_of('billing', 'customers');
 ok(defined $old_cursor->{event}, "customers: the cursor is an event ($old_cursor->{event})")
   or diag($json->encode($old_cursor));
-my $inv_cursor = cursor_of('invoices');
+my $inv_cursor = cursor_of('billing', 'invoices');
 ok(!defined $inv_cursor->{event} && defined $inv_cursor->{since},
 	'invoices: no invoice event ever, the cursor is a time') or diag($json->encode($inv_cursor));
 
@@ -627,7 +501,7 @@ my $clock = admin($F, 'POST', 'clock', { advance => 31 * 86400 });
 cmp_ok($clock->{now}, '>', time + 30 * 86400, 'the fake\'s clock moved 31 days forward');
 is(scalar(@{ admin($F, 'GET', 'events') }), 0, 'every event is past retention now');
 admin($F, 'DELETE', 'requests');
-my $deleted_before = status_of('customers')->{records_deleted};
+my $deleted_before = status_of('billing', 'customers')->{records_deleted};
 
 my $t_resume3 = time;
 sql("SELECT sync.resume('billing')");
@@ -649,7 +523,7 @@ like(slurp_file($node->logfile),
 	ok(@relist && !defined qparams($relist[0])->{starting_after}, 'then customers were listed again from the start')
 	  or diag(@relist ? brief_entry($relist[0]) : 'no list');
 }
-my $st = status_of('customers');
+my $st = status_of('billing', 'customers');
 is(sql("SELECT count(*) FROM billing.customers WHERE id = '$D2'"), 0, 'the customer deleted while paused is gone');
 is(sql("SELECT count(*) FROM billing.customers WHERE id = '$N3'"), 1, 'the customer created while paused is there');
 is(sql("SELECT name FROM billing.customers WHERE id = '$C2'"), 'Updated while paused',
@@ -663,8 +537,8 @@ is($st->{backfill_records}, $n_customers, "status: backfill_records counts the n
 # has no event left; it must not be skipped silently.
 ok(wait_sql(30, "SELECT EXISTS (SELECT 1 FROM billing.invoices WHERE id = '$I3')"),
 	'invoices: an invoice created while paused, its event past retention, arrives (time cursor)')
-  or diag('invoices cursor: ' . $json->encode(cursor_of('invoices')) . '; last_sweep_at: '
-	  . (status_of('invoices')->{last_sweep_at} // 'null'));
+  or diag('invoices cursor: ' . $json->encode(cursor_of('billing', 'invoices')) . '; last_sweep_at: '
+	  . (status_of('billing', 'invoices')->{last_sweep_at} // 'null'));
 for my $c (@COLLECTIONS)
 {
 	settle_and_compare("billing.$c after the retention loss", $c, $c eq 'customers' ? 30 : 10);
@@ -720,7 +594,7 @@ ok(wait_until(60, sub { admin($F, 'GET', 'faults')->[0]{remaining} == 0 }),
 		  . "FROM sync.status WHERE source = 'billing' AND collection = 'customers'"), 'customers: back to syncing after the 429s');
 }
 is(join(',', map { "$_->{hits}/$_->{remaining}" } @{ admin($F, 'GET', 'faults') }), '3/0', 'all three 429s were served');
-like(status_of('customers')->{last_error} // '', qr/HTTP 429/, 'last_error keeps the 429 for the record');
+like(status_of('billing', 'customers')->{last_error} // '', qr/HTTP 429/, 'last_error keeps the 429 for the record');
 cmp_ok(sql("SELECT rate_limited FROM sync.stat_collections WHERE source = 'billing' AND collection = 'customers'"),
 	'>=', 3, 'sync.stat_collections counts the three 429s');
 admin($F, 'DELETE', 'faults');

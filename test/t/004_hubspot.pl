@@ -14,72 +14,33 @@ use strict;
 use warnings;
 
 use Encode qw(decode);
-use File::Basename qw(dirname);
-use File::Spec;
-use HTTP::Tiny;
+use FindBin;
+use lib $FindBin::Bin;
 use IPC::Run;
 use JSON::PP;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use SyncTest;
 use Test::More;
-use Time::HiRes qw(time usleep);
+use Time::HiRes qw(time);
 
-my $t_start = time;
 my $json = JSON::PP->new->utf8->canonical->allow_nonref;
-my $http = HTTP::Tiny->new(timeout => 60);
-my $fake_script = File::Spec->rel2abs(dirname(__FILE__) . '/../fake_hubspot.py');
 my $creds = '{"client_id": "test-client", "client_secret": "test-secret", "refresh_token": "test-refresh"}';
 my $PAT = 'pat-na1-11111111-2222-3333-4444-555555555555';    # the fake's --private-app-token default
 my $LAG = 10;                                                 # search lag (s) for sections 2 and 2b
 my $N_CONTACTS = 11000;
 my $N_BULK = 10500;
+my $node;    # set up below; start_fake, admin, sql, wait_sql, status_of etc. are in SyncTest.pm
 
 # ---------------------------------------------------------------------------
-# Helpers: the fake
+# Helpers: the fake's API, dump and request log
 # ---------------------------------------------------------------------------
-
-my @fakes;
-
-sub start_fake
-{
-	my ($name, @args) = @_;
-	my $out = '';
-	my $log = "$PostgreSQL::Test::Utils::log_path/fake_hubspot_$name.log";
-	my $timeout = IPC::Run::timeout(120);
-	my $h = IPC::Run::start([ '/usr/bin/python3', $fake_script, '--port', '0', @args ],
-		'<', \undef, '>', \$out, '2>', $log, $timeout);
-	eval { $h->pump until $out =~ /listening on (\d+)/; };
-	die "fake HubSpot $name did not start: $@ $out" unless $out =~ /listening on (\d+)/;
-	$timeout->reset;
-	my $fake = { name => $name, h => $h, url => "http://127.0.0.1:$1" };
-	push @fakes, $fake;
-	return $fake;
-}
-
-END
-{
-	local $?;    # keep the test's exit status: reaping the fakes sets $?
-	for my $f (@fakes)
-	{
-		eval { $f->{h}->kill_kill(grace => 3); };
-	}
-}
-
-sub admin
-{
-	my ($fake, $method, $path, $body) = @_;
-	my %opt = (headers => { 'Content-Type' => 'application/json' });
-	$opt{content} = $json->encode($body) if defined $body;
-	my $res = $http->request($method, "$fake->{url}/__admin/$path", \%opt);
-	die "fake admin $method $path failed: $res->{status} $res->{content}\n" unless $res->{success};
-	return $json->decode($res->{content});
-}
 
 # A GET of the public API with the private-app token (not OAuth, so the sync's token is untouched).
 sub api_get
 {
 	my ($fake, $path) = @_;
-	my $res = $http->get("$fake->{url}$path", { headers => { Authorization => "Bearer $PAT" } });
+	my $res = http()->get("$fake->{url}$path", { headers => { Authorization => "Bearer $PAT" } });
 	die "GET $path: $res->{status} $res->{content}" unless $res->{success};
 	return $json->decode($res->{content});
 }
@@ -138,26 +99,6 @@ sub dump_live
 	return \%live;
 }
 
-sub urldecode
-{
-	my ($s) = @_;
-	$s =~ tr/+/ /;
-	$s =~ s/%([0-9A-Fa-f]{2})/chr(hex($1))/eg;
-	return $s;
-}
-
-sub qparams
-{
-	my ($e) = @_;
-	my %p;
-	for my $pair (split /&/, $e->{query} // '')
-	{
-		my ($k, $v) = split /=/, $pair, 2;
-		$p{ urldecode($k) } = urldecode($v // '');
-	}
-	return \%p;
-}
-
 sub log_since
 {
 	my ($fake, $since) = @_;
@@ -182,63 +123,8 @@ sub brief_entry
 }
 
 # ---------------------------------------------------------------------------
-# Helpers: the database
-# ---------------------------------------------------------------------------
-
-my $node;
-
-sub sql      { return $node->safe_psql('postgres', $_[0]); }
-sub sql_text { return decode('UTF-8', sql($_[0])); }
-
-sub wait_until
-{
-	my ($timeout, $code) = @_;
-	my $deadline = time + $timeout;
-	while (1)
-	{
-		return 1 if $code->();
-		return 0 if time > $deadline;
-		usleep(200_000);
-	}
-}
-
-sub wait_sql
-{
-	my ($timeout, $query) = @_;
-	return wait_until($timeout, sub { sql($query) eq 't' });
-}
-
-sub status_of
-{
-	my ($source, $collection) = @_;
-	my $r = sql("SELECT row_to_json(s) FROM sync.status s WHERE source = '$source' AND collection = '$collection'");
-	return $r eq '' ? {} : $json->decode($r);
-}
-
-sub cursor_of
-{
-	my ($source, $collection) = @_;
-	return $json->decode(sql("SELECT st.cursor FROM sync.collection_state st JOIN sync.collections c "
-		  . "ON c.id = st.collection_id JOIN sync.sources s ON s.id = c.source_id "
-		  . "WHERE s.name = '$source' AND c.name = '$collection'"));
-}
-
-sub elapsed { return sprintf('%.0fs', time - $t_start); }
-
-# ---------------------------------------------------------------------------
 # Helpers: independent conversion of HubSpot's string values, and table comparison
 # ---------------------------------------------------------------------------
-
-sub days_from_civil
-{
-	my ($y, $m, $d) = @_;
-	$y -= 1 if $m <= 2;
-	my $era = int($y / 400);
-	my $yoe = $y - $era * 400;
-	my $doy = int((153 * ($m > 2 ? $m - 3 : $m + 9) + 2) / 5) + $d - 1;
-	my $doe = $yoe * 365 + int($yoe / 4) - int($yoe / 100) + $doy;
-	return $era * 146097 + $doe - 719468;
-}
 
 # Epoch milliseconds of a HubSpot datetime ("2024-05-01T12:34:56.789Z" or "…56Z").
 sub hs_epoch_ms
@@ -418,21 +304,12 @@ is(hs_epoch_ms('2024-02-29T00:00:00.001Z') - hs_epoch_ms('2024-02-28T00:00:00Z')
 is(canon_decimal('0012.5000') . ' ' . canon_decimal('-0.0') . ' ' . canon_decimal('100'), '12.5 0 100',
 	'decimal helper');
 
-my $A = start_fake('a', '--contacts', $N_CONTACTS, '--seed', 1, '--search-lag', $LAG);
-my $B = start_fake('b', '--contacts', 30, '--companies', 10, '--deals', 250, '--cars', 3, '--archived', 2,
-	'--seed', 2, '--search-lag', 1);
+my $A = start_fake('hubspot', 'a', { timeout => 120 }, '--contacts', $N_CONTACTS, '--seed', 1, '--search-lag', $LAG);
+my $B = start_fake('hubspot', 'b', { timeout => 120 }, '--contacts', 30, '--companies', 10, '--deals', 250,
+	'--cars', 3, '--archived', 2, '--seed', 2, '--search-lag', 1);
 
-$node = PostgreSQL::Test::Cluster->new('main');
-$node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
-$node->append_conf('postgresql.conf', <<'EOC');
-shared_preload_libraries = 'sync'
-timezone = 'UTC'
-sync.launcher_naptime = 1
-sync.max_backoff = 2
-max_worker_processes = 16
-EOC
-$node->start;
-sql('CREATE EXTENSION sync');
+# (start_node also runs CREATE EXTENSION sync)
+$node = start_node(max_backoff => 2, initdb_extra => [ '--encoding=UTF8', '--locale=C' ]);
 
 # Property metadata from the fake's properties API: the reference for the expected conversions.
 my %TYPE_OF = (contacts => 'contacts', companies => 'companies', deals => 'deals', cars => 'p_cars');

@@ -19,91 +19,44 @@ use warnings;
 
 use B ();
 use Encode qw(decode_utf8 encode_utf8);
-use File::Basename qw(dirname);
-use File::Spec;
-use HTTP::Tiny;
-use IPC::Run;
+use FindBin;
+use lib $FindBin::Bin;
 use JSON::PP;
 use POSIX qw(strftime);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use SyncTest;
 use Test::More;
-use Time::HiRes qw(time usleep);
+use Time::HiRes qw(time);
 
-my $t_start = time;
 my $json = JSON::PP->new->utf8->canonical->allow_nonref;         # bytes <-> structures
 my $jexact = JSON::PP->new->utf8->allow_nonref->allow_bignum;    # API records: decimals kept exact
 my $jsql = JSON::PP->new->allow_nonref->allow_bignum;            # psql output (already decoded text)
 my $jtext = JSON::PP->new->allow_nonref;
-my $http = HTTP::Tiny->new(timeout => 60);
-my $fake_script = File::Spec->rel2abs(dirname(__FILE__) . '/../fake_airtable.py');
 my $oauth_creds = '{"client_id": "test-client", "refresh_token": "test-refresh"}';
+my $node;    # set up below, sql() in utf8 mode; start_fake, admin, sql, status_of etc. are in SyncTest.pm
 
 # ---------------------------------------------------------------------------
-# Helpers: the fake
+# Helpers: the fake's admin API and request log
 # ---------------------------------------------------------------------------
-
-my @fakes;
-
-sub start_fake
-{
-	my ($name, @args) = @_;
-	my $out = '';
-	my $log = "$PostgreSQL::Test::Utils::log_path/fake_airtable_$name.log";
-	my $timeout = IPC::Run::timeout(90);
-	my $h = IPC::Run::start([ '/usr/bin/python3', $fake_script, '--port', '0', @args ],
-		'<', \undef, '>', \$out, '2>', $log, $timeout);
-	eval { $h->pump until $out =~ /listening on (\d+)/; };
-	die "fake Airtable $name did not start: $@ $out" unless $out =~ /listening on (\d+)/;
-	$timeout->reset;
-	my $fake = { name => $name, h => $h, url => "http://127.0.0.1:$1" };
-	push @fakes, $fake;
-	return $fake;
-}
-
-END
-{
-	local $?;    # keep the test's exit status: reaping the fakes sets $?
-	for my $f (@fakes)
-	{
-		eval { $f->{h}->kill_kill(grace => 3); };
-	}
-}
-
-sub admin_request
-{
-	my ($decoder, $fake, $method, $path, $body) = @_;
-	my %opt = (headers => { 'Content-Type' => 'application/json' });
-	$opt{content} = $json->encode($body) if defined $body;
-	my $res = $http->request($method, "$fake->{url}/__admin/$path", \%opt);
-	die "fake admin $method $path failed: $res->{status} $res->{content}\n" unless $res->{success};
-	return $decoder->decode($res->{content});
-}
-
-sub admin { return admin_request($json, @_); }
 
 # Records (and anything else compared value by value): decimals decoded exactly.
 sub admin_exact { return admin_request($jexact, @_); }
 
-sub urldecode
-{
-	my ($s) = @_;
-	$s =~ tr/+/ /;
-	$s =~ s/%([0-9A-Fa-f]{2})/chr(hex($1))/eg;
-	return decode_utf8($s);
-}
+# urldecode(), then UTF-8 decoded.
+sub urldecode_utf8 { return decode_utf8(urldecode($_[0])); }
 
 # (table, {param => value}) of a logged list-records request, or ().
 sub list_req
 {
 	my ($e) = @_;
 	return () unless $e->{method} eq 'GET' && $e->{path} =~ m{^/v0/app\w+/([^/]+)$};
-	my $table = urldecode($1);
+	my $table = urldecode_utf8($1);
 	my %p;
 	for my $pair (split /&/, $e->{query} // '')
 	{
 		my ($k, $v) = split /=/, $pair, 2;
-		$p{ urldecode($k) } = urldecode($v // '');
+		$p{ urldecode_utf8($k) } = urldecode_utf8($v // '');
 	}
 	return ($table, \%p);
 }
@@ -144,10 +97,6 @@ sub grant_of
 # Helpers: the database
 # ---------------------------------------------------------------------------
 
-my $node;
-
-sub sql { return decode_utf8($node->safe_psql('postgres', encode_utf8($_[0]))); }
-
 # (exit code, stderr) of a statement that is expected to fail.
 sub psql_fails
 {
@@ -155,39 +104,6 @@ sub psql_fails
 	my ($out, $err) = ('', '');
 	my $ret = $node->psql('postgres', encode_utf8($query), stdout => \$out, stderr => \$err);
 	return ($ret, decode_utf8($err));
-}
-
-sub lit
-{
-	my ($s) = @_;
-	$s =~ s/'/''/g;
-	return "'$s'";
-}
-
-sub wait_until
-{
-	my ($timeout, $code) = @_;
-	my $deadline = time + $timeout;
-	while (1)
-	{
-		return 1 if $code->();
-		return 0 if time > $deadline;
-		usleep(200_000);
-	}
-}
-
-sub wait_sql
-{
-	my ($timeout, $query) = @_;
-	return wait_until($timeout, sub { sql($query) eq 't' });
-}
-
-sub status_of
-{
-	my ($source, $collection) = @_;
-	my $r = sql("SELECT row_to_json(s) FROM sync.status s WHERE source = " . lit($source)
-		  . " AND collection = " . lit($collection));
-	return $r eq '' ? {} : $jtext->decode($r);
 }
 
 sub columns_of
@@ -213,8 +129,6 @@ sub qi
 	return qq{"$name"};
 }
 
-sub elapsed { return sprintf('%.0fs', time - $t_start); }
-
 # Test names and diagnostics go to handles without an encoding: escape what is not ASCII.
 sub ascii
 {
@@ -226,17 +140,6 @@ sub ascii
 # ---------------------------------------------------------------------------
 # Helpers: independent conversion of API values, and table comparison
 # ---------------------------------------------------------------------------
-
-sub days_from_civil
-{
-	my ($y, $m, $d) = @_;
-	$y -= 1 if $m <= 2;
-	my $era = int($y / 400);
-	my $yoe = $y - $era * 400;
-	my $doy = int((153 * ($m > 2 ? $m - 3 : $m + 9) + 2) / 5) + $d - 1;
-	my $doe = $yoe * 365 + int($yoe / 4) - int($yoe / 100) + $doy;
-	return $era * 146097 + $doe - 719468;
-}
 
 # Seconds since the epoch of an Airtable timestamp ("2024-05-01T12:34:56.000Z").
 sub at_epoch
@@ -497,25 +400,16 @@ is(plain_decimals('n:' . dec_norm('-0.0300') . ' n:' . dec_norm('1200') . ' n:' 
 # Setup
 # ---------------------------------------------------------------------------
 
-my $A = start_fake('a', '--rate-limit', 0, '--token-rate-limit', 0, '--seed', 1);
-my $B = start_fake('b', '--rate-limit', 0, '--token-rate-limit', 0, '--tables', 1, '--records', 2000,
+my $A = start_fake('airtable', 'a', '--rate-limit', 0, '--token-rate-limit', 0, '--seed', 1);
+my $B = start_fake('airtable', 'b', '--rate-limit', 0, '--token-rate-limit', 0, '--tables', 1, '--records', 2000,
 	'--seed', 2);
 # Attachment URLs (expiry-signed) change every hour: start both fake clocks at the top of an hour
 # so that none passes while the test runs.
 my $hour_start = strftime('%Y-%m-%dT%H:00:05Z', gmtime(time));
 admin($_, 'POST', 'clock', { now => $hour_start }) for ($A, $B);
 
-$node = PostgreSQL::Test::Cluster->new('main');
-$node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
-$node->append_conf('postgresql.conf', <<'EOC');
-shared_preload_libraries = 'sync'
-timezone = 'UTC'
-sync.launcher_naptime = 1
-sync.max_backoff = 4
-max_worker_processes = 16
-EOC
-$node->start;
-sql('CREATE EXTENSION sync');
+# (start_node also runs CREATE EXTENSION sync)
+$node = start_node(max_backoff => 4, initdb_extra => [ '--encoding=UTF8', '--locale=C' ], utf8 => 1);
 
 my $admin_a = admin($A, 'GET', '');
 my $base_id = $admin_a->{bases}[0];

@@ -10,65 +10,26 @@
 use strict;
 use warnings;
 
-use File::Basename qw(dirname);
-use File::Spec;
-use HTTP::Tiny;
-use IPC::Run;
+use FindBin;
+use lib $FindBin::Bin;
 use JSON::PP;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use SyncTest;
 use Test::More;
-use Time::HiRes qw(time usleep);
+use Time::HiRes qw(time);
 
-my $t_start = time;
 my $json = JSON::PP->new->utf8->canonical->allow_nonref;
-# No keep-alive: on a kept-alive connection each admin call stalls ~40 ms (delayed ACK),
-# and the truth takes ~500 of them.
-my $http = HTTP::Tiny->new(timeout => 60, keep_alive => 0);
-my $fake_script = File::Spec->rel2abs(dirname(__FILE__) . '/../fake_hubspot.py');
 my $token = 'pat-na1-11111111-2222-3333-4444-555555555555';    # the fake's --private-app-token default
 my $rps = 4;
+my $node;    # set up below; start_fake, admin, sql, wait_sql, status_of etc. are in SyncTest.pm
+# No keep-alive for admin(): on a kept-alive connection each admin call stalls ~40 ms
+# (delayed ACK), and the truth takes ~500 of them.
+http_options(keep_alive => 0);
 
 # ---------------------------------------------------------------------------
-# Helpers: the fake
+# Helpers: the fake's truth
 # ---------------------------------------------------------------------------
-
-my @fakes;
-
-sub start_fake
-{
-	my ($name, @args) = @_;
-	my $out = '';
-	my $log = "$PostgreSQL::Test::Utils::log_path/fake_hubspot_$name.log";
-	my $timeout = IPC::Run::timeout(90);
-	my $h = IPC::Run::start([ '/usr/bin/python3', $fake_script, '--port', '0', @args ],
-		'<', \undef, '>', \$out, '2>', $log, $timeout);
-	eval { $h->pump until $out =~ /listening on (\d+)/; };
-	die "fake HubSpot $name did not start: $@ $out" unless $out =~ /listening on (\d+)/;
-	$timeout->reset;
-	my $fake = { name => $name, h => $h, url => "http://127.0.0.1:$1" };
-	push @fakes, $fake;
-	return $fake;
-}
-
-END
-{
-	local $?;    # keep the test's exit status: reaping the fakes sets $?
-	for my $f (@fakes)
-	{
-		eval { $f->{h}->kill_kill(grace => 3); };
-	}
-}
-
-sub admin
-{
-	my ($fake, $method, $path, $body) = @_;
-	my %opt = (headers => { 'Content-Type' => 'application/json' });
-	$opt{content} = $json->encode($body) if defined $body;
-	my $res = $http->request($method, "$fake->{url}/__admin/$path", \%opt);
-	die "fake admin $method $path failed: $res->{status} $res->{content}\n" unless $res->{success};
-	return $json->decode($res->{content});
-}
 
 my %label_of;    # "from/to/typeId" -> label or undef
 
@@ -96,37 +57,6 @@ sub truth
 # ---------------------------------------------------------------------------
 # Helpers: the database
 # ---------------------------------------------------------------------------
-
-my $node;
-
-sub sql { return $node->safe_psql('postgres', $_[0]); }
-
-sub wait_until
-{
-	my ($timeout, $code) = @_;
-	my $deadline = time + $timeout;
-	while (1)
-	{
-		return 1 if $code->();
-		return 0 if time > $deadline;
-		usleep(200_000);
-	}
-}
-
-sub wait_sql
-{
-	my ($timeout, $query) = @_;
-	return wait_until($timeout, sub { sql($query) eq 't' });
-}
-
-sub status_of
-{
-	my ($collection) = @_;
-	my $r = sql("SELECT row_to_json(s) FROM sync.status s WHERE source = 'crm' AND collection = '$collection'");
-	return $r eq '' ? {} : $json->decode($r);
-}
-
-sub elapsed { return sprintf('%.0fs', time - $t_start); }
 
 sub describe_row
 {
@@ -191,19 +121,9 @@ sub wait_full_walk
 # Setup
 # ---------------------------------------------------------------------------
 
-my $F = start_fake('a', '--contacts', 400, '--companies', 60, '--deals', 100, '--seed', 6);
+my $F = start_fake('hubspot', 'a', '--contacts', 400, '--companies', 60, '--deals', 100, '--seed', 6);
 
-$node = PostgreSQL::Test::Cluster->new('main');
-$node->init;
-$node->append_conf('postgresql.conf', <<'EOC');
-shared_preload_libraries = 'sync'
-timezone = 'UTC'
-sync.launcher_naptime = 1
-sync.max_backoff = 4
-max_worker_processes = 16
-EOC
-$node->start;
-sql('CREATE EXTENSION sync');
+$node = start_node(max_backoff => 4);    # and CREATE EXTENSION sync
 
 for my $t (@{ admin($F, 'GET', 'association_types') })
 {
@@ -276,12 +196,12 @@ compare_assoc('deals/contacts after the first walk', 'crm.deals_contacts', $dc_t
 
 for my $c ('contacts/companies', 'deals/contacts')
 {
-	my $st = status_of($c);
+	my $st = status_of('crm', $c);
 	is($st->{records_deleted}, 0, "$c: nothing deleted while nothing changed");
 	is($st->{consecutive_failures}, 0, "$c: no failures");
 }
 my $walk_rows = scalar(keys %$cc_truth);
-is(status_of('contacts/companies')->{backfill_records}, $walk_rows,
+is(status_of('crm', 'contacts/companies')->{backfill_records}, $walk_rows,
 	"contacts/companies: backfill_records counts the first walk's $walk_rows rows");
 
 # ---------------------------------------------------------------------------
@@ -388,13 +308,13 @@ compare_assoc('contacts/companies after the changes', 'crm.contacts_companies', 
 compare_assoc('deals/contacts after the changes', 'crm.deals_contacts', $dc_new);
 for my $c ('contacts/companies', 'deals/contacts')
 {
-	is(status_of($c)->{records_deleted}, $gone{$c}, "$c: records_deleted counts the $gone{$c} rows removed");
+	is(status_of('crm', $c)->{records_deleted}, $gone{$c}, "$c: records_deleted counts the $gone{$c} rows removed");
 }
 # Re-walking unchanged associations must not rewrite rows: only the first walk and the
 # added associations count as upserts.
-is(status_of('contacts/companies')->{records_upserted}, scalar(keys %$cc_truth) + scalar(grep { !$cc_truth->{$_} } keys %$cc_new),
+is(status_of('crm', 'contacts/companies')->{records_upserted}, scalar(keys %$cc_truth) + scalar(grep { !$cc_truth->{$_} } keys %$cc_new),
 	'contacts/companies: records_upserted = first walk + added rows (unchanged rows are not rewritten)');
-is(status_of('deals/contacts')->{records_upserted}, scalar(keys %$dc_truth) + scalar(grep { !$dc_truth->{$_} } keys %$dc_new),
+is(status_of('crm', 'deals/contacts')->{records_upserted}, scalar(keys %$dc_truth) + scalar(grep { !$dc_truth->{$_} } keys %$dc_new),
 	'deals/contacts: records_upserted = first walk + added rows');
 note('section 2 done at ' . elapsed());
 
@@ -404,7 +324,7 @@ note('section 2 done at ' . elapsed());
 
 for my $c ('contacts/companies', 'deals/contacts')
 {
-	my $st = status_of($c);
+	my $st = status_of('crm', $c);
 	is($st->{state}, 'syncing', "$c: state syncing");
 	is($st->{phase}, 'incremental', "$c: phase incremental");
 	ok(defined $st->{last_sweep_at}, "$c: last_sweep_at set");
@@ -412,17 +332,17 @@ for my $c ('contacts/companies', 'deals/contacts')
 	ok(!defined $st->{last_error}, "$c: no error recorded") or diag($st->{last_error});
 	cmp_ok($st->{requests} // 0, '>', 0, "$c: requests counted");
 }
-is(status_of('contacts/companies')->{target_table}, 'crm.contacts_companies', 'status: target table');
+is(status_of('crm', 'contacts/companies')->{target_table}, 'crm.contacts_companies', 'status: target table');
 # Walks keep going: last_sweep_at moves on without any change.
 {
-	my $before = status_of('contacts/companies')->{last_sweep_at};
+	my $before = status_of('crm', 'contacts/companies')->{last_sweep_at};
 	ok(wait_sql(60, "SELECT last_sweep_at > '$before' FROM sync.status WHERE source = 'crm' AND collection = 'contacts/companies'"),
 		'contacts/companies: walks repeat (last_sweep_at advances)');
 	my $w = sql("SELECT extract(epoch FROM now() - last_sweep_at) FROM sync.status WHERE source = 'crm' AND collection = 'contacts/companies'");
 	note(sprintf('now - last_sweep_at = %.1fs', $w));
 }
 compare_assoc('contacts/companies after more walks', 'crm.contacts_companies', $cc_new);
-is(status_of('contacts/companies')->{records_deleted}, $gone{'contacts/companies'},
+is(status_of('crm', 'contacts/companies')->{records_deleted}, $gone{'contacts/companies'},
 	'contacts/companies: unchanged walks delete nothing more');
 
 # ---------------------------------------------------------------------------

@@ -23,64 +23,24 @@ use strict;
 use warnings;
 
 use Encode qw(encode_utf8);
-use File::Basename qw(dirname);
-use File::Spec;
-use HTTP::Tiny;
-use IPC::Run;
+use FindBin;
+use lib $FindBin::Bin;
 use JSON::PP;
 use POSIX qw(floor);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use SyncTest;
 use Test::More;
 use Time::HiRes qw(time usleep);
 
-my $t_start = time;
 my $json = JSON::PP->new->utf8->canonical->allow_nonref;
-my $http = HTTP::Tiny->new(timeout => 60);
-my $test_dir = File::Spec->rel2abs(dirname(__FILE__) . '/..');
 my $sf_creds = '{"client_id": "test-client", "client_secret": "test-secret", "refresh_token": "test-refresh"}';
 my $HS_PAT = 'pat-na1-11111111-2222-3333-4444-555555555555';    # the fake's --private-app-token default
+my $node;    # set up below; start_fake, admin, sql, wait_sql, row, status_of etc. are in SyncTest.pm
 
 # ---------------------------------------------------------------------------
-# Helpers: the fakes
+# Helpers: the fakes' request logs
 # ---------------------------------------------------------------------------
-
-my @fakes;
-
-sub start_fake
-{
-	my ($kind, $name, @args) = @_;
-	my $out = '';
-	my $log = "$PostgreSQL::Test::Utils::log_path/fake_${kind}_$name.log";
-	my $timeout = IPC::Run::timeout(90);
-	my $h = IPC::Run::start([ '/usr/bin/python3', "$test_dir/fake_$kind.py", '--port', '0', @args ],
-		'<', \undef, '>', \$out, '2>', $log, $timeout);
-	eval { $h->pump until $out =~ /listening on (\d+)/; };
-	die "fake $kind $name did not start: $@ $out" unless $out =~ /listening on (\d+)/;
-	$timeout->reset;
-	my $fake = { name => $name, h => $h, url => "http://127.0.0.1:$1" };
-	push @fakes, $fake;
-	return $fake;
-}
-
-END
-{
-	local $?;    # keep the test's exit status: reaping the fakes sets $?
-	for my $f (@fakes)
-	{
-		eval { $f->{h}->kill_kill(grace => 3); };
-	}
-}
-
-sub admin
-{
-	my ($fake, $method, $path, $body) = @_;
-	my %opt = (headers => { 'Content-Type' => 'application/json' });
-	$opt{content} = $json->encode($body) if defined $body;
-	my $res = $http->request($method, "$fake->{url}/__admin/$path", \%opt);
-	die "fake admin $method $path failed: $res->{status} $res->{content}\n" unless $res->{success};
-	return $json->decode($res->{content});
-}
 
 # The fake's request log in arrival order.
 sub fake_log
@@ -128,43 +88,7 @@ sub min_gap
 # Helpers: the database
 # ---------------------------------------------------------------------------
 
-my $node;
-
-sub sql { return $node->safe_psql('postgres', $_[0]); }
-
-sub wait_until
-{
-	my ($timeout, $code) = @_;
-	my $deadline = time + $timeout;
-	while (1)
-	{
-		return 1 if $code->();
-		return 0 if time > $deadline;
-		usleep(200_000);
-	}
-}
-
-sub wait_sql
-{
-	my ($timeout, $query) = @_;
-	return wait_until($timeout, sub { sql($query) eq 't' });
-}
-
-# A query's one row as a hash (JSON round trip), or {} when there is none.
-sub row
-{
-	my ($query) = @_;
-	my $r = sql("SELECT row_to_json(q) FROM ($query) q");
-	return $r eq '' ? {} : $json->decode($r);
-}
-
 sub budget_of { return row("SELECT * FROM sync.budgets WHERE source = '$_[0]'"); }
-
-sub status_of
-{
-	my ($source, $collection) = @_;
-	return row("SELECT * FROM sync.status WHERE source = '$source' AND collection = '$collection'");
-}
 
 # (psql exit code, stderr) of a query expected to fail; errors carry their SQLSTATE.
 sub sql_error
@@ -195,15 +119,6 @@ sub sleep_until
 	usleep(int(($t - time) * 1e6)) if $t > time;
 }
 
-sub elapsed { return sprintf('%.0fs', time - $t_start); }
-
-sub lit
-{
-	my ($s) = @_;
-	$s =~ s/'/''/g;
-	return "'$s'";
-}
-
 # ---------------------------------------------------------------------------
 # Setup
 # ---------------------------------------------------------------------------
@@ -219,17 +134,7 @@ my $ST = start_fake('stripe', 'st', '--customers', 120, '--deleted-customers', 0
 my $HS = start_fake('hubspot', 'hs', '--contacts', 40, '--companies', 5, '--deals', 5, '--cars', 2,
 	'--archived', 0, '--seed', 4);
 
-$node = PostgreSQL::Test::Cluster->new('main');
-$node->init;
-$node->append_conf('postgresql.conf', <<'EOC');
-shared_preload_libraries = 'sync'
-timezone = 'UTC'
-sync.launcher_naptime = 1
-sync.max_backoff = 4
-max_worker_processes = 16
-EOC
-$node->start;
-sql('CREATE EXTENSION sync');
+$node = start_node(max_backoff => 4);    # and CREATE EXTENSION sync
 ok(wait_sql(60, 'SELECT sync.worker_pid() IS NOT NULL'), 'the database has its sync worker');
 my $worker_pid = sql('SELECT sync.worker_pid()');
 note('setup done at ' . elapsed());

@@ -21,18 +21,17 @@
 use strict;
 use warnings;
 
-use File::Basename qw(dirname);
-use File::Spec;
-use HTTP::Tiny;
+use FindBin;
+use lib $FindBin::Bin;
 use IPC::Run;
 use JSON::PP;
 use List::Util qw(max min sum);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use SyncTest;
 use Test::More;
 use Time::HiRes qw(time usleep);
 
-my $t_start = time;
 my $RATE = 4;
 my $RECORDS = 50;
 my $CHANGES = 10;
@@ -44,72 +43,12 @@ srand($seed);
 note "LAG_SEED=$seed";
 
 my $json = JSON::PP->new->utf8->canonical->allow_nonref;
-my $http = HTTP::Tiny->new(timeout => 60);
-my $fake_script = File::Spec->rel2abs(dirname(__FILE__) . '/../fake_salesforce.py');
 my $creds = '{"client_id": "test-client", "client_secret": "test-secret", "refresh_token": "test-refresh"}';
+my $node;    # set up below; start_fake, admin, sql, wait_sql, soql_of etc. are in SyncTest.pm
 
 # ---------------------------------------------------------------------------
-# Helpers: the fake (as in 002_salesforce.pl)
+# Helpers: the fake's request log
 # ---------------------------------------------------------------------------
-
-my @fakes;
-
-sub start_fake
-{
-	my ($name, @args) = @_;
-	my $out = '';
-	my $log = "$PostgreSQL::Test::Utils::log_path/fake_salesforce_$name.log";
-	my $timeout = IPC::Run::timeout(90);
-	my $h = IPC::Run::start([ '/usr/bin/python3', $fake_script, '--port', '0', @args ],
-		'<', \undef, '>', \$out, '2>', $log, $timeout);
-	eval { $h->pump until $out =~ /listening on (\d+)/; };
-	die "fake Salesforce $name did not start: $@ $out" unless $out =~ /listening on (\d+)/;
-	$timeout->reset;
-	my $fake = { name => $name, h => $h, url => "http://127.0.0.1:$1" };
-	push @fakes, $fake;
-	return $fake;
-}
-
-my ($bg_h, $bg_timer);
-
-END
-{
-	local $?;    # keep the test's exit status: reaping the fakes sets $?
-	eval { $bg_h->kill_kill(grace => 3) if $bg_h; };
-	for my $f (@fakes)
-	{
-		eval { $f->{h}->kill_kill(grace => 3); };
-	}
-}
-
-sub admin
-{
-	my ($fake, $method, $path, $body) = @_;
-	my %opt = (headers => { 'Content-Type' => 'application/json' });
-	$opt{content} = $json->encode($body) if defined $body;
-	my $res = $http->request($method, "$fake->{url}/__admin/$path", \%opt);
-	die "fake admin $method $path failed: $res->{status} $res->{content}\n" unless $res->{success};
-	return $json->decode($res->{content});
-}
-
-sub urldecode
-{
-	my ($s) = @_;
-	$s =~ tr/+/ /;
-	$s =~ s/%([0-9A-Fa-f]{2})/chr(hex($1))/eg;
-	return $s;
-}
-
-sub soql_of
-{
-	my ($e) = @_;
-	for my $pair (split /&/, $e->{query} // '')
-	{
-		my ($k, $v) = split /=/, $pair, 2;
-		return urldecode($v // '') if urldecode($k) eq 'q';
-	}
-	return undef;
-}
 
 # (kind, object) of a logged API request: kind is queryAll (a poll), query (a
 # backfill or sweep), more (a nextRecordsUrl page), deleted (getDeleted),
@@ -135,33 +74,17 @@ sub classify_request
 # Helpers: the database
 # ---------------------------------------------------------------------------
 
-my $node;
-
-sub sql { return $node->safe_psql('postgres', $_[0]); }
-
-sub wait_until
-{
-	my ($timeout, $code) = @_;
-	my $deadline = time + $timeout;
-	while (1)
-	{
-		return 1 if $code->();
-		return 0 if time > $deadline;
-		usleep(200_000);
-	}
-}
-
-sub wait_sql
-{
-	my ($timeout, $query) = @_;
-	return wait_until($timeout, sub { sql($query) eq 't' });
-}
-
-sub elapsed { return sprintf('%.0fs', time - $t_start); }
-
 # A persistent psql session: the measuring loop must not pay for a connection per look.
+my ($bg_h, $bg_timer);
 my ($bg_in, $bg_out, $bg_err) = ('', '', '');
 my $bg_n = 0;
+
+# Runs before SyncTest's END, which kills the fakes.
+END
+{
+	local $?;    # keep the test's exit status: reaping the psql session sets $?
+	eval { $bg_h->kill_kill(grace => 3) if $bg_h; };
+}
 
 sub bg_start
 {
@@ -201,7 +124,7 @@ sub quantile
 # Setup: 20 custom objects in the fake, one source with a budget of 4 req/s
 # ---------------------------------------------------------------------------
 
-my $F = start_fake('lag', '--records', '100');
+my $F = start_fake('salesforce', 'lag', '--records', '100');
 my @objects = map { "Lag_${_}__c" } 1 .. 20;
 my %record_ids;
 for my $o (@objects)
@@ -212,16 +135,7 @@ for my $o (@objects)
 }
 is(scalar(@{ $record_ids{Lag_20__c} }), $RECORDS, "the fake holds $RECORDS records in each of 20 custom objects");
 
-$node = PostgreSQL::Test::Cluster->new('main');
-$node->init;
-$node->append_conf('postgresql.conf', <<'EOC');
-shared_preload_libraries = 'sync'
-timezone = 'UTC'
-sync.launcher_naptime = 1
-max_worker_processes = 16
-EOC
-$node->start;
-sql('CREATE EXTENSION sync');
+$node = start_node();    # and CREATE EXTENSION sync
 sql("SELECT sync.create_source('lag', 'salesforce', '$F->{url}', '$creds', "
 	  . "'{\"requests_per_second\": $RATE, \"burst\": 1, \"batch_size\": 200}')");
 bg_start();
@@ -287,7 +201,7 @@ sub make_change
 	my $name = "lag $n/$k " . int(rand(1e9));
 	my $amount = sprintf('%.2f', 1 + rand(99999));
 	my $est = bq("SELECT extract(epoch from est_max_lag) FROM sync.status WHERE source = 'lag' AND collection = '$o'");
-	my $res = $http->request('PATCH', "$F->{url}/__admin/records/$o/$id",
+	my $res = http()->request('PATCH', "$F->{url}/__admin/records/$o/$id",
 		{ headers => { 'Content-Type' => 'application/json' },
 		  content => $json->encode({ Name => $name, Amount__c => $amount + 0 }) });
 	my $t_answer = time;
