@@ -230,7 +230,8 @@ SELECT s.name                          AS source,
        st.backfill_records,
        st.backfill_total,
        CASE WHEN st.phase = 'incremental' AND st.backfill_completed_at IS NOT NULL THEN 100.0
-            ELSE round(least(100.0 * st.backfill_records / nullif(st.backfill_total, 0), 100.0), 1)
+            WHEN st.backfill_total > 0
+                 THEN round(least(100.0 * st.backfill_records / st.backfill_total, 100.0), 1)
             END                        AS backfill_percent,
        round(st.backfill_rate::numeric, 1) AS backfill_rate,
        CASE WHEN st.phase = 'backfill' AND st.backfill_rate > 0 AND st.backfill_total IS NOT NULL

@@ -199,6 +199,34 @@ sync_load_collection(int32 id)
 	return c;
 }
 
+/*
+ * The table may have changed while the step's requests were in flight (a
+ * column dropped, renamed or retyped): write the page with the columns as
+ * they are now, limited to the fields the step asked the API for, so a
+ * column added meanwhile is left to its column backfill.
+ */
+void
+sync_refresh_fields(SyncCollection *c, List *asked)
+{
+	List	   *now = load_fields(c->id);
+	List	   *kept = NIL;
+	ListCell   *lc;
+
+	foreach(lc, now)
+	{
+		SyncField  *f = lfirst(lc);
+		ListCell   *la;
+
+		foreach(la, asked)
+			if (strcmp(((SyncField *) lfirst(la))->api_field, f->api_field) == 0)
+			{
+				kept = lappend(kept, f);
+				break;
+			}
+	}
+	c->fields = kept;
+}
+
 void
 sync_free_collection(SyncCollection *collection)
 {

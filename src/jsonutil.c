@@ -48,17 +48,30 @@ static void
 append_real(StringInfo buf, double value)
 {
 	char		text[64];
+	int			digits;
+	char	   *e;
 
 	if (isnan(value) || isinf(value))
 	{
 		appendStringInfoString(buf, "null");
 		return;
 	}
-	for (int digits = 1; digits <= 17; digits++)
+	for (digits = 1; digits <= 17; digits++)
 	{
 		snprintf(text, sizeof(text), "%.*g", digits, value);
 		if (strtod(text, NULL) == value)
 			break;
+	}
+	/*
+	 * %g writes 30.0 as 3e+01, which Postgres reads as 30: in the range where
+	 * people write plain decimals, write the same digits without an exponent.
+	 */
+	e = strpbrk(text, "eE");
+	if (e && fabs(value) >= 1e-4 && fabs(value) < 1e17)
+	{
+		int			exponent = atoi(e + 1);
+
+		snprintf(text, sizeof(text), "%.*f", Max(0, Min(digits, 17) - 1 - exponent), value);
 	}
 	appendStringInfoString(buf, text);
 	/* keep it a JSON real: "5" would read back as an integer */

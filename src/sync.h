@@ -347,6 +347,7 @@ extern SyncSource *sync_load_source(int32 id);
 extern void sync_free_source(SyncSource *source);
 extern SyncCollection *sync_load_collection(int32 id);
 extern void sync_free_collection(SyncCollection *collection);
+extern void sync_refresh_fields(SyncCollection *collection, List *asked);
 extern void sync_lock_extension(void);
 
 /* ---------- store (store.c) ---------- */

@@ -358,6 +358,7 @@ worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *fail
 
 			source->provider->step(source, columns, &page);
 			worker_begin("sync: applying a page of a column backfill", step_ctx);
+			sync_refresh_fields(columns, columns->fields);
 			sync_apply_column_page(collection, columns, &page);
 			worker_commit();
 			MemoryContextSwitchTo(step_ctx);
@@ -368,6 +369,7 @@ worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *fail
 			source->provider->step(source, collection, &page);
 
 			worker_begin("sync: applying a page", step_ctx);
+			sync_refresh_fields(collection, collection->fields);
 			sync_apply_page(collection, &page);
 			worker_commit();
 			MemoryContextSwitchTo(step_ctx);
