@@ -75,6 +75,17 @@ refresh_through_worker(SyncSource *source)
 
 		LWLockAcquire(sync_shared_lock, LW_EXCLUSIVE);
 		slot = sync_slot_find(MyDatabaseId);
+		if (slot && slot->worker_pid == 0 &&
+			(slot->state == SYNC_SLOT_WANTED || slot->state == SYNC_SLOT_RUNNING) &&
+			GetCurrentTimestamp() < deadline)
+		{
+			/* the worker is being started (CREATE EXTENSION just committed): wait for it */
+			LWLockRelease(sync_shared_lock);
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 50, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+			CHECK_FOR_INTERRUPTS();
+			continue;
+		}
 		if (slot == NULL || slot->worker_pid == 0)
 		{
 			LWLockRelease(sync_shared_lock);
