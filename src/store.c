@@ -385,10 +385,12 @@ update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 		"  backfill_total = coalesce($5, backfill_total), "
 		/* records per second of the backfill lately: ETA = what is left at this rate */
 		"  backfill_rate = CASE WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 "
+		"                            AND backfill_rate IS NULL AND now() > backfill_started_at "
+		/* the first estimate is the average so far: one page's interval is noise */
+		"                       THEN (backfill_records + $4) / extract(epoch FROM now() - backfill_started_at) "
+		"                       WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 "
 		"                            AND last_poll_at IS NOT NULL AND now() > last_poll_at "
-		"                       THEN coalesce(0.7 * backfill_rate, 0) + "
-		"                            CASE WHEN backfill_rate IS NULL THEN 1 ELSE 0.3 END * "
-		"                            $4 / extract(epoch FROM now() - last_poll_at) "
+		"                       THEN 0.8 * backfill_rate + 0.2 * $4 / extract(epoch FROM now() - last_poll_at) "
 		"                       WHEN phase = 'backfill' THEN backfill_rate ELSE NULL END, "
 		"  backfill_completed_at = CASE WHEN $6 THEN now() "
 		"                               WHEN phase = 'incremental' AND $3 = 'backfill' THEN NULL "
