@@ -81,6 +81,8 @@ CREATE TABLE sync.collection_state (
     backfill_records      bigint NOT NULL DEFAULT 0,
     backfill_total        bigint,
     backfill_rate         double precision,
+    rate_mark_at          timestamptz,      -- where the backfill rate's window starts
+    rate_mark_records     bigint,
     last_poll_at          timestamptz,
     last_caught_up_at     timestamptz,
     records_upserted      bigint NOT NULL DEFAULT 0,

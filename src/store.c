@@ -383,15 +383,24 @@ update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 		"  backfill_started_at = CASE WHEN phase = 'incremental' AND ($3 = 'backfill' OR $6) THEN now() "
 		"                             ELSE backfill_started_at END, "
 		"  backfill_total = coalesce($5, backfill_total), "
-		/* records per second of the backfill lately: ETA = what is left at this rate */
+		/*
+		 * records per second of the backfill lately, over a window of 2 to 10 s
+		 * (one page's interval is noise): ETA = what is left at this rate
+		 */
 		"  backfill_rate = CASE WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 "
-		"                            AND backfill_rate IS NULL AND now() > backfill_started_at "
-		/* the first estimate is the average so far: one page's interval is noise */
-		"                       THEN (backfill_records + $4) / extract(epoch FROM now() - backfill_started_at) "
-		"                       WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 "
-		"                            AND last_poll_at IS NOT NULL AND now() > last_poll_at "
-		"                       THEN 0.8 * backfill_rate + 0.2 * $4 / extract(epoch FROM now() - last_poll_at) "
-		"                       WHEN phase = 'backfill' THEN backfill_rate ELSE NULL END, "
+		"                            AND now() - rate_mark_at >= interval '2 s' "
+		"                       THEN (backfill_records + $4 - rate_mark_records) "
+		"                            / extract(epoch FROM now() - rate_mark_at) "
+		"                       WHEN phase = 'backfill' AND NOT $12 THEN backfill_rate ELSE NULL END, "
+		"  rate_mark_records = CASE WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 "
+		"                                AND (rate_mark_at IS NULL OR now() - rate_mark_at >= interval '10 s') "
+		"                           THEN backfill_records + $4 "
+		"                           WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 THEN rate_mark_records "
+		"                           ELSE NULL END, "
+		"  rate_mark_at = CASE WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 "
+		"                           AND (rate_mark_at IS NULL OR now() - rate_mark_at >= interval '10 s') THEN now() "
+		"                      WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 THEN rate_mark_at "
+		"                      ELSE NULL END, "
 		"  backfill_completed_at = CASE WHEN $6 THEN now() "
 		"                               WHEN phase = 'incremental' AND $3 = 'backfill' THEN NULL "
 		"                               ELSE backfill_completed_at END, "
