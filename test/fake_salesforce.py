@@ -8,8 +8,9 @@ Prints "listening on PORT" once ready (stdout, flushed). Binds 127.0.0.1 only.
 
 Imitates one org as strictly as we know how: OAuth refresh-token flow, versioned REST
 paths (v31.0..v67.0), describeGlobal/describe, SOQL query/queryAll with query locators,
-sObject Get Deleted/Updated, limits, the daily API allocation, and Salesforce's error
-bodies (a JSON array of {message, errorCode}). Every response has a Date header (the
+sObject Get Deleted/Updated, Bulk API 2.0 query jobs (jobs/query, CSV results paged by
+Sforce-Locator; see the "Bulk API 2.0" section), limits, the daily API allocation, and
+Salesforce's error bodies (a JSON array of {message, errorCode}). Every response has a Date header (the
 server clock, shiftable via /__admin/clock); /services/data responses carry
 Sforce-Limit-Info. Bodies above 1 KB are gzipped when the client sends Accept-Encoding: gzip.
 
@@ -27,6 +28,11 @@ Behaviour worth knowing:
     only once the clock has moved to the next minute (tests: POST /__admin/clock).
   * Query locators keep the id list fixed at query time; values are read when a page
     is served and rows deleted since are skipped (pages can come back short).
+  * Bulk API 2.0 query jobs: UploadComplete -> InProgress (the result set is snapshotted
+    then) -> JobComplete after delays set by POST /__admin/bulk. Results are CSV with every
+    field quoted ("" = null), rows in creation order unless ORDER BY; each job counts against
+    DailyBulkV2QueryJobs (10,000 per rolling 24 h) and every call against the daily API
+    allocation. Seeding and serialising are tuned for 1,000,000 records.
   * Account_Name__c is a cross-object formula: renaming the Account changes it
     without bumping the Contact's SystemModstamp. Legacy_Region__c is
     deprecatedAndHidden (in describe, invisible to SOQL).
@@ -41,7 +47,10 @@ GET /__admin/ lists every endpoint with its shape (ADMIN_HELP below).
 
 import argparse
 import base64
+import bisect
+import csv
 import email.utils
+import gc
 import gzip
 import hashlib
 import heapq
@@ -51,13 +60,19 @@ import random
 import re
 import secrets
 import socket
+import struct
 import sys
 import threading
 import time
 import traceback
+import zlib
+from itertools import accumulate
+from operator import itemgetter
+from array import array
 from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 UTC = timezone.utc
 MIN_VERSION, MAX_VERSION = 31, 67
@@ -108,7 +123,23 @@ ADMIN_HELP = {
     "DELETE /__admin/objects/{Name}": "-> {removed, records}: the object, its records, delete log and "
                                       "query locators are gone (API: INVALID_TYPE / NOT_FOUND)",
     "POST /__admin/reset": "body {records?, accounts?, seed?, deleted?} -> {records: {...}} "
-                           "(custom objects are dropped)",
+                           "(custom objects are dropped; Bulk jobs and settings too)",
+    "GET /__admin/bulk": "-> {settings, fail_next_jobs, daily_jobs: {used, max}, daily_storage_mb: "
+                         "{used, max}, jobs: [{id, state, operation, object, query, apiVersion, records, "
+                         "bytes, errorMessage}]}",
+    "POST /__admin/bulk": "body (all optional) {queue_delay_s=0.1 (UploadComplete -> InProgress, the "
+                          "snapshot instant), processing_delay_s=0.2 (InProgress -> JobComplete, at least), "
+                          "fail_next_job: 'message' (next job(s) end Failed with this errorMessage; null "
+                          "cancels), fail_count=1, default_max_records=null (results rows when maxRecords "
+                          "is absent; null = all), max_records_cap=null (larger maxRecords are lowered), "
+                          "max_bytes=1073741824 (bytes per results response, whole rows, at least one), "
+                          "quote_all=true (false: RFC 4180 minimal quoting, null = empty unquoted), "
+                          "retries=0 (reported in job info), gzip=true (false: results never "
+                          "compressed), gzip_block_rows=2000 (rows per pre-compressed block), "
+                          "jobs_max=10000, jobs_used (DailyBulkV2QueryJobs "
+                          "used, as if created now), storage_max_mb, storage_used_mb} -> GET /__admin/bulk",
+    "POST /__admin/bulk/expire": "-> {expired: N}: every job is gone (like the 7-day cleanup): 404 after",
+    "POST /__admin/bulk/reset": "-> default settings, no jobs, fresh daily allocation",
 }
 
 
@@ -156,6 +187,9 @@ def invalid_session():
 
 def fmt_dt(dt):
     """Salesforce wire form of a datetime: 2024-05-01T12:34:56.000+0000."""
+    if dt.year >= 1000:        # fast path (strftime is slow; seeding 1,000,000 records calls this 3M times)
+        return "%04d-%02d-%02dT%02d:%02d:%02d.%03d+0000" % (dt.year, dt.month, dt.day, dt.hour, dt.minute,
+                                                             dt.second, dt.microsecond // 1000)
     return "%s.%03d+0000" % (dt.strftime("%Y-%m-%dT%H:%M:%S"), dt.microsecond // 1000)
 
 
@@ -204,20 +238,77 @@ BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 ID_RE = re.compile(r"^[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?$")
 
 
+SUFFIX_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
+UPPER_BITS = str.maketrans({chr(c): "1" if 65 <= c <= 90 else "0" for c in range(128)})
+
+
 def id_suffix(id15):
-    """The 3-char case-safe suffix: one char per 5-char chunk encoding which chars are upper case."""
-    out = ""
-    for chunk in range(3):
-        bits = 0
-        for j, ch in enumerate(id15[chunk * 5:chunk * 5 + 5]):
-            if "A" <= ch <= "Z":
-                bits |= 1 << j
-        out += "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"[bits]
-    return out
+    """The 3-char case-safe suffix: one char per 5-char chunk encoding which chars are upper case
+    (bit j set when char j of the chunk is A-Z)."""
+    mask = id15[:15].translate(UPPER_BITS)[::-1]          # char 14 first: int(..., 2) reads bit 0 last
+    return (SUFFIX_CHARS[int(mask[10:15], 2)] + SUFFIX_CHARS[int(mask[5:10], 2)]
+            + SUFFIX_CHARS[int(mask[0:5], 2)])
 
 
 def to_id18(text):
     return text + id_suffix(text) if len(text) == 15 else text
+
+
+class FastDraw:
+    """choice/randint/randrange drawing exactly what random.Random's methods draw (same calls to
+    getrandbits, so the same stream and results), with one Python frame per draw instead of
+    three: seeding 1,000,000 records makes ~40M draws. Falls back to the stdlib methods if this
+    Python's random module draws differently (checked once, see fast_draw_matches_stdlib)."""
+
+    def __init__(self, rng):
+        self.rng = rng
+        if not FAST_DRAW_OK:
+            self.choice, self.randint, self.randrange = rng.choice, rng.randint, rng.randrange
+            return
+        getrandbits = rng.getrandbits
+
+        def choice(seq):
+            n = len(seq)
+            k = n.bit_length()
+            r = getrandbits(k)
+            while r >= n:
+                r = getrandbits(k)
+            return seq[r]
+
+        def randint(a, b):
+            n = b - a + 1
+            k = n.bit_length()
+            r = getrandbits(k)
+            while r >= n:
+                r = getrandbits(k)
+            return a + r
+
+        def randrange(n):
+            k = n.bit_length()
+            r = getrandbits(k)
+            while r >= n:
+                r = getrandbits(k)
+            return r
+
+        self.choice, self.randint, self.randrange = choice, randint, randrange
+
+
+def fast_draw_matches_stdlib():
+    global FAST_DRAW_OK
+    FAST_DRAW_OK = True
+    a, b = random.Random(12345), random.Random(12345)
+    fast = FastDraw(b)
+    for n in (1, 2, 3, 5, 31, 62, 63, 64, 65, 1000, 999999, 400 * 86400 + 1):
+        seq = range(n)
+        for _ in range(50):
+            if (a.choice(seq), a.randint(7, 7 + n), a.randrange(n)) != \
+                    (fast.choice(seq), fast.randint(7, 7 + n), fast.randrange(n)):
+                return False
+    return a.random() == b.random()
+
+
+FAST_DRAW_OK = False
+FAST_DRAW_OK = fast_draw_matches_stdlib()
 
 
 class IdFactory:
@@ -226,10 +317,24 @@ class IdFactory:
     def __init__(self, rng):
         self.rng = rng
         self.used = set()
+        self.choice = FastDraw(rng).choice
+        self.getrandbits = rng.getrandbits if FAST_DRAW_OK else None
 
     def new(self, prefix):
+        gb = self.getrandbits
         while True:
-            body = prefix + "Hp0" + "".join(self.rng.choice(BASE62) for _ in range(9))
+            if gb is None:
+                chars = "".join([self.choice(BASE62) for _ in range(9)])
+            else:
+                # choice(BASE62) nine times, inlined: 62 needs 6 bits, redraw 62 and 63
+                out = []
+                for _ in range(9):
+                    r = gb(6)
+                    while r >= 62:
+                        r = gb(6)
+                    out.append(BASE62[r])
+                chars = "".join(out)
+            body = prefix + "Hp0" + chars
             if body not in self.used:
                 self.used.add(body)
                 return body + id_suffix(body)
@@ -296,6 +401,7 @@ class Field:
         self.default_value = default_value
         # getter(record) -> wire value; plain fields read the record dict.
         self.getter = getter or (lambda rec, n=name: rec.get(n))
+        self.plain = getter is None          # value is rec[name] (Bulk CSV reads those column-wise)
 
     def describe(self):
         t = self.type
@@ -698,6 +804,7 @@ class Org:
         self.page_cap = None
         self.org_id = "00DHp0000001SfK" + id_suffix("00DHp0000001SfK")
         self.user_id = "005Hp00000AdMin" + id_suffix("005Hp00000AdMin")
+        self.bulk_engine = BulkEngine(self)
         self.seed_data(cfg.records, cfg.accounts, cfg.seed, cfg.deleted)
 
     # -- clock ---------------------------------------------------------------
@@ -709,9 +816,62 @@ class Org:
         """Write timestamps are second-granular (.000), like SystemModstamp in practice."""
         return self.now().replace(microsecond=0)
 
+    # -- Bulk API 2.0 state ----------------------------------------------------
+
+    def reset_bulk(self, seed):
+        """No jobs, default settings, a fresh DailyBulkV2QueryJobs allocation."""
+        with self.lock:
+            for job in getattr(self, "bulk_jobs", {}).values():
+                job.state = "Deleted"                   # pending timers see it is gone
+            self.bulk_jobs = {}                         # id -> BulkJob, in creation order
+            self.bulk = dict(BULK_DEFAULTS)
+            self.bulk_fail = []                         # messages for the next jobs to fail
+            self.bulk_job_times = []                    # creation times (server clock), last 24 h
+            self.bulk_jobs_max = BULK_DAILY_JOBS
+            self.bulk_storage = []                      # (completion time, MB) of results, last 24 h
+            self.bulk_storage_max = BULK_DAILY_STORAGE_MB
+            # Own id stream: creating jobs does not shift the ids of records created later.
+            self.bulk_ids = IdFactory(random.Random(seed * 7919 + 750))
+            self.bulk_ids.used = self.ids.used
+
+    def bulk_jobs_used(self):
+        """Query jobs created in the last 24 h (rolling, by the server clock)."""
+        cutoff = self.now() - timedelta(days=1)
+        self.bulk_job_times = [t for t in self.bulk_job_times if t > cutoff]
+        return len(self.bulk_job_times)
+
+    def bulk_storage_used(self):
+        cutoff = self.now() - timedelta(days=1)
+        self.bulk_storage = [(t, mb) for t, mb in self.bulk_storage if t > cutoff]
+        return sum(mb for _, mb in self.bulk_storage)
+
+    def bulk_job(self, job_id):
+        """A live job by id (15 or 18 chars), or None. Terminal jobs older than 7 days are gone."""
+        if not ID_RE.match(job_id or ""):
+            return None
+        job = self.bulk_jobs.get(to_id18(job_id))
+        if job is not None and job.terminal() and self.now() - job.created > BULK_JOB_LIFESPAN:
+            del self.bulk_jobs[job.id]
+            job.state = "Deleted"
+            job.drop_results()
+            return None
+        return job
+
     # -- seeding -------------------------------------------------------------
 
     def seed_data(self, n_contacts, n_accounts, seed, n_deleted):
+        # The cyclic GC would rescan every seeded record again and again while a million are
+        # made (and later on every big allocation burst, e.g. serialising a Bulk job): seed with
+        # it off, then freeze the seeded objects out of its sight. (Records hold no cycles:
+        # reference counting frees them.)
+        gc.disable()
+        try:
+            self.seed_data_locked(n_contacts, n_accounts, seed, n_deleted)
+        finally:
+            gc.enable()
+            gc.freeze()
+
+    def seed_data_locked(self, n_contacts, n_accounts, seed, n_deleted):
         with self.lock:
             self.seed = seed
             rng = random.Random(seed)
@@ -727,6 +887,7 @@ class Org:
             self.purge_mode = "error"
             self.locators = {}
             self.custom_seq = 0           # key prefixes a01, a02, ... are never reused
+            self.reset_bulk(seed)
             self.base_time = self.cfg.base_time or self.now().replace(minute=0, second=0, microsecond=0)
             self.seed_accounts(rng, n_accounts)
             self.seed_contacts(rng, n_contacts + n_deleted)
@@ -760,74 +921,149 @@ class Org:
             obj.records[rec["Id"]] = rec
 
     def seed_contacts(self, rng, count):
+        """Contacts in creation order. This loop seeds 1,000,000 records for benchmarks, so it
+        is written for speed: FastDraw and local names instead of rng methods. Every draw is
+        made in the same order as in the plain version (a dict literal evaluated left to right,
+        with maybe(rng, p, value) drawing `value` first, then rng.random()): same seed, same data."""
         obj = self.types["contact"]
         accounts = list(self.types["account"].records)
         stamps = timestamp_schedule(rng, count, self.base_time, min(300, count),
                                     2100 if count >= 4500 else 0)
+        draw = FastDraw(rng)
+        choice, randint, randrange = draw.choice, draw.randint, draw.randrange
+        rnd, uniform, sample = rng.random, rng.uniform, rng.sample
+        new_id, records = self.ids.new, obj.records
+        salutations = obj.field("Salutation").picklist
+        users = self.users
+        n_cities = len(CITIES)
+        email_part = {}                  # name -> its letters for the e-mail address (re.sub is slow)
+        quarter_hours = [0, 15, 30, 45]
+        day0 = date(1950, 1, 1)
+        interest_rank = INTERESTS.index
         for i in range(count):
-            first = maybe(rng, 0.95, rng.choice(FIRST_NAMES))
-            last = rng.choice(LAST_NAMES)
-            k = rng.randrange(len(CITIES))
+            first = choice(FIRST_NAMES)
+            first = first if rnd() < 0.95 else None
+            last = choice(LAST_NAMES)
+            k = randrange(n_cities)
             city, state, postal, country, lat, lon = CITIES[k]
-            has_addr = rng.random() < 0.85
-            geo = has_addr and rng.random() < 0.5
-            bday = date(1950, 1, 1) + timedelta(days=rng.randint(0, 365 * 55))
-            email_name = "%s.%s%d" % (re.sub(r"[^a-z]", "", (first or "x").lower()) or "x",
-                                      re.sub(r"[^a-z]", "", last.lower()) or "y", i)
+            has_addr = rnd() < 0.85
+            geo = has_addr and rnd() < 0.5
+            bday = day0 + timedelta(days=randint(0, 365 * 55))
+            a = first or "x"
+            fpart = email_part.get(a)
+            if fpart is None:
+                fpart = email_part[a] = re.sub(r"[^a-z]", "", a.lower()) or "x"
+            lpart = email_part.get(last + "\0")
+            if lpart is None:
+                lpart = email_part[last + "\0"] = re.sub(r"[^a-z]", "", last.lower()) or "y"
+            email_name = "%s.%s%d" % (fpart, lpart, i)
+            rec_id = new_id("003")
+            if accounts:
+                account = choice(accounts)
+                account = account if rnd() < 0.9 else None
+            else:
+                account = None
+            salutation = choice(salutations)
+            salutation = salutation if rnd() < 0.5 else None
+            lat_v = round(lat + uniform(-0.05, 0.05), 6) if geo else None
+            lon_v = round(lon + uniform(-0.05, 0.05), 6) if geo else None
+            phone = "+1 (%03d) 555-%04d" % (randint(200, 999), randint(0, 9999))
+            phone = phone if rnd() < 0.8 else None
+            mobile = "+44 7700 %06d" % randint(0, 999999)
+            mobile = mobile if rnd() < 0.5 else None
+            email = email_name + "@example.com" if rnd() < 0.9 else None
+            title = choice(TITLES)
+            title = title if rnd() < 0.7 else None
+            dept = choice(DEPARTMENTS)
+            dept = dept if rnd() < 0.5 else None
+            source = choice(LEAD_SOURCES)
+            source = source if rnd() < 0.6 else None
+            birthdate = bday.isoformat() if rnd() < 0.6 else None
+            desc = choice(DESCRIPTIONS)
+            desc = desc if rnd() < 0.35 else None
+            opted_out = rnd() < 0.1
+            no_call = rnd() < 0.05
+            tier = choice(TIERS)
+            tier = tier if rnd() < 0.7 else None
+            ltv = round(uniform(0, 250000), 2)
+            ltv = ltv if rnd() < 0.8 else None
+            score = round(uniform(0, 100), 1)
+            score = score if rnd() < 0.6 else None
+            discount = round(uniform(0, 40), 2)
+            discount = discount if rnd() < 0.5 else None
+            visits = randint(0, 5000)
+            visits = visits if rnd() < 0.8 else None
+            interests = ";".join(sorted(sample(INTERESTS, randint(1, 3)), key=interest_rank))
+            interests = interests if rnd() < 0.6 else None
+            website = "https://example.org/people/%d?ref=a&b=c" % i if rnd() < 0.3 else None
+            hour = randint(7, 19)
+            contact_time = "%02d:%02d:00.000Z" % (hour, choice(quarter_hours))
+            contact_time = contact_time if rnd() < 0.4 else None
+            region = "R%d" % randint(1, 9)
+            region = region if rnd() < 0.3 else None
             rec = {
-                "Id": self.ids.new("003"), "IsDeleted": False, "MasterRecordId": None,
-                "AccountId": maybe(rng, 0.9, rng.choice(accounts)) if accounts else None,
+                "Id": rec_id, "IsDeleted": False, "MasterRecordId": None,
+                "AccountId": account,
                 "LastName": last, "FirstName": first,
-                "Salutation": maybe(rng, 0.5, rng.choice(obj.field("Salutation").picklist)),
+                "Salutation": salutation,
                 "MailingStreet": STREETS[k] if has_addr else None,
                 "MailingCity": city if has_addr else None,
                 "MailingState": state if has_addr else None,
                 "MailingPostalCode": postal if has_addr else None,
                 "MailingCountry": country if has_addr else None,
-                "MailingLatitude": round(lat + rng.uniform(-0.05, 0.05), 6) if geo else None,
-                "MailingLongitude": round(lon + rng.uniform(-0.05, 0.05), 6) if geo else None,
+                "MailingLatitude": lat_v,
+                "MailingLongitude": lon_v,
                 "MailingGeocodeAccuracy": "Address" if geo else None,
-                "Phone": maybe(rng, 0.8, "+1 (%03d) 555-%04d" % (rng.randint(200, 999), rng.randint(0, 9999))),
-                "MobilePhone": maybe(rng, 0.5, "+44 7700 %06d" % rng.randint(0, 999999)),
-                "Email": maybe(rng, 0.9, email_name + "@example.com"),
-                "Title": maybe(rng, 0.7, rng.choice(TITLES)),
-                "Department": maybe(rng, 0.5, rng.choice(DEPARTMENTS)),
-                "LeadSource": maybe(rng, 0.6, rng.choice(LEAD_SOURCES)),
-                "Birthdate": maybe(rng, 0.6, bday.isoformat()),
-                "Description": maybe(rng, 0.35, rng.choice(DESCRIPTIONS)),
-                "HasOptedOutOfEmail": rng.random() < 0.1,
-                "DoNotCall": rng.random() < 0.05,
+                "Phone": phone,
+                "MobilePhone": mobile,
+                "Email": email,
+                "Title": title,
+                "Department": dept,
+                "LeadSource": source,
+                "Birthdate": birthdate,
+                "Description": desc,
+                "HasOptedOutOfEmail": opted_out,
+                "DoNotCall": no_call,
                 "LastActivityDate": None, "EmailBouncedDate": None,
-                "Loyalty_Tier__c": maybe(rng, 0.7, rng.choice(TIERS)),
-                "Lifetime_Value__c": maybe(rng, 0.8, round(rng.uniform(0, 250000), 2)),
-                "Engagement_Score__c": maybe(rng, 0.6, round(rng.uniform(0, 100), 1)),
-                "Discount_Rate__c": maybe(rng, 0.5, round(rng.uniform(0, 40), 2)),
-                "Visit_Count__c": maybe(rng, 0.8, rng.randint(0, 5000)),
-                "Interests__c": maybe(rng, 0.6, ";".join(sorted(rng.sample(INTERESTS, rng.randint(1, 3)),
-                                                                key=INTERESTS.index))),
-                "Website__c": maybe(rng, 0.3, "https://example.org/people/%d?ref=a&b=c" % i),
-                "Preferred_Contact_Time__c": maybe(rng, 0.4, "%02d:%02d:00.000Z" % (rng.randint(7, 19),
-                                                                                    rng.choice([0, 15, 30, 45]))),
+                "Loyalty_Tier__c": tier,
+                "Lifetime_Value__c": ltv,
+                "Engagement_Score__c": score,
+                "Discount_Rate__c": discount,
+                "Visit_Count__c": visits,
+                "Interests__c": interests,
+                "Website__c": website,
+                "Preferred_Contact_Time__c": contact_time,
                 "External_Key__c": "EXT-%06d" % (i + 1),
-                "Legacy_Region__c": maybe(rng, 0.3, "R%d" % rng.randint(1, 9)),
+                "Legacy_Region__c": region,
             }
-            if rng.random() < 0.03:
+            if rnd() < 0.03:
                 rec["Lifetime_Value__c"] = 0.0
-            rec["Name"] = contact_name(rec)
-            self.stamp_seeded(rng, rec, stamps[i])
-            if rng.random() < 0.3:
-                rec["LastActivityDate"] = rec["SystemModstamp"][:10]
-            if rng.random() < 0.02:
-                rec["EmailBouncedDate"] = rec["SystemModstamp"]
-            obj.records[rec["Id"]] = rec
+            rec["Name"] = first + " " + last if first else last
+            # stamp_seeded(), inlined
+            modstamp = stamps[i]
+            created = modstamp - timedelta(seconds=randint(0, 400 * 86400))
+            modified = modstamp if rnd() < 0.85 else max(
+                created, modstamp - timedelta(seconds=randint(1, 30 * 86400)))
+            rec["OwnerId"] = choice(users)
+            rec["CreatedById"] = choice(users)
+            rec["LastModifiedById"] = choice(users)
+            rec["CreatedDate"] = fmt_dt(created)
+            rec["LastModifiedDate"] = fmt_dt(modified)
+            rec["SystemModstamp"] = stamp = fmt_dt(modstamp)
+            if rnd() < 0.3:
+                rec["LastActivityDate"] = stamp[:10]
+            if rnd() < 0.02:
+                rec["EmailBouncedDate"] = stamp
+            records[rec_id] = rec
 
     def stamp_seeded(self, rng, rec, modstamp):
-        created = modstamp - timedelta(seconds=rng.randint(0, 400 * 86400))
+        draw = FastDraw(rng)
+        created = modstamp - timedelta(seconds=draw.randint(0, 400 * 86400))
         modified = modstamp if rng.random() < 0.85 else max(
-            created, modstamp - timedelta(seconds=rng.randint(1, 30 * 86400)))
-        rec["OwnerId"] = rng.choice(self.users)
-        rec["CreatedById"] = rng.choice(self.users)
-        rec["LastModifiedById"] = rng.choice(self.users)
+            created, modstamp - timedelta(seconds=draw.randint(1, 30 * 86400)))
+        rec["OwnerId"] = draw.choice(self.users)
+        rec["CreatedById"] = draw.choice(self.users)
+        rec["LastModifiedById"] = draw.choice(self.users)
         rec["CreatedDate"] = fmt_dt(created)
         rec["LastModifiedDate"] = fmt_dt(modified)
         rec["SystemModstamp"] = fmt_dt(modstamp)
@@ -1706,9 +1942,10 @@ def order_key(f, desc, nulls_first):
     return key
 
 
-def run_query(org, cq, include_deleted):
-    """Evaluate a compiled query; returns the ordered list of matching records."""
-    recs = list(cq.obj.records.values())
+def run_query(org, cq, include_deleted, recs=None):
+    """Evaluate a compiled query; returns the ordered list of matching records.
+    `recs`: the records to query (a snapshot of cq.obj's records; default: the current ones)."""
+    recs = list(cq.obj.records.values()) if recs is None else recs
     if not include_deleted:
         recs = [r for r in recs if not r.get("IsDeleted")]
     if cq.predicate:
@@ -1734,6 +1971,392 @@ def run_query(org, cq, include_deleted):
     if cq.limit is not None:
         recs = recs[:cq.limit]
     return recs
+
+
+# ----------------------------------------------------------------------------
+# Bulk API 2.0 query jobs
+# ----------------------------------------------------------------------------
+#
+# POST   /services/data/vNN.0/jobs/query                 create (v47.0+), 200 + job info
+# GET    /services/data/vNN.0/jobs/query                 list {done, records, nextRecordsUrl}
+# GET    /services/data/vNN.0/jobs/query/{id}            job info
+# PATCH  /services/data/vNN.0/jobs/query/{id}            {"state": "Aborted"}
+# DELETE /services/data/vNN.0/jobs/query/{id}            204 (terminal jobs only)
+# GET    /services/data/vNN.0/jobs/query/{id}/results    CSV; ?maxRecords=N&locator=L
+#
+# A job sits in UploadComplete for queue_delay_s, then turns InProgress: that instant is its
+# snapshot (the ids and field values it will return are fixed then; later writes are not
+# seen). The CSV is serialised once, in a background thread, into one buffer plus a byte
+# offset per record, so serving any (locator, maxRecords) slice costs O(log n) plus the
+# bytes sent. After processing_delay_s (or when serialising is done, if later) the job is
+# JobComplete. Without ORDER BY the rows come in creation order: a PK-chunked scan returns Id
+# order, and real Salesforce Ids grow with creation (this fake's random Ids do not), so this is
+# NOT SystemModstamp order once records have been modified. When the job completes, the CSV is
+# also compressed once, in blocks of gzip_block_rows rows each ending with a full flush: a gzip
+# response for any set is spliced from those blocks (only its ragged ends are compressed per
+# request), so gzip costs no more per request than identity.
+
+BULK_MIN_VERSION = 47                 # jobs/query exists since API v47.0
+BULK_DELIMITERS = {"COMMA": ",", "TAB": "\t", "SEMICOLON": ";", "PIPE": "|", "CARET": "^",
+                   "BACKQUOTE": "`"}
+BULK_LINE_ENDINGS = {"LF": "\n", "CRLF": "\r\n"}
+BULK_JOB_LIFESPAN = timedelta(days=7)  # terminal jobs older than 7 days are deleted
+BULK_LIST_PAGE = 1000                  # GET jobs/query returns at most 1,000 jobs per page
+BULK_DAILY_JOBS = 10000                # DailyBulkV2QueryJobs
+BULK_DAILY_STORAGE_MB = 976562         # DailyBulkV2QueryFileStorageMB (1 TB)
+BULK_NOT_SUPPORTED_SUFFIXES = ("History", "Feed", "Share")   # "Entity ... is not supported by the Bulk API"
+BULK_STATE_WORDS = {"UploadComplete": "UPLOAD_COMPLETE", "InProgress": "IN_PROGRESS",
+                    "JobComplete": "JOB_COMPLETE", "Aborted": "ABORTED", "Failed": "FAILED"}
+BULK_DEFAULTS = {
+    "queue_delay_s": 0.1,          # UploadComplete -> InProgress (the snapshot is taken then)
+    "processing_delay_s": 0.2,     # InProgress -> JobComplete (at least; serialising may take longer)
+    "default_max_records": None,   # records per results response when maxRecords is not given (None = all)
+    "max_records_cap": None,       # a larger maxRecords is lowered to this (None = no cap)
+    "max_bytes": 1 << 30,          # a results response holds at most this many bytes (whole rows;
+                                   # always at least one row)
+    "quote_all": True,             # quote every field like Salesforce's own output ("Id","Name");
+                                   # False = RFC 4180 minimal quoting, null = empty unquoted field
+    "retries": 0,                  # reported in job info
+    "gzip": True,                  # compress results when the client sends Accept-Encoding: gzip
+                                   # (like Salesforce); False = always identity (less fake CPU)
+    "gzip_block_rows": 2000,       # rows per pre-compressed block
+}
+CSV_CHUNK = 20000                      # rows serialised per batch (bounds the transient memory)
+BULK_LOCK = threading.Lock()           # one serialiser at a time: the 2-core test box stays responsive
+
+
+def bulk_error(status, code, message):
+    """Bulk API 2.0 errors have the REST shape: [{"errorCode", "message"}]."""
+    err = ApiError(status, code, message)
+    err.body = [{"errorCode": code, "message": message}]
+    return err
+
+
+def plain_float(v):
+    """Numbers as plain decimals (no exponent), like Salesforce's CSV."""
+    if v != v or v in (float("inf"), float("-inf")):
+        return repr(v)
+    r = repr(v)
+    if "e" not in r:
+        return r
+    out = format(Decimal(r), "f")
+    return out if "." in out else out + ".0"
+
+
+BOOL_TEXT = {True: "true", False: "false"}
+
+
+def csv_text(f, col):
+    """One column (a sequence of API values, None = null) in Bulk CSV text form; the csv module
+    writes str/int/float itself (floats with repr, like Salesforce: 1234.5, 0.0)."""
+    t = f.type
+    if t == "boolean":
+        return list(map(BOOL_TEXT.get, col))
+    if t == "datetime":
+        # wire form 2024-05-01T12:00:00.000+0000 -> CSV form 2024-05-01T12:00:00.000Z
+        return [v[:-5] + "Z" if v and v.endswith("+0000") else v for v in col]
+    if t in ("double", "currency", "percent"):
+        if any(v is not None and (v >= 1e16 or v <= -1e16 or (v != 0 and -1e-4 < v < 1e-4)) for v in col):
+            return [v if v is None else plain_float(v) for v in col]    # no exponents
+        return col
+    if t == "anyType":
+        return [v if v is None or isinstance(v, str) else BOOL_TEXT[v] if isinstance(v, bool)
+                else json.dumps(v) for v in col]
+    return col
+
+
+def csv_rows(fields, recs):
+    """Rows (tuples of CSV text or None) for `recs`. Values are read record by record (one
+    itemgetter call each: reading column by column over a million dicts is cache-hostile),
+    converted column by column, and zipped back into rows."""
+    plain = [f for f in fields if f.plain]
+    if plain:
+        get = itemgetter(*[f.name for f in plain])
+        try:
+            got = list(map(get, recs))
+        except KeyError:                 # a record without some key: read it the slow way
+            names = [f.name for f in plain]
+            got = [tuple(r.get(n) for n in names) for r in recs]
+        plain_cols = list(zip(*got)) if len(plain) > 1 else [got]
+        del got
+    else:
+        plain_cols = []
+    cols, k = [], 0
+    for f in fields:
+        if f.plain:
+            col = plain_cols[k]
+            k += 1
+        else:
+            get = f.getter
+            col = [get(r) for r in recs]
+        cols.append(csv_text(f, col))
+    return zip(*cols)
+
+
+class BulkJob:
+    """One Bulk API 2.0 query job."""
+
+    def __init__(self, org, job_id, operation, cq, soql, version, delimiter, line_ending):
+        self.id = job_id
+        self.operation = operation            # "query" | "queryAll"
+        self.cq = cq
+        self.obj = cq.obj
+        self.soql = soql
+        self.version = version                # "60.0": results must be read with the same version
+        self.delimiter = delimiter            # "COMMA" ...
+        self.line_ending = line_ending        # "LF" | "CRLF"
+        self.created = org.now()
+        self.modstamp = self.created
+        self.created_by = org.user_id
+        self.state = "UploadComplete"
+        self.error_message = None
+        self.fail_message = None              # set when /__admin/bulk fail_next_job picked this job
+        self.records = 0                      # numberRecordsProcessed
+        self.processing_ms = 0
+        self.retries = 0
+        self.t_start = None                   # monotonic time processing started
+        self.header = b""                     # the CSV header row
+        self.blob = None                      # every data row, serialised (bytearray)
+        self.offsets = None                   # array('q'): row i = blob[offsets[i]:offsets[i+1]]
+        self.gz_blocks = None                 # rows [i*gz_block, (i+1)*gz_block) deflated, full-flushed
+        self.gz_block = 1
+        self.quote_all = True
+
+    def api_version_number(self):
+        return float(self.version)
+
+    def info(self, full=True, listing=False):
+        """Job info in the documented key order. full: Get Job Info; listing: Get All Jobs'
+        records; neither: the Create (and Abort) answer."""
+        d = {"id": self.id, "operation": self.operation, "object": self.obj.name,
+             "createdById": self.created_by, "createdDate": fmt_dt(self.created),
+             "systemModstamp": fmt_dt(self.modstamp), "state": self.state,
+             "concurrencyMode": "Parallel", "contentType": "CSV",
+             "apiVersion": self.api_version_number()}
+        if full or listing:
+            d["jobType"] = "V2Query"
+        d["lineEnding"] = self.line_ending
+        d["columnDelimiter"] = self.delimiter
+        if full:
+            d["numberRecordsProcessed"] = self.records
+            d["retries"] = self.retries
+            d["totalProcessingTime"] = self.processing_ms
+            if self.state == "Failed" and self.error_message:
+                d["errorMessage"] = self.error_message
+            d["isPkChunkingSupported"] = bool(self.obj.custom or self.obj.name in ("Account", "Contact"))
+        return d
+
+    def terminal(self):
+        return self.state in ("JobComplete", "Aborted", "Failed")
+
+    def drop_results(self):
+        self.blob = self.offsets = self.gz_blocks = None
+
+    def locator_for(self, offset):
+        """Sforce-Locator of the set starting at `offset`: a pseudo-random-looking string
+        (base64 of the offset, e.g. MTAwMDA for 10000) since v49.0, a number before."""
+        if float(self.version) < 49:
+            return str(offset)
+        return base64.b64encode(str(offset).encode()).decode().rstrip("=")
+
+    def offset_for(self, locator):
+        """Offset named by a locator, or None when it names no set of this job."""
+        if float(self.version) < 49:
+            text = locator
+        else:
+            if not re.match(r"^[A-Za-z0-9+/]+$", locator):
+                return None
+            try:
+                text = base64.b64decode(locator + "=" * (-len(locator) % 4), validate=True).decode()
+            except (ValueError, UnicodeDecodeError):
+                return None
+        if not re.match(r"^[1-9][0-9]{0,11}$", text):
+            return None
+        offset = int(text)
+        return offset if offset < self.records else None
+
+
+class BulkEngine:
+    """Timed state changes of Bulk jobs: one scheduler thread (a heap of due times); the
+    serialising of a job's results runs in its own thread."""
+
+    def __init__(self, org):
+        self.org = org
+        self.cond = threading.Condition()
+        self.heap = []
+        self.seq = 0
+        self.thread = None
+
+    def after(self, delay, fn, *args):
+        with self.cond:
+            self.seq += 1
+            heapq.heappush(self.heap, (time.monotonic() + max(0.0, delay), self.seq, fn, args))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="bulk-scheduler", daemon=True)
+                self.thread.start()
+            self.cond.notify()
+
+    def run(self):
+        while True:
+            with self.cond:
+                while True:
+                    now = time.monotonic()
+                    if self.heap and self.heap[0][0] <= now:
+                        break
+                    self.cond.wait(self.heap[0][0] - now if self.heap else None)
+                _, _, fn, args = heapq.heappop(self.heap)
+            try:
+                fn(*args)
+            except Exception:
+                traceback.print_exc()
+
+    # -- the job's life ---------------------------------------------------------------
+
+    def start(self, job):
+        """UploadComplete -> InProgress; the snapshot of the records is taken now."""
+        org = self.org
+        with org.lock:
+            if job.state != "UploadComplete" or org.bulk_jobs.get(job.id) is not job:
+                return                                   # aborted or deleted meanwhile
+            job.state = "InProgress"
+            job.modstamp = org.now()
+            job.t_start = time.monotonic()
+            delay = float(org.bulk["processing_delay_s"])
+            if job.fail_message is not None:
+                self.after(delay, self.fail, job, job.fail_message)
+                return
+            if org.types.get(job.obj.name.lower()) is not job.obj:
+                self.after(delay, self.fail, job, "INVALID_TYPE: sObject type '%s' is not supported."
+                           % job.obj.name)
+                return
+            # Records are replaced, never mutated, on write: this list IS the snapshot.
+            snapshot = list(job.obj.records.values())
+            job.quote_all = bool(org.bulk["quote_all"])
+        threading.Thread(target=self.process, args=(job, snapshot, delay), name="bulk-" + job.id,
+                         daemon=True).start()
+
+    def process(self, job, snapshot, delay):
+        try:
+            with BULK_LOCK:
+                if job.state != "InProgress":
+                    return
+                recs = run_query(self.org, job.cq, job.operation == "queryAll", snapshot)
+                header, blob, offsets = serialise_csv(job, recs)
+                block = int(self.org.bulk["gzip_block_rows"])
+                blocks = gzip_blocks(blob, offsets, block) if self.org.bulk["gzip"] else None
+        except Exception as e:
+            traceback.print_exc()
+            self.after(0, self.fail, job, "Unexpected exception encountered in query processing: %r" % e)
+            return
+        with self.org.lock:
+            if job.state != "InProgress":
+                return
+            job.header, job.blob, job.offsets, job.gz_blocks, job.gz_block = header, blob, offsets, blocks, block
+        self.after(delay - (time.monotonic() - job.t_start), self.complete, job)
+
+    def complete(self, job):
+        org = self.org
+        with org.lock:
+            if job.state != "InProgress" or org.bulk_jobs.get(job.id) is not job:
+                job.drop_results()
+                return
+            job.state = "JobComplete"
+            job.records = len(job.offsets) - 1
+            job.retries = int(org.bulk.get("retries") or 0)
+            job.processing_ms = int((time.monotonic() - job.t_start) * 1000)
+            job.modstamp = org.now()
+            size_mb = (len(job.header) + len(job.blob) + (1 << 20) - 1) >> 20
+            org.bulk_storage.append((job.modstamp, size_mb))
+
+    def fail(self, job, message):
+        org = self.org
+        with org.lock:
+            if job.state not in ("UploadComplete", "InProgress"):
+                return
+            job.state = "Failed"
+            job.error_message = message
+            job.processing_ms = int((time.monotonic() - (job.t_start or time.monotonic())) * 1000)
+            job.modstamp = org.now()
+            job.drop_results()
+
+
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"     # no name, no mtime, OS unknown
+
+
+def deflate_piece(data):
+    """Raw deflate of `data` with a fresh dictionary, ending in a full flush (byte-aligned, no
+    back-references across pieces): such pieces concatenate into one valid deflate stream."""
+    c = zlib.compressobj(1, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush(zlib.Z_FULL_FLUSH)
+
+
+def gzip_blocks(blob, offsets, block):
+    n = len(offsets) - 1
+    view = memoryview(blob)
+    return [deflate_piece(view[offsets[b]:offsets[min(n, b + block)]]) for b in range(0, n, block)]
+
+
+def gzip_set(header, blob, offsets, blocks, block, start, end):
+    """One gzip member for rows [start, end) plus the header row: whole pre-compressed blocks
+    where the set covers them, fresh pieces for the ragged ends. Returns the parts to send."""
+    view = memoryview(blob)
+    first = -(-start // block)                 # first block wholly inside the set
+    # blocks [first, last) are wholly inside (the last block may be short: it ends the job)
+    last = len(blocks) if end == len(offsets) - 1 else end // block
+    parts = [GZIP_HEADER, deflate_piece(header)]
+    if first < last:
+        if start < first * block:
+            parts.append(deflate_piece(view[offsets[start]:offsets[first * block]]))
+        parts.extend(blocks[first:last])
+        if last * block < end:
+            parts.append(deflate_piece(view[offsets[last * block]:offsets[end]]))
+    elif start < end:
+        parts.append(deflate_piece(view[offsets[start]:offsets[end]]))
+    parts.append(b"\x03\x00")                # final, empty block
+    crc = zlib.crc32(view[offsets[start]:offsets[end]], zlib.crc32(header))
+    size = len(header) + offsets[end] - offsets[start]
+    parts.append(struct.pack("<II", crc, size & 0xFFFFFFFF))
+    return parts
+
+
+def serialise_csv(job, recs):
+    """(header bytes, bytearray of all rows, array of row start offsets + total length)."""
+    fields = list(job.cq.fields)
+    if float(job.version) < 50:
+        fields.sort(key=lambda f: f.name.lower())    # before v50.0 columns came alphabetically
+    delim = BULK_DELIMITERS[job.delimiter]
+    eol = BULK_LINE_ENDINGS[job.line_ending]
+    rows = []
+    sink = type("Sink", (), {"write": staticmethod(rows.append)})
+    if job.quote_all:
+        writer = csv.writer(sink, delimiter=delim, quotechar='"', doublequote=True,
+                            quoting=csv.QUOTE_ALL, lineterminator=eol)
+        fix_eol = None
+    else:
+        # The csv module quotes only characters of its line terminator: write with CRLF so a
+        # lone CR or LF in a value is quoted too, then put the job's line ending back.
+        writer = csv.writer(sink, delimiter=delim, quotechar='"', doublequote=True,
+                            quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
+        fix_eol = eol if eol != "\r\n" else None
+    writer.writerow([f.name for f in fields])
+    header = (rows.pop()[:-2] + fix_eol if fix_eol else rows.pop()).encode()
+    blob = bytearray()
+    offsets = array("q", [0])
+    total = 0
+    for start in range(0, len(recs), CSV_CHUNK):
+        part = recs[start:start + CSV_CHUNK]
+        writer.writerows(csv_rows(fields, part))
+        if fix_eol:
+            encoded = [(r[:-2] + fix_eol).encode() for r in rows]
+        else:
+            encoded = [r.encode() for r in rows]
+        rows.clear()
+        ends = accumulate(map(len, encoded), initial=total)
+        next(ends)                       # the first one is `total` itself, already the last offset
+        offsets.extend(ends)
+        total = offsets[-1]
+        blob += b"".join(encoded)
+    return header, blob, offsets
 
 
 # ----------------------------------------------------------------------------
@@ -1813,23 +2436,32 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def send(self, status, body=b"", ctype=JSON_TYPE, headers=None):
-        """Write a complete response (always with Content-Length, so keep-alive works)."""
-        if body and "gzip" in (self.headers.get("Accept-Encoding") or "") and len(body) > 1024:
-            body = gzip.compress(body, compresslevel=1)
-            headers = dict(headers or {}, **{"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+        """Write a complete response (always with Content-Length, so keep-alive works).
+        body: bytes, or a list of bytes-like parts written one after the other (a Bulk result
+        set is sent straight from the job's buffer, without copying it)."""
+        parts = body if isinstance(body, list) else [body]
+        length = sum(len(part) for part in parts)
+        headers = dict(headers or {})
+        identity = headers.pop("_identity", None)
+        if length > 1024 and "Content-Encoding" not in headers and not identity \
+                and "gzip" in (self.headers.get("Accept-Encoding") or ""):
+            parts = [gzip.compress(b"".join(parts), compresslevel=1)]
+            length = len(parts[0])
+            headers.update({"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
         self.send_response(status)
-        if body or status not in (204, 304):
+        if length or status not in (204, 304):
             self.send_header("Content-Type", ctype)
-        for k, v in (headers or {}).items():
+        for k, v in headers.items():
             self.send_header(k, v)
-        self.send_header("Content-Length", "0" if status in (204, 304) else str(len(body)))
+        self.send_header("Content-Length", "0" if status in (204, 304) else str(length))
         self.status_sent = status
         # Log before the client can read the answer: a test that got a response
         # must find its request in the log.
         self.flush_log_entry()
         self.end_headers()
         if self.command != "HEAD" and status not in (204, 304):
-            self.wfile.write(body)
+            for part in parts:
+                self.wfile.write(part)
 
     def flush_log_entry(self):
         entry = getattr(self, "pending_log", None)
@@ -1867,10 +2499,10 @@ class Handler(BaseHTTPRequestHandler):
                 return endpoint
             if path == "/services/data" or path.startswith("/services/data/"):
                 extra["Sforce-Limit-Info"] = None   # filled in after counting
-                status, payload, headers = self.handle_rest(method, path, query)
+                status, payload, headers = self.handle_rest(method, path, query, body)
                 extra.update(headers)
                 extra["Sforce-Limit-Info"] = self.org.limit_header()
-                self.send(status, payload, headers=extra)
+                self.send(status, payload, ctype=extra.pop("Content-Type", JSON_TYPE), headers=extra)
                 return endpoint
             raise not_found()
         except OAuthError as e:
@@ -1958,8 +2590,9 @@ class Handler(BaseHTTPRequestHandler):
         if len(parts) != 2 or parts[0] not in ("Bearer", "OAuth") or not self.org.token_valid(parts[1].strip()):
             raise invalid_session()
 
-    def handle_rest(self, method, path, query):
-        """Returns (status, body bytes, headers) for everything under /services/data."""
+    def handle_rest(self, method, path, query, body=b""):
+        """Returns (status, body, headers) for everything under /services/data; body is bytes or
+        a list of bytes-like parts (sent one after the other, without joining them)."""
         org = self.org
         if len(self.requestline) > MAX_URI_BYTES:
             raise ApiError(414, "URI_TOO_LONG", "URI Too Long")
@@ -1979,9 +2612,13 @@ class Handler(BaseHTTPRequestHandler):
             raise not_found()
         version = "%s.0" % m.group(1)
         rest = segs[1:]
+        params = parse_qs(query, keep_blank_values=True)
+        if rest[:2] == ["jobs", "query"]:
+            if int(m.group(1)) < BULK_MIN_VERSION:
+                raise not_found()
+            return self.handle_bulk_query(method, version, rest[2:], params, body)
         if method not in ("GET", "HEAD"):
             raise method_not_allowed(method)
-        params = parse_qs(query, keep_blank_values=True)
         if not rest:
             return 200, dumps({k: "/services/data/v%s/%s" % (version, k) for k in
                                ("tooling", "metadata", "eclair", "folders", "prechatForms", "chatter",
@@ -2193,11 +2830,227 @@ class Handler(BaseHTTPRequestHandler):
         # Splice the pre-serialised records array into the envelope (keeps key order too).
         return dumps(head)[:-1] + b',"records":' + self.org.render_array(obj, recs, fields, version) + b"}"
 
+    # -- Bulk API 2.0 query jobs ---------------------------------------------------------
+
+    def handle_bulk_query(self, method, version, rest, params, body):
+        org = self.org
+        if not rest:
+            if method == "POST":
+                return self.bulk_create(version, body)
+            if method in ("GET", "HEAD"):
+                return self.bulk_list(version, params)
+            raise ApiError(405, "METHOD_NOT_ALLOWED",
+                           "HTTP Method '%s' not allowed. Allowed are GET,POST" % method)
+        if len(rest) > 2 or (len(rest) == 2 and rest[1] != "results"):
+            raise not_found()
+        if len(rest) == 2:
+            if method not in ("GET", "HEAD"):
+                raise method_not_allowed(method)
+            return self.bulk_results(rest[0], version, params)
+        with org.lock:
+            job = org.bulk_job(rest[0])
+            if job is None:
+                raise not_found()
+            if method in ("GET", "HEAD"):
+                return 200, dumps(job.info()), {}
+            if method == "PATCH":
+                return self.bulk_abort(job, body)
+            if method == "DELETE":
+                if not job.terminal():
+                    raise bulk_error(400, "API_ERROR", "Error encountered when deleting the job because "
+                                                       "the job is not terminated")
+                del org.bulk_jobs[job.id]
+                job.state = "Deleted"
+                job.drop_results()
+                return 204, b"", {}
+        raise ApiError(405, "METHOD_NOT_ALLOWED",
+                       "HTTP Method '%s' not allowed. Allowed are GET,PATCH,DELETE" % method)
+
+    def bulk_create(self, version, body):
+        org = self.org
+        try:
+            spec = json.loads(body or b"null")
+        except ValueError as e:
+            raise bulk_error(400, "JSON_PARSER_ERROR", "The request body is not valid JSON: %s" % e)
+        if not isinstance(spec, dict):
+            raise bulk_error(400, "JSON_PARSER_ERROR", "The request body must be a JSON object")
+        operation = spec.get("operation")
+        if operation not in ("query", "queryAll"):
+            raise bulk_error(400, "INVALIDJOB", "InvalidJob : Invalid operation: %s (query jobs support "
+                                                "query and queryAll)" % (operation,))
+        soql = spec.get("query")
+        if not isinstance(soql, str) or not soql.strip():
+            raise bulk_error(400, "INVALIDJOB", "InvalidJob : A query string has to be specified")
+        for key, allowed, default in (("contentType", ("CSV",), "CSV"),
+                                      ("columnDelimiter", tuple(BULK_DELIMITERS), "COMMA"),
+                                      ("lineEnding", tuple(BULK_LINE_ENDINGS), "LF")):
+            value = spec.get(key, default)
+            if value not in allowed:
+                raise bulk_error(400, "JSON_PARSER_ERROR",
+                                 "Cannot deserialize instance of %s from VALUE_STRING value %s or request may "
+                                 "be missing a required field" % (key, json.dumps(value)))
+        cq = self.bulk_compile(soql)
+        with org.lock:
+            used = org.bulk_jobs_used()
+            if used >= org.bulk_jobs_max:
+                raise bulk_error(400, "LIMIT_EXCEEDED", "Max bulk v2 query jobs (%d) per 24 hrs has been "
+                                                        "reached (%d)" % (org.bulk_jobs_max, used + 1))
+            if org.bulk_storage_used() >= org.bulk_storage_max:
+                raise bulk_error(400, "LIMIT_EXCEEDED", "Max bulk v2 query result size stored (%d) kb per "
+                                                        "24 hrs has been exceeded"
+                                 % (org.bulk_storage_max * 1024))
+            job = BulkJob(org, org.bulk_ids.new("750"), operation, cq, soql, version,
+                          spec.get("columnDelimiter", "COMMA"), spec.get("lineEnding", "LF"))
+            if org.bulk_fail:
+                job.fail_message = org.bulk_fail.pop(0)
+            org.bulk_jobs[job.id] = job
+            org.bulk_job_times.append(job.created)
+            org.bulk_engine.after(float(org.bulk["queue_delay_s"]), org.bulk_engine.start, job)
+            return 200, dumps(job.info(full=False)), {}
+
+    def bulk_compile(self, soql):
+        """Validate SOQL like the REST query, plus what Bulk API 2.0 query does not support."""
+        org = self.org
+        head = re.match(r"(?is)^\s*select\b(.*?)\bfrom\b", soql)
+        if head and re.search(r"(?i)\(\s*select\b", head.group(1)):
+            raise bulk_error(400, "FEATURENOTENABLED", "Aggregate Relationships not supported in Bulk V2 "
+                                                       "Query with CSV content type")
+        cq = compile_soql(org, soql)
+        if cq.obj.name.endswith(BULK_NOT_SUPPORTED_SUFFIXES):
+            raise bulk_error(400, "INVALIDENTITY", "Entity '%s' is not supported by the Bulk API."
+                             % cq.obj.name)
+        if cq.count:
+            raise bulk_error(400, "FEATURENOTENABLED", "Aggregate queries are not supported in Bulk V2 "
+                                                       "Query")
+        if cq.offset is not None:
+            raise bulk_error(400, "FEATURENOTENABLED", "OFFSET is not supported in Bulk V2 Query")
+        if any(f.type in ("address", "location") for f in cq.fields):
+            raise bulk_error(400, "FEATURENOTENABLED", "Selecting compound data not supported in Bulk Query")
+        return cq
+
+    def bulk_list(self, version, params):
+        org = self.org
+
+        def param(name):
+            return params.get(name, [None])[0]
+        job_type, mode, pk = param("jobType"), param("concurrencyMode"), param("isPkChunkingEnabled")
+        if job_type not in (None, "V2Query", "Classic", "V2Ingest", "BigObjectIngest"):
+            raise bulk_error(400, "INVALIDJOB", "InvalidJob : Invalid jobType: %s" % job_type)
+        if mode is not None and mode.lower() not in ("parallel", "serial"):
+            raise bulk_error(400, "INVALIDJOB", "InvalidJob : Invalid concurrencyMode: %s" % mode)
+        if pk is not None and pk.lower() not in ("true", "false"):
+            raise bulk_error(400, "INVALIDJOB", "InvalidJob : Invalid isPkChunkingEnabled: %s" % pk)
+        start = 0
+        loc = param("queryLocator")
+        if loc is not None:
+            m = re.match(r"^01g[A-Za-z0-9]{12,15}-(\d+)$", loc)
+            if not m:
+                raise ApiError(400, "INVALID_QUERY_LOCATOR", "invalid query locator")
+            start = int(m.group(1))
+        with org.lock:
+            jobs = [j for j in list(org.bulk_jobs.values()) if org.bulk_job(j.id) is j]
+        # Only V2 query jobs live here; PK chunking is a Bulk API (1.0) feature.
+        if job_type not in (None, "V2Query") or (mode or "parallel").lower() != "parallel" \
+                or (pk or "false").lower() == "true":
+            jobs = []
+        page = jobs[start:start + BULK_LIST_PAGE]
+        more = start + BULK_LIST_PAGE < len(jobs)
+        out = {"done": not more, "records": [j.info(full=False, listing=True) for j in page],
+               "nextRecordsUrl": None}
+        if more:
+            query = {k: v[0] for k, v in params.items() if k != "queryLocator"}
+            query["queryLocator"] = "01gHp0000000BuLK-%d" % (start + BULK_LIST_PAGE)
+            out["nextRecordsUrl"] = "/services/data/v%s/jobs/query?%s" % (version, urlencode(query))
+        return 200, dumps(out), {}
+
+    def bulk_abort(self, job, body):
+        try:
+            spec = json.loads(body or b"null")
+        except ValueError as e:
+            raise bulk_error(400, "JSON_PARSER_ERROR", "The request body is not valid JSON: %s" % e)
+        state = spec.get("state") if isinstance(spec, dict) else None
+        if state != "Aborted":
+            raise bulk_error(400, "INVALIDJOBSTATE", "InvalidJobState : Query jobs can only be changed to "
+                                                     "the Aborted state, not %s" % json.dumps(state))
+        if job.terminal():
+            word = {"JobComplete": "Completed"}.get(job.state, job.state)
+            raise bulk_error(400, "INVALIDJOBSTATE", "Aborting already %s Job not allowed" % word)
+        job.state = "Aborted"
+        job.modstamp = self.org.now()
+        job.drop_results()
+        d = job.info(full=False)
+        return 200, dumps({k: d[k] for k in ("id", "operation", "object", "createdById", "createdDate",
+                                             "systemModstamp", "state", "concurrencyMode", "contentType",
+                                             "apiVersion")}), {}
+
+    def bulk_results(self, job_id, version, params):
+        """One set of a completed job's CSV. The slice is chosen under the org lock; compressing
+        (when asked for) happens outside it."""
+        org = self.org
+        with org.lock:
+            job = org.bulk_job(job_id)
+            if job is None:
+                raise not_found()
+            start, end, headers = self.bulk_result_set(job, version, params)
+            n, offsets, blob, header, blocks = job.records, job.offsets, job.blob, job.header, job.gz_blocks
+            block, use_gzip = job.gz_block, org.bulk["gzip"]
+        if blocks is not None and use_gzip and "gzip" in (self.headers.get("Accept-Encoding") or ""):
+            body = gzip_set(header, blob, offsets, blocks, block, start, end)
+            headers.update({"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+        else:
+            body = [header, memoryview(blob)[offsets[start]:offsets[end]]] if n else [header]
+            headers["_identity"] = "1"             # send() must not compress it (gzip off, or not asked)
+        headers["Content-Type"] = "text/csv; charset=UTF-8"
+        return 200, body, headers
+
+    def bulk_result_set(self, job, version, params):
+        """(first row, end row, headers) of the set a results request asks for."""
+        org = self.org
+        if version != job.version:
+            raise bulk_error(409, "API_ERROR", "Use the API version the job was created with (%s) to get its "
+                                               "results, not %s" % (job.version, version))
+        if job.state != "JobComplete":
+            raise bulk_error(412, "JOB_NOT_COMPLETE", "can only download query results of successfully "
+                                                      "completed bulk job with status: JOB_COMPLETE. Current "
+                                                      "status: %s" % BULK_STATE_WORDS.get(job.state, job.state))
+        cfg = org.bulk
+        raw = params.get("maxRecords", [None])[0]
+        if raw is None or raw == "":
+            want = cfg["default_max_records"]
+        else:
+            if not re.match(r"^[0-9]{1,10}$", raw) or int(raw) <= 0:
+                raise bulk_error(400, "INVALIDPARAMETERVALUE", "Invalid value for maxRecords: %s. "
+                                                               "It must be a positive integer." % raw)
+            want = int(raw)
+        if cfg["max_records_cap"] and (want is None or want > cfg["max_records_cap"]):
+            want = int(cfg["max_records_cap"])
+        locator = params.get("locator", [""])[0]
+        start = 0
+        if locator:
+            start = job.offset_for(locator)
+            if start is None:
+                raise bulk_error(400, "INVALIDLOCATOR", "Invalid locator: %s" % locator)
+        n, offsets = job.records, job.offsets
+        end = n if want is None else min(n, start + want)
+        cap = cfg["max_bytes"]
+        if cap and end > start + 1 and offsets[end] - offsets[start] + len(job.header) > cap:
+            # Whole rows only, at least one.
+            end = max(start + 1, bisect.bisect_right(offsets, offsets[start] + cap - len(job.header),
+                                                     start + 1, end + 1) - 1)
+        headers = {"Sforce-Locator": job.locator_for(end) if end < n else "null",
+                   "Sforce-NumberOfRecords": str(end - start)}
+        return start, end, headers
+
     # -- limits ---------------------------------------------------------------------
 
     def limits_body(self):
         org = self.org
         remaining = max(0, org.api_max - org.api_used)
+        with org.lock:
+            return self.limits_locked(org, remaining)
+
+    @staticmethod
+    def limits_locked(org, remaining):
 
         def pair(mx, rem=None):
             return {"Max": mx, "Remaining": mx if rem is None else rem}
@@ -2205,8 +3058,11 @@ class Handler(BaseHTTPRequestHandler):
             "ActiveScratchOrgs": pair(3), "AnalyticsExternalDataSizeMB": pair(40960),
             "ConcurrentAsyncGetReportInstances": pair(200), "ConcurrentSyncReportRuns": pair(20),
             "DailyApiRequests": pair(org.api_max, remaining), "DailyAsyncApexExecutions": pair(250000),
-            "DailyBulkApiBatches": pair(15000), "DailyBulkV2QueryFileStorageMB": pair(976562),
-            "DailyBulkV2QueryJobs": pair(10000), "DailyDurableStreamingApiEvents": pair(1000000),
+            "DailyBulkApiBatches": pair(15000),
+            "DailyBulkV2QueryFileStorageMB": pair(org.bulk_storage_max,
+                                                  max(0, org.bulk_storage_max - org.bulk_storage_used())),
+            "DailyBulkV2QueryJobs": pair(org.bulk_jobs_max, max(0, org.bulk_jobs_max - org.bulk_jobs_used())),
+            "DailyDurableStreamingApiEvents": pair(1000000),
             "DailyStreamingApiEvents": pair(1000000), "DailyWorkflowEmails": pair(2000000),
             "DataStorageMB": pair(1024, 1000), "FileStorageMB": pair(10240, 10200),
             "HourlyDashboardRefreshes": pair(200), "HourlyODataCallout": pair(20000),
@@ -2266,6 +3122,8 @@ def classify(path):
         return "sobject"
     if rest[0] == "limits":
         return "limits"
+    if rest[:2] == ["jobs", "query"]:
+        return {2: "bulkQueryJobs", 3: "bulkQueryJob"}.get(len(rest), "bulkQueryResults")
     return "other"
 
 
@@ -2426,6 +3284,8 @@ def admin_route(org, method, parts, params, payload):
             return 201, org.add_field(parts[1], payload)
         if method == "DELETE" and n == 3:
             return 200, org.remove_field(parts[1], parts[2])
+    if parts[0] == "bulk":
+        return admin_bulk(org, method, parts[1:], payload)
     if key == ("POST", "reset"):
         cfg = org.cfg
         with org.lock:
@@ -2436,6 +3296,98 @@ def admin_route(org, method, parts, params, payload):
             org.page_cap = None
             return 200, {"records": {t.name: len(t.records) for t in org.types.values()}}
     raise AdminError(404, "no admin endpoint %s /__admin/%s" % (method, "/".join(parts)))
+
+
+BULK_ADMIN_NUMBERS = {"queue_delay_s": float, "processing_delay_s": float, "default_max_records": int,
+                      "max_records_cap": int, "max_bytes": int, "retries": int, "gzip_block_rows": int}
+
+
+def admin_bulk_view(org):
+    with org.lock:
+        jobs = [j for j in list(org.bulk_jobs.values()) if org.bulk_job(j.id) is j]
+        return {
+            "settings": dict(org.bulk),
+            "fail_next_jobs": list(org.bulk_fail),
+            "daily_jobs": {"used": org.bulk_jobs_used(), "max": org.bulk_jobs_max},
+            "daily_storage_mb": {"used": org.bulk_storage_used(), "max": org.bulk_storage_max},
+            "jobs": [{"id": j.id, "state": j.state, "operation": j.operation, "object": j.obj.name,
+                      "query": j.soql, "apiVersion": j.version, "records": j.records,
+                      "bytes": (len(j.header) + len(j.blob)) if j.blob is not None else None,
+                      "errorMessage": j.error_message} for j in jobs],
+        }
+
+
+def admin_bulk(org, method, parts, payload):
+    """/__admin/bulk: Bulk API 2.0 settings, failures, daily allocations, job expiry."""
+    if method == "GET" and not parts:
+        return 200, admin_bulk_view(org)
+    if method == "POST" and parts == ["expire"]:
+        with org.lock:
+            jobs = list(org.bulk_jobs.values())
+            for job in jobs:
+                job.state = "Deleted"
+                job.drop_results()
+            org.bulk_jobs = {}
+        return 200, {"expired": len(jobs)}
+    if method == "POST" and parts == ["reset"]:
+        org.reset_bulk(org.seed)
+        return 200, admin_bulk_view(org)
+    if method != "POST" or parts:
+        raise AdminError(404, "no admin endpoint %s /__admin/bulk/%s" % (method, "/".join(parts)))
+    if not isinstance(payload, dict):
+        raise AdminError(400, "body must be a JSON object")
+    known = set(BULK_ADMIN_NUMBERS) | {"quote_all", "gzip", "fail_next_job", "fail_count", "jobs_max", "jobs_used",
+                                       "storage_max_mb", "storage_used_mb"}
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        raise AdminError(400, "unknown bulk settings %s (known: %s)" % (unknown, sorted(known)))
+    with org.lock:
+        for key, conv in BULK_ADMIN_NUMBERS.items():
+            if key in payload:
+                value = payload[key]
+                if value is None and key in ("default_max_records", "max_records_cap", "max_bytes"):
+                    org.bulk[key] = None
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
+                        or (conv is int and value != int(value)):
+                    raise AdminError(400, "%s must be a non-negative %s" % (key, conv.__name__))
+                if key in ("default_max_records", "max_records_cap", "max_bytes", "gzip_block_rows") and value < 1:
+                    raise AdminError(400, "%s must be at least 1 (or null)" % key)
+                org.bulk[key] = conv(value)
+        for key in ("quote_all", "gzip"):
+            if key in payload:
+                if not isinstance(payload[key], bool):
+                    raise AdminError(400, "%s must be true or false" % key)
+                org.bulk[key] = payload[key]
+        if "fail_next_job" in payload:
+            message = payload["fail_next_job"]
+            count = payload.get("fail_count", 1)
+            if message is None:
+                org.bulk_fail = []
+            elif not isinstance(message, str) or not message:
+                raise AdminError(400, "fail_next_job must be a non-empty message (or null to cancel)")
+            elif isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise AdminError(400, "fail_count must be a positive integer")
+            else:
+                org.bulk_fail.extend([message] * count)
+        for key, attr in (("jobs_max", "bulk_jobs_max"), ("storage_max_mb", "bulk_storage_max")):
+            if key in payload:
+                value = payload[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise AdminError(400, "%s must be a non-negative integer" % key)
+                setattr(org, attr, value)
+        now = org.now()
+        if "jobs_used" in payload:
+            value = payload["jobs_used"]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise AdminError(400, "jobs_used must be a non-negative integer")
+            org.bulk_job_times = [now] * value      # as if created now: they age out in 24 h
+        if "storage_used_mb" in payload:
+            value = payload["storage_used_mb"]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise AdminError(400, "storage_used_mb must be a non-negative integer")
+            org.bulk_storage = [(now, value)] if value else []
+    return 200, admin_bulk_view(org)
 
 
 def admin_faults(org, method, payload):
