@@ -22,21 +22,18 @@
 use strict;
 use warnings;
 
-use File::Basename qw(dirname);
-use File::Spec;
-use HTTP::Tiny;
+use FindBin;
+use lib $FindBin::Bin;
 use IPC::Run;
 use JSON::PP;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use SyncTest;
 use Test::More;
 use Time::HiRes qw(time usleep);
 
-my $t_start = time;
 my $json = JSON::PP->new->utf8->canonical->allow_nonref;
-my $http = HTTP::Tiny->new(timeout => 120);
-my $sf_script = File::Spec->rel2abs(dirname(__FILE__) . '/../fake_salesforce.py');
-my $hs_script = File::Spec->rel2abs(dirname(__FILE__) . '/../fake_hubspot.py');
+http_options(timeout => 120);    # admin() and load_truth's dumps of 20,000 records
 my $creds = '{"client_id": "test-client", "client_secret": "test-secret", "refresh_token": "test-refresh"}';
 my $PAT = 'pat-na1-11111111-2222-3333-4444-555555555555';    # fake_hubspot's --private-app-token default
 my $N_PROG = 20000;    # Contacts of fake A (sections 1, 2, 6)
@@ -44,67 +41,15 @@ my $N_X = 2000;        # Contacts of fake C (sections 3, 4, 5, 7)
 my $N_HS = 1234;       # HubSpot contacts
 
 # ---------------------------------------------------------------------------
-# Helpers: the fakes
+# Helpers: the fakes' request logs (start_fake, admin, soql_of, wait_sql etc. are in SyncTest.pm)
 # ---------------------------------------------------------------------------
-
-my @fakes;
-
-sub start_fake
-{
-	my ($script, $name, @args) = @_;
-	my $out = '';
-	my $log = "$PostgreSQL::Test::Utils::log_path/fake_$name.log";
-	my $timeout = IPC::Run::timeout(120);
-	my $h = IPC::Run::start([ '/usr/bin/python3', $script, '--port', '0', @args ],
-		'<', \undef, '>', \$out, '2>', $log, $timeout);
-	eval { $h->pump until $out =~ /listening on (\d+)/; };
-	die "fake $name did not start: $@ $out" unless $out =~ /listening on (\d+)/;
-	$timeout->reset;
-	my $fake = { name => $name, h => $h, url => "http://127.0.0.1:$1" };
-	push @fakes, $fake;
-	return $fake;
-}
 
 my $listener;
 
 END
 {
-	local $?;    # keep the test's exit status: reaping the children sets $?
-	for my $f (@fakes)
-	{
-		eval { $f->{h}->kill_kill(grace => 3); };
-	}
+	local $?;    # keep the test's exit status: reaping the listener sets $?
 	eval { $listener->{h}->kill_kill(grace => 3) if $listener; };
-}
-
-sub admin
-{
-	my ($fake, $method, $path, $body) = @_;
-	my %opt = (headers => { 'Content-Type' => 'application/json' });
-	$opt{content} = $json->encode($body) if defined $body;
-	my $res = $http->request($method, "$fake->{url}/__admin/$path", \%opt);
-	die "fake admin $method $path failed: $res->{status} $res->{content}\n" unless $res->{success};
-	return $json->decode($res->{content});
-}
-
-sub urldecode
-{
-	my ($s) = @_;
-	$s =~ tr/+/ /;
-	$s =~ s/%([0-9A-Fa-f]{2})/chr(hex($1))/eg;
-	return $s;
-}
-
-# The SOQL of a logged query request, or undef.
-sub soql_of
-{
-	my ($e) = @_;
-	for my $pair (split /&/, $e->{query} // '')
-	{
-		my ($k, $v) = split /=/, $pair, 2;
-		return urldecode($v // '') if urldecode($k) eq 'q';
-	}
-	return undef;
 }
 
 # The fields a SOQL statement selects (a hash), or {}.
@@ -136,26 +81,6 @@ sub requests_sorted
 my $node;
 my $tmpdir = PostgreSQL::Test::Utils::tempdir();
 
-sub sql { return $node->safe_psql('postgres', $_[0]); }
-
-sub wait_until
-{
-	my ($timeout, $code) = @_;
-	my $deadline = time + $timeout;
-	while (1)
-	{
-		return 1 if $code->();
-		return 0 if time > $deadline;
-		usleep(200_000);
-	}
-}
-
-sub wait_sql
-{
-	my ($timeout, $query) = @_;
-	return wait_until($timeout, sub { sql($query) eq 't' });
-}
-
 # psql that may fail: (exit code, stdout, stderr), errors with their SQLSTATE.
 sub psql_try
 {
@@ -165,16 +90,8 @@ sub psql_try
 	return ($rc, $out, $err);
 }
 
-sub elapsed { return sprintf('%.0fs', time - $t_start); }
-
 # The collection_state of a source's one collection, as a hash.
-sub cstate
-{
-	my ($source) = @_;
-	return $json->decode(sql(
-		"SELECT row_to_json(st) FROM sync.collection_state st JOIN sync.collections c ON c.id = st.collection_id "
-		  . "JOIN sync.sources s ON s.id = c.source_id WHERE s.name = '$source'"));
-}
+sub cstate { return row('SELECT st.* ' . state_where($_[0])); }
 
 sub state_where { return "FROM sync.collection_state st JOIN sync.collections c ON c.id = st.collection_id "
 	  . "JOIN sync.sources s ON s.id = c.source_id WHERE s.name = '$_[0]'"; }
@@ -200,7 +117,7 @@ sub load_truth
 	my ($fake, $object, $name) = @_;
 	my $file = "$tmpdir/$name.json";
 	open(my $fh, '>:raw', $file) or die "cannot write $file: $!";
-	my $res = $http->request('GET', "$fake->{url}/__admin/records/$object",
+	my $res = http()->request('GET', "$fake->{url}/__admin/records/$object",
 		{ data_callback => sub { print $fh $_[0]; } });
 	close($fh);
 	die "records of $object: $res->{status}" unless $res->{success};
@@ -277,21 +194,11 @@ sub column_notifications
 # Setup
 # ---------------------------------------------------------------------------
 
-my $A = start_fake($sf_script, 'sf_a', '--records', $N_PROG, '--seed', 1);
-my $C = start_fake($sf_script, 'sf_c', '--records', $N_X, '--seed', 3);
-my $H = start_fake($hs_script, 'hs', '--contacts', $N_HS, '--archived', 7, '--seed', 4);
+my $A = start_fake('salesforce', 'sf_a', { timeout => 120 }, '--records', $N_PROG, '--seed', 1);
+my $C = start_fake('salesforce', 'sf_c', { timeout => 120 }, '--records', $N_X, '--seed', 3);
+my $H = start_fake('hubspot', 'hs', { timeout => 120 }, '--contacts', $N_HS, '--archived', 7, '--seed', 4);
 
-$node = PostgreSQL::Test::Cluster->new('main');
-$node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
-$node->append_conf('postgresql.conf', <<'EOC');
-shared_preload_libraries = 'sync'
-timezone = 'UTC'
-sync.launcher_naptime = 1
-sync.max_backoff = 4
-max_worker_processes = 16
-EOC
-$node->start;
-sql('CREATE EXTENSION sync');
+$node = start_node(max_backoff => 4, initdb_extra => [ '--encoding=UTF8', '--locale=C' ]);    # and CREATE EXTENSION sync
 sql('CREATE SCHEMA truth');
 $listener = listener_start();
 note('setup done at ' . elapsed());

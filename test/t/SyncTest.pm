@@ -247,16 +247,17 @@ sub wait_until
 	}
 }
 
-=head2 wait_sql($timeout, $query)
+=head2 wait_sql($timeout, $query, [$interval])
 
-wait_until() $query (in database postgres) returns 't'.
+wait_until() $query (in database postgres) returns 't', checking every $interval seconds
+(default 0.2, as wait_until).
 
 =cut
 
 sub wait_sql
 {
-	my ($timeout, $query) = @_;
-	return wait_until($timeout, sub { sql($query) eq 't' });
+	my ($timeout, $query, $interval) = @_;
+	return wait_until($timeout, sub { sql($query) eq 't' }, $interval);
 }
 
 =head2 status_of($source, $collection)
