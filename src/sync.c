@@ -23,7 +23,7 @@ int			sync_http_timeout_ms = 60000;
 int			sync_http_connect_timeout_ms = 10000;
 int			sync_max_response_bytes = 256 * 1024 * 1024;
 int			sync_max_backoff_s = 300;
-int			sync_lock_timeout_ms = 5000;
+int			sync_lock_timeout_ms = 1000;
 char	   *sync_user_agent = NULL;
 bool		sync_allow_insecure_tls = false;
 
@@ -78,7 +78,7 @@ sync_define_settings(void)
 	DefineCustomIntVariable("sync.lock_timeout",
 							"Longest a worker waits for a lock on a synced table.",
 							"A user's lock on one table delays that collection only.",
-							&sync_lock_timeout_ms, 5000, 1, INT_MAX,
+							&sync_lock_timeout_ms, 1000, 1, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomStringVariable("sync.user_agent",
 							   "User-Agent header of API requests.",

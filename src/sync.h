@@ -9,6 +9,7 @@
  *   store.c       creating synced tables and applying pages of records
  *   reject.c      values that do not fit their columns: set aside, recorded
  *   http.c        interruptible libcurl requests
+ *   httpmsg.c     URLs and response headers (no transfers)
  *   ratelimit.c   per-source request budgets in shared memory
  *   request.c     every API request: budget, counters, rate-limit answers
  *   provider.c    the registry of providers (one file per API)

@@ -19,6 +19,7 @@
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/lmgr.h"
 #include "storage/lwlock.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
@@ -40,6 +41,7 @@ typedef struct ScheduleEntry
 	bool		retrying;		/* the last step failed or was rate limited */
 	bool		column_turn;	/* the next step is the column backfill's */
 	int			walk_steps;		/* steps of the unfinished walk */
+	int			lock_waits;		/* consecutive steps a user's lock put back */
 	bool		seen;			/* still configured in this round */
 } ScheduleEntry;
 
@@ -53,6 +55,7 @@ typedef struct DueCollection
 } DueCollection;
 
 static Oid	extension_oid = InvalidOid;
+static bool version_mismatch_logged = false;
 static HTAB *schedule = NULL;
 static MemoryContext loop_ctx = NULL;
 static MemoryContext step_ctx = NULL;
@@ -107,20 +110,60 @@ worker_commit(void)
  * have the launcher start a fresh worker: ids in our schedule and plans refer
  * to the old catalog.
  */
-static void
+static char *
+worker_installed_version(Oid extension)
+{
+	char	   *version = NULL;
+	Oid			types[1] = {OIDOID};
+	Datum		args[1] = {ObjectIdGetDatum(extension)};
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (SPI_execute_with_args("SELECT extversion FROM pg_catalog.pg_extension WHERE oid = $1",
+							  1, types, args, NULL, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+		version = MemoryContextStrdup(TopMemoryContext,
+									  SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1));
+	PopActiveSnapshot();
+	SPI_finish();
+	return version;
+}
+
+/*
+ * Exit quietly when the extension is gone (DROP EXTENSION, or a probe of a
+ * database without it). When it was dropped and created again, exit too and
+ * have the launcher start a fresh worker: ids in our schedule and plans refer
+ * to the old catalog. Returns false while the installed catalog is of another
+ * version than this library (ALTER EXTENSION sync UPDATE not run yet): the
+ * worker then waits and touches nothing, rather than misread the catalog.
+ */
+static bool
 worker_exit_if_extension_gone(void)
 {
 	Oid			current;
 	bool		reinstalled;
+	char	   *version = NULL;
+	bool		matches;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	current = creating_extension ? InvalidOid : get_extension_oid(SYNC_EXTENSION_NAME, true);
+	if (OidIsValid(current))
+		version = worker_installed_version(current);
+	matches = version != NULL && strcmp(version, SYNC_VERSION) == 0;
+	if (OidIsValid(current) && !matches && !version_mismatch_logged)
+		ereport(LOG,
+				(errmsg("sync: extension version %s is installed in database \"%s\", but the library is version %s; "
+						"syncing waits", version ? version : "?", get_database_name(MyDatabaseId), SYNC_VERSION),
+				 errhint("Run ALTER EXTENSION sync UPDATE in that database.")));
 	CommitTransactionCommand();
 	if (OidIsValid(current) && (!OidIsValid(extension_oid) || current == extension_oid))
 	{
 		extension_oid = current;
-		return;
+		version_mismatch_logged = !matches;
+		if (version)
+			pfree(version);
+		return matches;
 	}
 	reinstalled = OidIsValid(current);
 
@@ -235,6 +278,7 @@ worker_record_failure(int32 collection_id, ErrorData *edata, SyncPage *page, boo
 	ret = SPI_execute_with_args("WITH failed AS (UPDATE sync.collection_state SET "
 								"consecutive_failures = consecutive_failures + CASE WHEN $3 THEN 0 ELSE 1 END, "
 								"last_error = $2, last_error_at = now(), run_requested = false, "
+								"lock_wait = NULL, lock_wait_since = NULL, "
 								"activity = CASE WHEN $3 THEN 'waiting out the API''s rate limit' "
 								"                ELSE 'waiting to retry after an error' END, "
 								"requests = requests + $4, bytes_received = bytes_received + $5, "
@@ -289,6 +333,58 @@ worker_column_backfill_view(SyncCollection *c)
 	return view;
 }
 
+/*
+ * A user's lock on the synced table conflicts with our writes: check before
+ * spending a request on a page that could not be applied.
+ */
+static void
+worker_check_table_lock(SyncCollection *c)
+{
+	if (!ConditionalLockRelationOid(c->relid, RowExclusiveLock))
+		ereport(ERROR,
+				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+				 errmsg("the table of collection \"%s\" is locked by another session", c->name)));
+	UnlockRelationOid(c->relid, RowExclusiveLock);
+}
+
+/*
+ * The step was put back because a user holds a lock on its table (or on rows
+ * of it) for longer than sync.lock_timeout: nothing was applied. It is no
+ * failure of the collection; the status names the lock and who holds it.
+ */
+static void
+worker_record_lock_wait(int32 collection_id, Oid relid, SyncPage *page)
+{
+	Oid			types[4] = {INT4OID, OIDOID, INT8OID, INT8OID};
+	Datum		args[4];
+	int			ret;
+
+	worker_begin("sync: recording a lock wait", step_ctx);
+	args[0] = Int32GetDatum(collection_id);
+	args[1] = ObjectIdGetDatum(relid);
+	args[2] = Int64GetDatum((int64) page->requests);
+	args[3] = Int64GetDatum(page->bytes);
+	ret = SPI_execute_with_args("UPDATE sync.collection_state SET "
+								"lock_wait = format('lock on %s held by %s', $2::regclass, "
+								"   coalesce((SELECT 'pid ' || string_agg(DISTINCT l.pid::text, ', pid ') "
+								"             FROM pg_catalog.pg_locks l "
+								"             WHERE l.locktype = 'relation' AND l.relation = $2 AND l.granted "
+								"               AND l.database = (SELECT oid FROM pg_catalog.pg_database "
+								"                                 WHERE datname = current_database()) "
+								"               AND l.mode <> 'AccessShareLock' AND l.pid <> pg_backend_pid()), "
+								"            'another session')), "
+								"lock_wait_since = coalesce(lock_wait_since, now()), "
+								"activity = 'waiting for a lock on the table', run_requested = false, "
+								"requests = requests + $3, bytes_received = bytes_received + $4, "
+								"cycle_requests = CASE WHEN phase = 'incremental' THEN cycle_requests + $3 "
+								"                      ELSE cycle_requests END "
+								"WHERE collection_id = $1",
+								4, types, args, NULL, false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "could not record a lock wait: %s", SPI_result_code_string(ret));
+	worker_commit();
+}
+
 static double
 worker_schema_interval(SyncSource *source, SyncCollection *c)
 {
@@ -316,12 +412,14 @@ worker_check_schema(SyncSource *source, SyncCollection *collection)
  * requests with no transaction open, then commit the page and cursor.
  */
 static void
-worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *failed, bool *rate_limited)
+worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *failed, bool *rate_limited,
+				int *lock_wait)
 {
 	MemoryContext oldctx = MemoryContextSwitchTo(step_ctx);
 	SyncSource *volatile source = NULL;
 	SyncCollection *volatile collection = NULL;
 	SyncPage	page;
+	volatile bool writing = false;	/* a lock timeout now is a user's lock on the table */
 
 	memset(&page, 0, sizeof(page));
 	page.total = -1;
@@ -336,12 +434,16 @@ worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *fail
 	*more = false;
 	*failed = false;
 	*rate_limited = false;
+	*lock_wait = 0;
 
 	PG_TRY();
 	{
 		worker_begin("sync: reading collection state", step_ctx);
 		source = sync_load_source(due->source_id);
 		collection = sync_load_collection(due->collection_id);
+		writing = true;
+		worker_check_table_lock(collection);
+		writing = false;
 		worker_commit();
 		MemoryContextSwitchTo(step_ctx);
 
@@ -358,8 +460,10 @@ worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *fail
 
 			source->provider->step(source, columns, &page);
 			worker_begin("sync: applying a page of a column backfill", step_ctx);
+			writing = true;
 			sync_refresh_fields(columns, columns->fields);
 			sync_apply_column_page(collection, columns, &page);
+			writing = false;
 			worker_commit();
 			MemoryContextSwitchTo(step_ctx);
 			*more = true;
@@ -369,8 +473,10 @@ worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *fail
 			source->provider->step(source, collection, &page);
 
 			worker_begin("sync: applying a page", step_ctx);
+			writing = true;
 			sync_refresh_fields(collection, collection->fields);
 			sync_apply_page(collection, &page);
+			writing = false;
 			worker_commit();
 			MemoryContextSwitchTo(step_ctx);
 			*more = page.more || collection->column_backfill != NULL;
@@ -393,15 +499,24 @@ worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *fail
 		edata = CopyErrorData();
 		FlushErrorState();
 		AbortCurrentTransaction();
-		/* only an answer the provider recognised as a rate limit set a penalty */
-		*rate_limited = page.rate_limited > 0 || page.penalized;
-		ereport(LOG,
-				(errcode(edata->sqlerrcode),
-				 errmsg("sync of collection %d %s: %s", due->collection_id,
-						*rate_limited ? "was rate limited" : "failed", edata->message),
-				 edata->detail ? errdetail_internal("%s", edata->detail) : 0));
-		worker_record_failure(due->collection_id, edata, &page, *rate_limited);
-		*failed = true;
+		if (writing && edata->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE)
+		{
+			/* 1: seen before any request; 2: a fetched page was put back */
+			*lock_wait = page.requests > 0 ? 2 : 1;
+			worker_record_lock_wait(due->collection_id, collection->relid, &page);
+		}
+		else
+		{
+			/* only an answer the provider recognised as a rate limit set a penalty */
+			*rate_limited = page.rate_limited > 0 || page.penalized;
+			ereport(LOG,
+					(errcode(edata->sqlerrcode),
+					 errmsg("sync of collection %d %s: %s", due->collection_id,
+							*rate_limited ? "was rate limited" : "failed", edata->message),
+					 edata->detail ? errdetail_internal("%s", edata->detail) : 0));
+			worker_record_failure(due->collection_id, edata, &page, *rate_limited);
+			*failed = true;
+		}
 	}
 	PG_END_TRY();
 
@@ -503,12 +618,26 @@ worker_round(void)
 		bool		more;
 		bool		failed;
 		bool		rate_limited;
+		int			lock_wait;
 
-		worker_run_step(best, best_entry, &more, &failed, &rate_limited);
+		worker_run_step(best, best_entry, &more, &failed, &rate_limited, &lock_wait);
 		now = GetCurrentTimestamp();
 		best_entry->last_run = now;
 		best_entry->retrying = failed;
-		if (rate_limited)
+		best_entry->lock_waits = lock_wait == 2 ? best_entry->lock_waits + 1 : 0;
+		if (lock_wait == 1)
+			best_entry->next_due = TimestampTzPlusMilliseconds(now, 1000);
+		else if (lock_wait == 2)
+		{
+			/*
+			 * Checking a table lock costs nothing; a page put back after
+			 * waiting for locked rows cost requests: wait longer each time.
+			 */
+			best_entry->next_due = TimestampTzPlusMilliseconds(now,
+															   Min(1000L << Min(best_entry->lock_waits - 1, 5),
+																   30000L));
+		}
+		else if (rate_limited)
 			best_entry->next_due = now;	/* the source's penalty holds it back */
 		else if (failed)
 			best_entry->next_due = TimestampTzPlusMilliseconds(now, backoff_ms(best->failures + 1));
@@ -552,7 +681,7 @@ sync_worker_main(Datum arg)
 
 	sync_is_worker = true;
 	worker_apply_settings();
-	worker_exit_if_extension_gone();
+	(void) worker_exit_if_extension_gone();
 	StartTransactionCommand();
 	ereport(LOG, (errmsg("sync worker started for database \"%s\"", get_database_name(MyDatabaseId))));
 	CommitTransactionCommand();
@@ -577,7 +706,13 @@ sync_worker_main(Datum arg)
 			ProcessConfigFile(PGC_SIGHUP);
 			worker_apply_settings();
 		}
-		worker_exit_if_extension_gone();
+		if (!worker_exit_if_extension_gone())
+		{
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 1000L, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+			continue;
+		}
 		PG_TRY();
 		{
 			sync_worker_serve_token_refresh();

@@ -1,0 +1,71 @@
+-- sync 0.1.0 -> 0.2.0: a user's lock on a synced table is a wait state of
+-- that collection, not an error.
+\echo Use "ALTER EXTENSION sync UPDATE" to load this file. \quit
+
+-- why the collection's last step was put back (a lock held by a user), since when
+ALTER TABLE sync.collection_state
+    ADD COLUMN lock_wait       text,
+    ADD COLUMN lock_wait_since timestamptz;
+
+CREATE OR REPLACE VIEW sync.status AS
+SELECT s.name                          AS source,
+       s.kind,
+       c.name                          AS collection,
+       c.relid::regclass               AS target_table,
+       CASE WHEN s.paused OR c.paused       THEN 'paused'
+            WHEN st.lock_wait IS NOT NULL    THEN 'waiting for lock'
+            WHEN st.consecutive_failures > 0 THEN 'error'
+            WHEN b.penalty_until IS NOT NULL THEN 'rate limited'
+            WHEN st.phase = 'backfill'       THEN 'backfilling'
+            ELSE 'syncing' END         AS state,
+       st.phase,
+       st.backfill_records,
+       st.backfill_total,
+       CASE WHEN st.phase = 'incremental' AND st.backfill_completed_at IS NOT NULL THEN 100.0
+            WHEN st.backfill_total > 0
+                 THEN round(least(100.0 * st.backfill_records / st.backfill_total, 100.0), 1)
+            END                        AS backfill_percent,
+       round(st.backfill_rate::numeric, 1) AS backfill_rate,
+       CASE WHEN st.phase = 'backfill' AND st.backfill_rate > 0 AND st.backfill_total IS NOT NULL
+            THEN make_interval(secs => greatest(st.backfill_total - st.backfill_records, 0) / st.backfill_rate)
+            END                        AS backfill_eta,
+       st.backfill_started_at,
+       st.backfill_completed_at,
+       st.last_poll_at,
+       st.last_caught_up_at,
+       -- measured: every change made before this long ago is in the table
+       greatest(now() - st.last_caught_up_at, interval '0') AS lag,
+       -- estimated: one polling cycle over the source's collections within its budget
+       make_interval(secs => cy.cycle_requests / nullif(b.rate, 0)
+                             + coalesce(c.options->>'poll_interval', s.options->>'poll_interval', '0')::float8)
+                                       AS est_max_lag,
+       CASE WHEN s.paused OR c.paused THEN NULL
+            WHEN st.lock_wait IS NOT NULL THEN st.lock_wait
+            WHEN b.penalty_until IS NOT NULL
+                 THEN format('rate limit: %s, until %s', b.penalty_reason, b.penalty_until)
+            WHEN st.consecutive_failures > 0 AND st.last_error ~* 'token|invalid_grant|authoriz'
+                 THEN 'token refresh: retry after an error'
+            WHEN st.consecutive_failures > 0 THEN 'retry after an error'
+            WHEN b.limited_by LIKE 'daily allocation nearly spent%' THEN b.limited_by
+            WHEN (st.phase = 'backfill' OR st.column_backfill IS NOT NULL) AND b.rate IS NOT NULL
+                 THEN format('request budget: %s requests/s shared by %s collections',
+                             round(b.rate::numeric, 2), cy.collections)
+            END                        AS waiting_on,
+       st.records_upserted,
+       st.records_deleted,
+       st.requests,
+       st.consecutive_failures,
+       st.last_error,
+       st.last_error_at,
+       st.activity,
+       st.sweep_started_at,
+       st.last_sweep_at,
+       -- every delete made before this long ago is reflected (by the last completed sweep)
+       now() - st.last_sweep_started_at AS delete_lag,
+       st.last_sweep_at - st.last_sweep_started_at AS sweep_duration
+FROM sync.collections c
+JOIN sync.sources s ON s.id = c.source_id
+JOIN sync.collection_state st ON st.collection_id = c.id
+LEFT JOIN sync._budgets() b ON b.source_id = s.id
+LEFT JOIN sync._cycles cy ON cy.source_id = s.id;
+COMMENT ON VIEW sync.status IS 'one row per synced collection: backfill progress, lag (measured and estimated), polling, lock waits and errors';
