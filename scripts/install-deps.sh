@@ -6,7 +6,8 @@ PKGS=(
   postgresql-15 postgresql-server-dev-15 postgresql-contrib
   libcurl4-openssl-dev libjansson-dev
   libipc-run-perl perl
-  python3 curl ca-certificates
+  python3 curl ca-certificates openssl
+  clang libclang-rt-14-dev
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test of sync: pg_regress (sql/, expected/) and the TAP suites (test/t/).
+# Runs every test of sync: pg_regress (sql/, expected/), the fakes' self-tests, bounded
+# fuzz runs (fuzz/) and the TAP suites (test/t/).
 # Run as root on Debian: installs the packages, builds and installs the extension,
 # then runs the tests as the unprivileged "postgres" user in a copy of the tree
 # it owns (Postgres refuses to run as root; the checkout may not be writable).
@@ -30,6 +31,10 @@ for selftest in test/*_selftest.py; do
   [ -f "$selftest" ] || continue
   runuser -u "$RUN_AS" -- /usr/bin/python3 "$work/tree/$selftest" || status=$?
 done
+# Each provider's response parsing under libFuzzer for a bounded time, then every kept crash case.
+if [ -z "${PROVE_TESTS:-}" ] && [ -x fuzz/run.sh ]; then
+  runuser -u "$RUN_AS" -- bash "$work/tree/fuzz/run.sh" "${SYNC_FUZZ_SECONDS:-30}" || status=$?
+fi
 runuser -u "$RUN_AS" -- make -C "$work/tree" -s installcheck ${PROVE_TESTS:+PROVE_TESTS="$PROVE_TESTS"} || status=$?
 if [ "$status" -ne 0 ]; then
   for f in "$work/tree/regression.diffs" "$work"/tree/tmp_check/log/regress_log_*; do

@@ -34,6 +34,8 @@
 
 #define HS_DEFAULT_OVERLAP_S 120
 #define HS_DEFAULT_DELETED_INTERVAL_S 300
+/* The recycle bin keeps records 90 days; allow a day for walks in flight. */
+#define HS_RECYCLE_BIN_HORIZON_S ((90 - 1) * 86400.0)
 #define HS_LIST_LIMIT 100
 #define HS_SEARCH_LIMIT 200
 #define HS_REFRESH_MARGIN_S 300
@@ -887,6 +889,15 @@ hs_step(SyncSource *source, SyncCollection *c, SyncPage *page)
 		return;
 	}
 	if (c->reconcile_requested && mode && strcmp(mode, "incremental") == 0 && !json_object_get(cursor, "sweep"))
+		json_object_set_new(cursor, "sweep", json_object());
+	/*
+	 * Records deleted since the last walk of the bin may have been purged from
+	 * it (the sync was paused, or the server down, for that long): only a
+	 * sweep of every id finds them.
+	 */
+	if (mode && strcmp(mode, "incremental") == 0 && !json_object_get(cursor, "sweep") &&
+		!json_object_get(cursor, "archived") &&
+		(double) time(NULL) - sync_json_number(cursor, "archived_at", 0) >= HS_RECYCLE_BIN_HORIZON_S)
 		json_object_set_new(cursor, "sweep", json_object());
 
 	if (mode == NULL || strcmp(mode, "backfill") == 0)
