@@ -754,6 +754,28 @@ note('section 5 done at ' . elapsed());
 	my $st = status_of('pat', 'deals');
 	ok($st->{state} eq 'syncing' && !defined $st->{last_error}, 'pat: syncing, no error');
 }
+
+# A deal purged for good (GDPR delete) leaves no trace in the recycle bin. If the
+# bin was last walked more than 90 days ago, deletes may have been purged since:
+# the next step sweeps every id instead, and finds this one.
+{
+	my $deals_b = dump_live($B)->{deals};
+	my $gone = $deals_b->[3]{id};
+	admin($B, 'DELETE', "records/deals/$gone?hard=1");
+	my $sweeps_before = sql("SELECT coalesce(extract(epoch FROM last_sweep_at), 0) FROM sync.status "
+		  . "WHERE source = 'pat' AND collection = 'deals'");
+	sql("SELECT sync.pause('pat', 'deals')");
+	sql("UPDATE sync.collection_state SET cursor = jsonb_set(cursor, '{archived_at}', "
+		  . "to_jsonb(extract(epoch FROM now())::float8 - 91 * 86400)) "
+		  . "WHERE collection_id = (SELECT id FROM sync.collections WHERE name = 'deals' "
+		  . "AND source_id = (SELECT id FROM sync.sources WHERE name = 'pat'))");
+	sql("SELECT sync.resume('pat', 'deals')");
+	ok(wait_sql(90, "SELECT count(*) = 0 FROM pat.deals WHERE id = $gone"),
+		'pat: a purged deal is deleted by the sweep that follows a 91-day gap in recycle-bin walks');
+	ok(sql("SELECT extract(epoch FROM last_sweep_at) > $sweeps_before FROM sync.status "
+		  . "WHERE source = 'pat' AND collection = 'deals'") eq 't', 'pat: last_sweep_at moved');
+	is(sql('SELECT count(*) FROM pat.deals'), scalar(@$deals_b) - 1, 'pat: every other deal is kept');
+}
 note('section 7 done at ' . elapsed());
 
 # ---------------------------------------------------------------------------
