@@ -7,16 +7,60 @@
 
 #include <math.h>
 
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+
+/*
+ * One byte that is not valid UTF-8 would make the whole response unreadable,
+ * and the page would fail for ever: each invalid sequence becomes U+FFFD,
+ * the replacement character, as browsers and most clients do.
+ */
+static char *
+replace_invalid_utf8(const char *text, size_t len, size_t *newlen)
+{
+	StringInfoData buf;
+	size_t		i = 0;
+
+	initStringInfo(&buf);
+	while (i < len)
+	{
+		const unsigned char *p = (const unsigned char *) text + i;
+		int			n = pg_utf_mblen(p);
+
+		if (*p < 0x80)
+			n = 1;
+		else if (n > 1 && i + n <= len && pg_utf8_islegal(p, n))
+			;
+		else
+		{
+			appendBinaryStringInfo(&buf, "\xEF\xBF\xBD", 3);
+			i++;
+			continue;
+		}
+		appendBinaryStringInfo(&buf, (const char *) p, n);
+		i += n;
+	}
+	*newlen = buf.len;
+	return buf.data;
+}
 
 json_t *
 sync_json_parse(const char *text, size_t len, const char *what)
 {
 	json_error_t err;
 	json_t	   *value = json_loadb(text, len, JSON_ALLOW_NUL, &err);
+
+	if (value == NULL && json_error_code(&err) == json_error_invalid_utf8)
+	{
+		size_t		clean_len;
+		char	   *clean = replace_invalid_utf8(text, len, &clean_len);
+
+		value = json_loadb(clean, clean_len, JSON_ALLOW_NUL, &err);
+		pfree(clean);
+	}
 
 	if (value == NULL)
 		ereport(ERROR,
@@ -87,6 +131,8 @@ append_string(StringInfo buf, const char *s, size_t len)
 	{
 		unsigned char c = (unsigned char) s[i];
 
+		if (c == '\0')
+			continue;			/* text cannot hold NUL: the character is dropped */
 		if (c == '"' || c == '\\')
 		{
 			appendStringInfoChar(buf, '\\');
