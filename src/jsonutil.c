@@ -47,26 +47,87 @@ replace_invalid_utf8(const char *text, size_t len, size_t *newlen)
 	return buf.data;
 }
 
+static int
+hex4(const char *p)
+{
+	int			v = 0;
+
+	for (int i = 0; i < 4; i++)
+	{
+		char		c = p[i];
+
+		v <<= 4;
+		if (c >= '0' && c <= '9')
+			v |= c - '0';
+		else if (c >= 'a' && c <= 'f')
+			v |= c - 'a' + 10;
+		else if (c >= 'A' && c <= 'F')
+			v |= c - 'A' + 10;
+		else
+			return -1;
+	}
+	return v;
+}
+
+/*
+ * JavaScript writes half of a surrogate pair as a lone \uD800 escape, which
+ * is no character: each becomes \uFFFD (same length, so in place).
+ */
+static void
+replace_lone_surrogates(char *text, size_t len)
+{
+	for (size_t i = 0; i + 1 < len; i++)
+	{
+		int			cp;
+
+		if (text[i] != '\\')
+			continue;
+		if (text[i + 1] != 'u' || i + 6 > len || (cp = hex4(text + i + 2)) < 0)
+		{
+			i++;				/* an escaped character: skip it */
+			continue;
+		}
+		if (cp >= 0xD800 && cp <= 0xDBFF && i + 12 <= len && text[i + 6] == '\\' && text[i + 7] == 'u' &&
+			hex4(text + i + 8) >= 0xDC00 && hex4(text + i + 8) <= 0xDFFF)
+			i += 11;			/* a proper pair */
+		else if (cp >= 0xD800 && cp <= 0xDFFF)
+		{
+			memcpy(text + i + 2, "FFFD", 4);
+			i += 5;
+		}
+		else
+			i += 5;
+	}
+}
+
 json_t *
 sync_json_parse(const char *text, size_t len, const char *what)
 {
 	json_error_t err;
 	json_t	   *value = json_loadb(text, len, JSON_ALLOW_NUL, &err);
 
-	if (value == NULL && json_error_code(&err) == json_error_invalid_utf8)
+	if (value == NULL &&
+		(json_error_code(&err) == json_error_invalid_utf8 || strncmp(err.text, "invalid Unicode", 15) == 0))
 	{
 		size_t		clean_len;
 		char	   *clean = replace_invalid_utf8(text, len, &clean_len);
 
+		replace_lone_surrogates(clean, clean_len);
 		value = json_loadb(clean, clean_len, JSON_ALLOW_NUL, &err);
 		pfree(clean);
 	}
-
 	if (value == NULL)
+	{
+		/* jansson quotes the bytes near the error: they could be part of a token */
+		char	   *near = strstr(err.text, " near '");
+
+		if (near)
+			*near = '\0';
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
 				 errmsg("malformed JSON in %s: %s", what, err.text),
 				 errdetail("The error is at line %d, column %d.", err.line, err.column)));
+	}
 	return value;
 }
 
@@ -210,6 +271,54 @@ sync_json_dump(json_t *value)
 	initStringInfo(&buf);
 	append_json(&buf, value);
 	return buf.data;
+}
+
+/*
+ * Records as SQL reads them: each an object with keys f1, f2, ... for the
+ * fields in list order. API field names can be longer than an identifier
+ * (63 bytes) or collide once cut; positions never do.
+ */
+char *
+sync_json_dump_records(json_t *records, List *fields)
+{
+	StringInfoData buf;
+	json_t	   *record;
+	size_t		i;
+
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '[');
+	json_array_foreach(records, i, record)
+	{
+		ListCell   *lc;
+
+		if (i > 0)
+			appendStringInfoChar(&buf, ',');
+		appendStringInfoChar(&buf, '{');
+		foreach(lc, fields)
+		{
+			json_t	   *value = json_object_get(record, ((SyncField *) lfirst(lc))->api_field);
+
+			appendStringInfo(&buf, "%s\"%s\":", foreach_current_index(lc) > 0 ? "," : "",
+							 sync_record_key(foreach_current_index(lc)));
+			if (value)
+				append_json(&buf, value);
+			else
+				appendStringInfoString(&buf, "null");
+		}
+		appendStringInfoChar(&buf, '}');
+	}
+	appendStringInfoChar(&buf, ']');
+	return buf.data;
+}
+
+/* The key of the field at position i (from 0) in records dumped by sync_json_dump_records. */
+const char *
+sync_record_key(int i)
+{
+	static char key[16];
+
+	snprintf(key, sizeof(key), "f%d", i + 1);
+	return key;
 }
 
 const char *

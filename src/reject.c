@@ -21,7 +21,7 @@
 #define REJECTED_VALUE_MAX_BYTES 1000
 
 /*
- * The expression that stores a field's wire value r.f in the column as an
+ * The expression that stores a field's wire value r.f1 in the column as an
  * INSERT would: assignment semantics, so a too-long string is an error (an
  * explicit cast would silently cut it).
  */
@@ -33,7 +33,7 @@ stored_value_expr(SyncCollection *c, const SyncField *f)
 	int32		typmod;
 	Oid			collid;
 	StringInfoData expr;
-	char	   *ref = psprintf("r.%s", quote_identifier(f->api_field));
+	char	   *ref = psprintf("r.%s", sync_record_key(0));
 
 	initStringInfo(&expr);
 	if (f->convert_sql && f->convert_sql[0])
@@ -57,10 +57,11 @@ stored_value_expr(SyncCollection *c, const SyncField *f)
 
 /* Whether every value of records survives sql; the error of the first that does not. */
 static bool
-fits(const char *sql, json_t *records, ErrorData **error)
+fits(const char *sql, json_t *records, const SyncField *f, ErrorData **error)
 {
 	int64		processed;
-	ErrorData  *failure = sync_try_with_records(NULL, sql, records, SPI_OK_SELECT, &processed);
+	ErrorData  *failure = sync_try_with_records(NULL, sql, records, list_make1((SyncField *) f), SPI_OK_SELECT,
+												&processed);
 
 	if (failure && error)
 		*error = failure;
@@ -130,14 +131,14 @@ sync_reject_unfit_values(SyncCollection *c, SyncPage *page)
 			if ((pass == 0) != f->is_key)
 				continue;
 			sql = psprintf("SELECT count(%s) FROM json_to_recordset($1::json) AS r(%s %s)",
-						   stored_value_expr(c, f), quote_identifier(f->api_field), f->wire_type);
-			if (fits(sql, page->records, NULL))
+						   stored_value_expr(c, f), sync_record_key(0), f->wire_type);
+			if (fits(sql, page->records, f, NULL))
 				continue;
 			for (size_t i = 0; i < json_array_size(page->records);)
 			{
 				json_t	   *record = json_array_get(page->records, i);
 				json_t	   *one = json_pack("[O]", record);
-				bool		ok = fits(sql, one, &error);
+				bool		ok = fits(sql, one, f, &error);
 
 				json_decref(one);
 				if (ok)

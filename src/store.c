@@ -63,11 +63,24 @@ append_converted(StringInfo buf, const SyncField *f, const char *ref)
 		appendStringInfoString(buf, ref);
 }
 
+/* The key of field f in records dumped for fields (see sync_json_dump_records). */
+static char *
+field_key(List *fields, const SyncField *f)
+{
+	ListCell   *lc;
+
+	foreach(lc, fields)
+		if (lfirst(lc) == f)
+			return pstrdup(sync_record_key(foreach_current_index(lc)));
+	elog(ERROR, "field \"%s\" is not among the collection's fields", f->api_field);
+	return NULL;
+}
+
 /* The same for the field of a record read by json_to_recordset as r. */
 static void
-append_value_expr(StringInfo buf, const SyncField *f)
+append_value_expr(StringInfo buf, List *fields, const SyncField *f)
 {
-	append_converted(buf, f, psprintf("r.%s", quote_identifier(f->api_field)));
+	append_converted(buf, f, psprintf("r.%s", field_key(fields, f)));
 }
 
 static char *
@@ -97,11 +110,11 @@ build_upsert_sql(SyncCollection *c, const char *table)
 	foreach(lc, c->fields)
 		appendStringInfo(&sql, "%s, ", quote_identifier(((SyncField *) lfirst(lc))->column_name));
 	appendStringInfoString(&sql, "_synced_at) SELECT DISTINCT ON (");
-	append_value_expr(&sql, key);
+	append_value_expr(&sql, c->fields, key);
 	appendStringInfoString(&sql, ") ");
 	foreach(lc, c->fields)
 	{
-		append_value_expr(&sql, lfirst(lc));
+		append_value_expr(&sql, c->fields, lfirst(lc));
 		appendStringInfoString(&sql, ", ");
 	}
 	/*
@@ -115,18 +128,18 @@ build_upsert_sql(SyncCollection *c, const char *table)
 	{
 		SyncField  *f = lfirst(lc);
 
-		appendStringInfo(&sql, "%s%s %s", first ? "" : ", ", quote_identifier(f->api_field), f->wire_type);
+		appendStringInfo(&sql, "%s%s %s", first ? "" : ", ", field_key(c->fields, f), f->wire_type);
 		first = false;
 	}
 	appendStringInfoString(&sql, ")) WITH ORDINALITY AS r(");
 	foreach(lc, c->fields)
-		appendStringInfo(&sql, "%s, ", quote_identifier(((SyncField *) lfirst(lc))->api_field));
+		appendStringInfo(&sql, "%s, ", field_key(c->fields, lfirst(lc)));
 	appendStringInfoString(&sql, "_sync_position) ORDER BY ");
-	append_value_expr(&sql, key);
+	append_value_expr(&sql, c->fields, key);
 	if (version)
 	{
 		appendStringInfoString(&sql, ", ");
-		append_value_expr(&sql, version);
+		append_value_expr(&sql, c->fields, version);
 		appendStringInfoString(&sql, " DESC NULLS LAST");
 	}
 	appendStringInfoString(&sql, ", r._sync_position DESC");
@@ -249,9 +262,9 @@ plans_for(SyncCollection *c)
 }
 
 static uint64
-run_with_json(SPIPlanPtr plan, json_t *array, int expected)
+run_with_json(SPIPlanPtr plan, json_t *array, List *fields, int expected)
 {
-	char	   *text = sync_json_dump(array);
+	char	   *text = fields ? sync_json_dump_records(array, fields) : sync_json_dump(array);
 	Datum		arg = CStringGetTextDatum(text);
 	int			ret;
 
@@ -268,7 +281,8 @@ run_with_json(SPIPlanPtr plan, json_t *array, int expected)
  * error comes back instead of being raised, and nothing of it is left.
  */
 ErrorData *
-sync_try_with_records(SPIPlanPtr plan, const char *sql, json_t *records, int expected, int64 *processed)
+sync_try_with_records(SPIPlanPtr plan, const char *sql, json_t *records, List *fields, int expected,
+					  int64 *processed)
 {
 	MemoryContext oldcontext = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
@@ -279,10 +293,10 @@ sync_try_with_records(SPIPlanPtr plan, const char *sql, json_t *records, int exp
 	PG_TRY();
 	{
 		if (plan)
-			*processed = (int64) run_with_json(plan, records, expected);
+			*processed = (int64) run_with_json(plan, records, fields, expected);
 		else
 		{
-			char	   *text = sync_json_dump(records);
+			char	   *text = sync_json_dump_records(records, fields);
 			Oid			argtype = TEXTOID;
 			Datum		arg = CStringGetTextDatum(text);
 
@@ -316,7 +330,7 @@ static int64
 store_records(SyncCollection *c, SyncPage *page, SPIPlanPtr plan, const char *sql, int expected)
 {
 	int64		processed = 0;
-	ErrorData  *failure = sync_try_with_records(plan, sql, page->records, expected, &processed);
+	ErrorData  *failure = sync_try_with_records(plan, sql, page->records, c->fields, expected, &processed);
 
 	if (failure == NULL)
 		return processed;
@@ -325,7 +339,7 @@ store_records(SyncCollection *c, SyncPage *page, SPIPlanPtr plan, const char *sq
 		ReThrowError(failure);
 	if (json_array_size(page->records) == 0)
 		return 0;
-	failure = sync_try_with_records(plan, sql, page->records, expected, &processed);
+	failure = sync_try_with_records(plan, sql, page->records, c->fields, expected, &processed);
 	if (failure)
 		ReThrowError(failure);
 	return processed;
@@ -538,7 +552,7 @@ sync_apply_page(SyncCollection *c, SyncPage *page)
 	if (page->records && json_array_size(page->records) > 0)
 		upserted = store_records(c, page, plans->upsert, NULL, SPI_OK_INSERT);
 	if (pending_deletes > 0)
-		deleted = (int64) run_with_json(plans->delete, page->deletions, SPI_OK_DELETE);
+		deleted = (int64) run_with_json(plans->delete, page->deletions, NIL, SPI_OK_DELETE);
 	if (page->sweep_begin || page->sweep_ids || page->sweep_end)
 		deleted += apply_sweep(c, page);
 
@@ -584,17 +598,17 @@ sync_apply_column_page(SyncCollection *c, SyncCollection *columns, SyncPage *pag
 		SyncField  *f = lfirst(lc);
 
 		if (!f->is_key && !f->is_version)
-			appendStringInfo(&sql, "%s = s.%s, ", quote_identifier(f->column_name), quote_identifier(f->api_field));
+			appendStringInfo(&sql, "%s = s.%s, ", quote_identifier(f->column_name), field_key(columns->fields, f));
 	}
 	appendStringInfoString(&sql, "_synced_at = now() FROM (SELECT DISTINCT ON (");
-	append_value_expr(&sql, key);
+	append_value_expr(&sql, columns->fields, key);
 	appendStringInfoString(&sql, ") ");
 	foreach(lc, columns->fields)
 	{
 		SyncField  *f = lfirst(lc);
 
-		append_value_expr(&sql, f);
-		appendStringInfo(&sql, " AS %s, ", quote_identifier(f->api_field));
+		append_value_expr(&sql, columns->fields, f);
+		appendStringInfo(&sql, " AS %s, ", field_key(columns->fields, f));
 	}
 	appendStringInfoString(&sql, "r._sync_position FROM ROWS FROM (json_to_recordset($1::json) AS (");
 	first = true;
@@ -602,26 +616,26 @@ sync_apply_column_page(SyncCollection *c, SyncCollection *columns, SyncPage *pag
 	{
 		SyncField  *f = lfirst(lc);
 
-		appendStringInfo(&sql, "%s%s %s", first ? "" : ", ", quote_identifier(f->api_field), f->wire_type);
+		appendStringInfo(&sql, "%s%s %s", first ? "" : ", ", field_key(columns->fields, f), f->wire_type);
 		first = false;
 	}
 	appendStringInfoString(&sql, ")) WITH ORDINALITY AS r(");
 	foreach(lc, columns->fields)
-		appendStringInfo(&sql, "%s, ", quote_identifier(((SyncField *) lfirst(lc))->api_field));
+		appendStringInfo(&sql, "%s, ", field_key(columns->fields, lfirst(lc)));
 	appendStringInfoString(&sql, "_sync_position) ORDER BY 1");
 	if (version)
 	{
 		appendStringInfoString(&sql, ", ");
-		append_value_expr(&sql, version);
+		append_value_expr(&sql, columns->fields, version);
 		appendStringInfoString(&sql, " DESC NULLS LAST");
 	}
 	appendStringInfoString(&sql, ", r._sync_position DESC) AS s ");
-	appendStringInfo(&sql, "WHERE t.%s = s.%s", quote_identifier(key->column_name), quote_identifier(key->api_field));
+	appendStringInfo(&sql, "WHERE t.%s = s.%s", quote_identifier(key->column_name), field_key(columns->fields, key));
 	/* a row changed since the page was read is newer: polling wrote these columns too */
 	if (version)
 		appendStringInfo(&sql, " AND (s.%s IS NULL OR t.%s IS NULL OR t.%s <= s.%s)",
-						 quote_identifier(version->api_field), quote_identifier(version->column_name),
-						 quote_identifier(version->column_name), quote_identifier(version->api_field));
+						 field_key(columns->fields, version), quote_identifier(version->column_name),
+						 quote_identifier(version->column_name), field_key(columns->fields, version));
 
 	if (page->records && json_array_size(page->records) > 0)
 		updated = store_records(columns, page, NULL, sql.data, SPI_OK_UPDATE);

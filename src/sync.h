@@ -355,7 +355,7 @@ extern void sync_lock_extension(void);
 extern void sync_apply_page(SyncCollection *collection, SyncPage *page);
 extern int64 sync_reject_unfit_values(SyncCollection *collection, SyncPage *page);
 struct _SPI_plan;
-extern ErrorData *sync_try_with_records(struct _SPI_plan *plan, const char *sql, json_t *records,
+extern ErrorData *sync_try_with_records(struct _SPI_plan *plan, const char *sql, json_t *records, List *fields,
 										int expected, int64 *processed);
 extern bool sync_apply_column_page(SyncCollection *collection, SyncCollection *columns, SyncPage *page);
 extern void sync_save_api_fields(SyncCollection *collection, List *fields);
@@ -363,6 +363,8 @@ extern void sync_save_api_fields(SyncCollection *collection, List *fields);
 /* ---------- json helpers (jsonutil.c) ---------- */
 extern json_t *sync_json_parse(const char *text, size_t len, const char *what);
 extern char *sync_json_dump(json_t *value);
+extern char *sync_json_dump_records(json_t *records, List *fields);
+extern const char *sync_record_key(int i);
 extern const char *sync_json_string(json_t *object, const char *key);
 extern int64 sync_json_int(json_t *object, const char *key, int64 dflt);
 extern double sync_json_number(json_t *object, const char *key, double dflt);
