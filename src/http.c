@@ -230,6 +230,11 @@ sync_http_request_timeout(const char *method, const char *url,
 				break;
 			/* Between curl calls, never inside one: SIGTERM and cancel act here. */
 			CHECK_FOR_INTERRUPTS();
+			if (sync_is_worker && sync_worker_extension_dropped())
+				ereport(ERROR,
+						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						 errmsg("request to \"%s\" given up: the sync extension was dropped",
+								sync_http_host_of(url))));
 			curl_multi_poll(multi, NULL, 0, SYNC_HTTP_POLL_MS, NULL);
 		}
 	}

@@ -35,6 +35,7 @@ sync_url_is_valid(const char *url, char **why)
 	CURLU	   *u = curl_url();
 	char	   *scheme = NULL;
 	char	   *host = NULL;
+	char	   *user = NULL;
 	bool		ok = false;
 
 	*why = NULL;
@@ -50,8 +51,12 @@ sync_url_is_valid(const char *url, char **why)
 		*why = "only http and https URLs are allowed";
 	else if (curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK || host[0] == '\0')
 		*why = "it has no host";
+	else if (curl_url_get(u, CURLUPART_USER, &user, 0) == CURLUE_OK)
+		*why = "a user name or password in a URL would be readable by everyone: use the credentials";
 	else
 		ok = true;
+	if (user)
+		curl_free(user);
 	if (scheme)
 		curl_free(scheme);
 	if (host)

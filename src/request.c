@@ -15,6 +15,99 @@
  */
 #define BACKEND_RATE_LIMIT_RETRIES 3
 
+#define REDACTED "[redacted]"
+
+/* Replace each occurrence of secret in the body, from offset from on. */
+static void
+scrub_string(SyncHttpResponse *resp, const char *secret)
+{
+	size_t		n = strlen(secret);
+	size_t		m = strlen(REDACTED);
+	size_t		from = 0;
+	char	   *p;
+
+	if (n < 6)
+		return;					/* too short to be a credential; would shred ordinary words */
+	while (from < resp->body_len &&
+		   (p = memmem(resp->body + from, resp->body_len - from, secret, n)) != NULL)
+	{
+		size_t		off = p - resp->body;
+
+		if (m <= n)
+		{
+			memcpy(p, REDACTED, m);
+			memmove(p + m, p + n, resp->body_len - off - n + 1);
+			resp->body_len -= n - m;
+			from = off + m;
+		}
+		else
+		{
+			memset(p, '*', n);
+			from = off + n;
+		}
+	}
+}
+
+static void
+scrub_secret(SyncHttpResponse *resp, const char *secret)
+{
+	char	   *encoded = sync_http_urlencode(secret);
+
+	scrub_string(resp, secret);
+	if (strcmp(encoded, secret) != 0)
+		scrub_string(resp, encoded);	/* echoed from a form body */
+	pfree(encoded);
+}
+
+/* "Bearer <anything>": an echoed Authorization header, whatever token it held. */
+static void
+scrub_bearer(SyncHttpResponse *resp)
+{
+	for (size_t i = 0; i + 7 < resp->body_len; i++)
+	{
+		size_t		start;
+		size_t		end;
+
+		if (pg_strncasecmp(resp->body + i, "bearer ", 7) != 0)
+			continue;
+		start = end = i + 7;
+		while (end < resp->body_len && strchr(" \t\r\n\"',;}]", resp->body[end]) == NULL)
+			end++;
+		if (end - start >= strlen(REDACTED))
+		{
+			memcpy(resp->body + start, REDACTED, strlen(REDACTED));
+			memmove(resp->body + start + strlen(REDACTED), resp->body + end, resp->body_len - end + 1);
+			resp->body_len -= end - start - strlen(REDACTED);
+		}
+		else
+			memset(resp->body + start, '*', end - start);
+		i = start;
+	}
+}
+
+/*
+ * Providers quote an error answer in their messages, which end up in
+ * sync.status and the log. A broken API or proxy may echo what it was sent:
+ * the source's credentials and tokens are cut out of every error body.
+ */
+static void
+scrub_error_body(SyncSource *source, SyncHttpResponse *resp)
+{
+	const char *key;
+	json_t	   *value;
+
+	if (resp->body == NULL)
+		return;
+	json_object_foreach(source->credentials, key, value)
+		if (json_is_string(value))
+			scrub_secret(resp, json_string_value(value));
+	if (json_is_object(source->token))
+		json_object_foreach(source->token, key, value)
+			if (json_is_string(value) && strstr(key, "token") != NULL)
+				scrub_secret(resp, json_string_value(value));
+	scrub_bearer(resp);
+}
+
 void
 sync_api_request(SyncSource *source, SyncPage *page, const char *method, const char *url,
 				 const SyncHttpHeader *headers, int nheaders, const char *body,
@@ -53,6 +146,8 @@ sync_api_request(SyncSource *source, SyncPage *page, const char *method, const c
 		}
 		PG_END_TRY();
 
+		if (resp->status < 200 || resp->status >= 300)
+			scrub_error_body(source, resp);
 		limited = sync_budget_note_response(source, resp, page != NULL);
 		if (page)
 		{

@@ -22,6 +22,7 @@ LWLock	   *sync_shared_lock = NULL;
 static bool wake_worker_pending = false;
 static bool request_worker_pending = false;
 static bool xact_callback_registered = false;
+static bool extension_dropped_pending = false;
 
 Size
 sync_shmem_size(void)
@@ -137,15 +138,27 @@ sync_xact_callback(XactEvent event, void *arg)
 				LWLockRelease(sync_shared_lock);
 				sync_wake_launcher();
 			}
-			if (wake_worker_pending && sync_shared)
+			if (extension_dropped_pending && sync_shared)
+			{
+				SyncDatabaseSlot *slot;
+
+				LWLockAcquire(sync_shared_lock, LW_EXCLUSIVE);
+				slot = sync_slot_find(MyDatabaseId);
+				if (slot)
+					slot->extension_dropped = true;
+				LWLockRelease(sync_shared_lock);
+			}
+			if ((wake_worker_pending || extension_dropped_pending) && sync_shared)
 				sync_wake_database_worker(MyDatabaseId);
 			request_worker_pending = false;
 			wake_worker_pending = false;
+			extension_dropped_pending = false;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 			request_worker_pending = false;
 			wake_worker_pending = false;
+			extension_dropped_pending = false;
 			break;
 		default:
 			break;
@@ -175,6 +188,31 @@ sync_wake_worker_at_commit(void)
 {
 	sync_ensure_xact_callback();
 	wake_worker_pending = true;
+}
+
+/* The worker must not finish a request for a catalog that is gone. */
+void
+sync_extension_dropped_at_commit(void)
+{
+	sync_ensure_xact_callback();
+	extension_dropped_pending = true;
+}
+
+/* Checked by a worker between curl calls. */
+bool
+sync_worker_extension_dropped(void)
+{
+	SyncDatabaseSlot *slot;
+	bool		dropped = false;
+
+	if (!sync_shared)
+		return false;
+	LWLockAcquire(sync_shared_lock, LW_SHARED);
+	slot = sync_slot_find(MyDatabaseId);
+	if (slot && slot->worker_pid == MyProcPid)
+		dropped = slot->extension_dropped;
+	LWLockRelease(sync_shared_lock);
+	return dropped;
 }
 
 /*

@@ -4,6 +4,8 @@
  */
 #include "sync.h"
 
+#include "commands/extension.h"
+
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
@@ -143,9 +145,13 @@ sync_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyT
 		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params,
 								queryEnv, dest, qc);
 
-	/* An idle worker learns at commit that its extension was dropped, not at its next round. */
-	if (IsA(parsetree, DropStmt) && ((DropStmt *) parsetree)->removeType == OBJECT_EXTENSION)
-		sync_wake_worker_at_commit();
+	/*
+	 * The worker learns at commit that its extension was dropped, not at its
+	 * next round, and gives up a request in flight.
+	 */
+	if (IsA(parsetree, DropStmt) && ((DropStmt *) parsetree)->removeType == OBJECT_EXTENSION &&
+		!OidIsValid(get_extension_oid(SYNC_EXTENSION_NAME, true)))
+		sync_extension_dropped_at_commit();
 }
 
 void

@@ -81,6 +81,7 @@ typedef struct SyncDatabaseSlot
 	Latch	   *worker_latch;
 	TimestampTz not_before;		/* do not (re)start before this time */
 	bool		requested;		/* CREATE EXTENSION committed since the worker started */
+	bool		extension_dropped;	/* DROP EXTENSION committed: give up any request in flight */
 
 	/* a backend's request that the worker refresh a source's token (see token.c) */
 	int32		refresh_source_id;
@@ -110,6 +111,8 @@ extern void sync_wake_launcher(void);
 extern void sync_wake_database_worker(Oid dboid);
 extern void sync_request_worker_at_commit(void);
 extern void sync_wake_worker_at_commit(void);
+extern void sync_extension_dropped_at_commit(void);
+extern bool sync_worker_extension_dropped(void);
 extern bool sync_stop_database_worker(Oid dboid, int wait_ms);
 
 /* ---------- background worker entry points ---------- */

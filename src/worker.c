@@ -348,6 +348,18 @@ worker_check_table_lock(SyncCollection *c)
 }
 
 /*
+ * Take the table's lock before reading which columns to write, with a fresh
+ * snapshot: a column dropped while we waited is then no longer among them.
+ */
+static void
+worker_lock_table(SyncCollection *c)
+{
+	LockRelationOid(c->relid, RowExclusiveLock);
+	PopActiveSnapshot();
+	PushActiveSnapshot(GetTransactionSnapshot());
+}
+
+/*
  * The step was put back because a user holds a lock on its table (or on rows
  * of it) for longer than sync.lock_timeout: nothing was applied. It is no
  * failure of the collection; the status names the lock and who holds it.
@@ -461,6 +473,7 @@ worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *fail
 			source->provider->step(source, columns, &page);
 			worker_begin("sync: applying a page of a column backfill", step_ctx);
 			writing = true;
+			worker_lock_table(collection);
 			sync_refresh_fields(columns, columns->fields);
 			sync_apply_column_page(collection, columns, &page);
 			writing = false;
@@ -474,6 +487,7 @@ worker_run_step(DueCollection *due, ScheduleEntry *entry, bool *more, bool *fail
 
 			worker_begin("sync: applying a page", step_ctx);
 			writing = true;
+			worker_lock_table(collection);
 			sync_refresh_fields(collection, collection->fields);
 			sync_apply_page(collection, &page);
 			writing = false;
@@ -635,7 +649,7 @@ worker_round(void)
 			 */
 			best_entry->next_due = TimestampTzPlusMilliseconds(now,
 															   Min(1000L << Min(best_entry->lock_waits - 1, 5),
-																   30000L));
+																   10000L));
 		}
 		else if (rate_limited)
 			best_entry->next_due = now;	/* the source's penalty holds it back */
@@ -674,6 +688,7 @@ sync_worker_main(Datum arg)
 		{
 			slot->worker_pid = MyProcPid;
 			slot->worker_latch = MyLatch;
+			slot->extension_dropped = false;
 		}
 	}
 	LWLockRelease(sync_shared_lock);
