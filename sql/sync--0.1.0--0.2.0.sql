@@ -1,11 +1,13 @@
 -- sync 0.1.0 -> 0.2.0: a user's lock on a synced table is a wait state of
--- that collection, not an error.
+-- that collection, not an error; a walk's start survives a restart.
 \echo Use "ALTER EXTENSION sync UPDATE" to load this file. \quit
 
--- why the collection's last step was put back (a lock held by a user), since when
+-- why the collection's last step was put back (a lock held by a user), since when;
+-- when the unfinished walk of the change feed began (survives a restart mid-walk)
 ALTER TABLE sync.collection_state
     ADD COLUMN lock_wait       text,
-    ADD COLUMN lock_wait_since timestamptz;
+    ADD COLUMN lock_wait_since timestamptz,
+    ADD COLUMN walk_started_at timestamptz;
 
 CREATE OR REPLACE VIEW sync.status AS
 SELECT s.name                          AS source,

@@ -420,7 +420,14 @@ update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 		"                               ELSE backfill_completed_at END, "
 		"  last_poll_at = now(), "
 		/* a walk that reached the feed's end proves the table current as of the walk's start */
-		"  last_caught_up_at = CASE WHEN $13 THEN greatest($14, last_caught_up_at) ELSE last_caught_up_at END, "
+		"  last_caught_up_at = CASE WHEN $13 THEN greatest(least(coalesce(walk_started_at, $14), $14), last_caught_up_at) "
+		"                           ELSE last_caught_up_at END, "
+		/*
+		 * when the unfinished walk began, kept with its pages: a worker that
+		 * resumes it after a crash or restart must not claim a later start
+		 */
+		"  walk_started_at = CASE WHEN $13 OR $3 <> 'incremental' THEN NULL "
+		"                         ELSE least(coalesce(walk_started_at, $14), $14) END, "
 		/* requests of one polling cycle: from one caught-up walk to the next */
 		"  avg_cycle_requests = CASE WHEN $13 AND phase = 'incremental' "
 		"                            THEN CASE WHEN avg_cycle_requests IS NULL THEN cycle_requests + $9 "
