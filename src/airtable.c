@@ -183,7 +183,7 @@ at_refresh_token(SyncSource *source, SyncPage *page)
 				 errmsg("Airtable token response lacks access_token")));
 	}
 	token = json_pack("{s:s, s:f}", "access_token", sync_json_string(body, "access_token"),
-					  "expires_at", now + (double) sync_json_int(body, "expires_in", 3600));
+					  "expires_at", now + (double) sync_token_lifetime(body, 3600));
 	refresh = sync_json_string(body, "refresh_token") ? pstrdup(sync_json_string(body, "refresh_token")) : NULL;
 	json_decref(body);
 	sync_save_refreshed_token(source, token, refresh);
@@ -308,7 +308,9 @@ at_describe(SyncSource *source, const char *collection, char **canonical_name)
 					(errcode(ERRCODE_UNDEFINED_OBJECT),
 					 errmsg("Airtable base \"%s\" has no table \"%s\"", at_base_id(source), collection),
 					 errhint("Its tables are: %s.", names.data)));
-		*canonical_name = pstrdup(sync_json_string(table, "name"));
+		/* matched by id, the table may lack a name: then the id names it */
+		*canonical_name = pstrdup(sync_json_string(table, "name") ? sync_json_string(table, "name")
+								  : sync_json_string(table, "id"));
 
 		id = palloc0(sizeof(SyncField));
 		id->api_field = "id";
@@ -411,9 +413,12 @@ at_take_records(SyncPage *page, json_t *body, json_t *sweep_ids)
 	size_t		i;
 
 	if (!json_is_array(records))
+	{
+		json_decref(body);		/* the step ends here: nobody else will */
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_EXCEPTION),
 				 errmsg("Airtable list response has no records array")));
+	}
 	json_array_foreach(records, i, r)
 	{
 		const char *id = sync_json_string(r, "id");

@@ -175,7 +175,7 @@ hs_refresh_token(SyncSource *source, SyncPage *page)
 				 errmsg("HubSpot token response lacks access_token")));
 	}
 	token = json_pack("{s:s, s:f}", "access_token", access,
-					  "expires_at", now + (double) sync_json_int(body, "expires_in", 1800));
+					  "expires_at", now + (double) sync_token_lifetime(body, 1800));
 	new_refresh = sync_json_string(body, "refresh_token") ? pstrdup(sync_json_string(body, "refresh_token")) : NULL;
 	json_decref(body);
 	sync_save_refreshed_token(source, token, new_refresh);
@@ -485,17 +485,21 @@ hs_millis(const char *iso)
  * merged-away ids as deletions, and return the newest last-modified time (ms).
  */
 static int64
-hs_take_results(SyncCollection *c, SyncPage *page, json_t *results, int64 *last_id, int64 *last_ms)
+hs_take_results(SyncCollection *c, SyncPage *page, json_t *body, int64 *last_id, int64 *last_ms)
 {
 	const char *version = hs_version_field(c);
+	json_t	   *results = json_object_get(body, "results");
 	int64		newest = -1;
 	json_t	   *r;
 	size_t		i;
 
 	if (!json_is_array(results))
+	{
+		json_decref(body);		/* the step ends here: nobody else will */
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_EXCEPTION),
 				 errmsg("HubSpot response has no results array")));
+	}
 	json_array_foreach(results, i, r)
 	{
 		const char *id = sync_json_string(r, "id");
@@ -596,7 +600,7 @@ hs_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *
 					  NULL, "list", &resp);
 	if (!json_object_get(cursor, "started"))
 		json_object_set_new(cursor, "started", json_integer((json_int_t) (sync_http_server_time(&resp) * 1000)));
-	newest = hs_take_results(c, page, json_object_get(body, "results"), NULL, NULL);
+	newest = hs_take_results(c, page, body, NULL, NULL);
 	if (newest > sync_json_int(cursor, "ts", -1))
 		json_object_set_new(cursor, "ts", json_integer(newest));
 	next = hs_next_after(body);
@@ -689,7 +693,7 @@ hs_poll_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 		json_object_set_new(cursor, "started", json_integer((json_int_t) (sync_http_server_time(&resp) * 1000)));
 
 	n = json_array_size(json_object_get(body, "results"));
-	newest = hs_take_results(c, page, json_object_get(body, "results"), &last_id, &last_ms);
+	newest = hs_take_results(c, page, body, &last_id, &last_ms);
 	json_decref(body);
 	if (newest > sync_json_int(cursor, "ts", -1))
 		json_object_set_new(cursor, "ts", json_integer(newest));
@@ -791,7 +795,7 @@ hs_association_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_
 	const char *after = sync_json_string(cursor, "after");
 	SyncHttpResponse resp = {0};
 	json_t	   *list;
-	json_t	   *inputs = json_array();
+	json_t	   *inputs;
 	json_t	   *r;
 	size_t		i;
 	const char *next;
@@ -800,6 +804,7 @@ hs_association_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_
 	*to++ = '\0';
 	list = hs_request(source, page, "GET", hs_list_path(source, &(SyncCollection) {.name = from}, after, "hs_object_id", false),
 					  NULL, "list", &resp);
+	inputs = json_array();
 	json_array_foreach(json_object_get(list, "results"), i, r)
 		if (sync_json_string(r, "id"))
 			json_array_append_new(inputs, json_pack("{s:s}", "id", sync_json_string(r, "id")));
@@ -818,13 +823,22 @@ hs_association_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_
 		json_t	   *body;
 		json_t	   *result;
 
-		body = hs_request(source, page, "POST",
-						  hs_date_versioned(source) ?
-						  psprintf("/crm/associations/%s/%s/%s/batch/read", hs_api_version(source),
-								   sync_http_urlencode(from), sync_http_urlencode(to)) :
-						  psprintf("/crm/v4/associations/%s/%s/batch/read",
-								   sync_http_urlencode(from), sync_http_urlencode(to)),
-						  request, "associations batch read", &resp);
+		PG_TRY();
+		{
+			body = hs_request(source, page, "POST",
+							  hs_date_versioned(source) ?
+							  psprintf("/crm/associations/%s/%s/%s/batch/read", hs_api_version(source),
+									   sync_http_urlencode(from), sync_http_urlencode(to)) :
+							  psprintf("/crm/v4/associations/%s/%s/batch/read",
+									   sync_http_urlencode(from), sync_http_urlencode(to)),
+							  request, "associations batch read", &resp);
+		}
+		PG_CATCH();
+		{
+			json_decref(request);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
 		json_decref(request);
 		/* 207: ids without associations come back as errors, which is no error for us */
 		json_array_foreach(json_object_get(body, "results"), i, result)
@@ -955,7 +969,8 @@ header_number(SyncHttpResponse *resp, const char *name)
 	char	   *v = sync_http_header(resp, name);
 	double		n = v ? strtod(v, NULL) : -1;
 
-	return n;
+	/* a count of requests or milliseconds: finite and within reason, else unknown */
+	return (n >= 0 && n <= 1e10) ? n : -1;
 }
 
 static bool
@@ -970,6 +985,9 @@ hs_observe_quota(SyncHttpResponse *resp, SyncQuota *seen)
 		seen->daily_limit = daily;
 		seen->daily_remaining = header_number(resp, "X-HubSpot-RateLimit-Daily-Remaining");
 	}
+	/* HubSpot's windows are 1 s and 10 s; anything outside a second to a day is not a window */
+	if (interval_ms < 1000 || interval_ms > 86400000)
+		interval_ms = -1;
 	if (max > 0 && interval_ms > 0)
 	{
 		seen->burst_limit = max;

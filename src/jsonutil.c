@@ -337,7 +337,12 @@ sync_json_int(json_t *object, const char *key, int64 dflt)
 	if (v && json_is_integer(v))
 		return (int64) json_integer_value(v);
 	if (v && json_is_real(v))
-		return (int64) json_real_value(v);
+	{
+		double		d = json_real_value(v);
+
+		/* out of range (or NaN): not a count or a time the API meant */
+		return (d >= -9.2e18 && d <= 9.2e18) ? (int64) d : dflt;
+	}
 	if (v && json_is_string(v))
 		return strtoll(json_string_value(v), NULL, 10);
 	return dflt;
@@ -363,4 +368,16 @@ sync_json_bool(json_t *object, const char *key, bool dflt)
 	if (v && json_is_boolean(v))
 		return json_is_true(v);
 	return dflt;
+}
+
+/*
+ * An OAuth token's "expires_in" in seconds, within a day's worth of reason:
+ * a year at most, so a wild value never becomes a time nobody can store.
+ */
+int64
+sync_token_lifetime(json_t *body, int64 dflt)
+{
+	int64		seconds = sync_json_int(body, "expires_in", dflt);
+
+	return (seconds >= 0 && seconds <= 365 * 86400) ? seconds : dflt;
 }

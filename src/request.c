@@ -98,6 +98,28 @@ scrub_error_body(SyncSource *source, SyncHttpResponse *resp)
 
 	if (resp->body == NULL)
 		return;
+	/*
+	 * A JSON body may spell an echoed secret with escapes ("sk_\u0074est_…"),
+	 * which the provider would decode into its message: compare the decoded
+	 * text, written back without needless escapes.
+	 */
+	{
+		json_t	   *parsed = json_loadb(resp->body, resp->body_len, JSON_DECODE_ANY, NULL);
+
+		if (parsed)
+		{
+			char	   *plain = sync_json_dump(parsed);
+			size_t		len = strlen(plain);
+
+			json_decref(parsed);
+			if (len <= resp->body_len)
+			{
+				memcpy(resp->body, plain, len + 1);
+				resp->body_len = len;
+			}
+			pfree(plain);
+		}
+	}
 	json_object_foreach(source->credentials, key, value)
 		if (json_is_string(value))
 			scrub_secret(resp, json_string_value(value));
@@ -115,6 +137,15 @@ sync_api_request(SyncSource *source, SyncPage *page, const char *method, const c
 {
 	const SyncProvider *provider = source->provider;
 	bool		search = provider->is_search && provider->is_search(method, url);
+
+	/* a token from the API with a line break would add headers of its choosing */
+	for (int i = 0; i < nheaders; i++)
+		if (strpbrk(headers[i].value, "\r\n") != NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_EXCEPTION),
+					 errmsg("request header \"%s\" of source \"%s\" would contain a line break",
+							headers[i].name, source->name),
+					 errhint("The token the API issued is malformed; refreshing it again may help.")));
 
 	for (int attempt = 0;; attempt++)
 	{

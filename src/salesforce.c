@@ -204,6 +204,12 @@ sf_get(SyncSource *source, SyncPage *page, const char *path, const char *what,
 
 		if (source->token == NULL || sync_json_string(source->token, "access_token") == NULL)
 			sync_refresh_token(source, page);
+		/* a nextRecordsUrl is a path of the instance: never send the token elsewhere */
+		if (path[0] != '/' || path[1] == '/')
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_EXCEPTION),
+					 errmsg("Salesforce %s response points to a URL outside the instance", what),
+					 errdetail("Only paths of the instance are followed.")));
 		url = psprintf("%s%s", sync_json_string(source->token, "instance_url"), path);
 		headers[nheaders].name = "Authorization";
 		headers[nheaders++].value = psprintf("Bearer %s", sync_json_string(source->token, "access_token"));
@@ -889,8 +895,9 @@ sf_observe_quota(SyncHttpResponse *resp, SyncQuota *seen)
 	double		used;
 	double		max;
 
-	if (usage == NULL || sscanf(usage, "api-usage=%lf/%lf", &used, &max) != 2 || max <= 0)
-		return false;
+	if (usage == NULL || sscanf(usage, "api-usage=%lf/%lf", &used, &max) != 2 ||
+		!(max > 0 && max <= 1e10 && used >= 0 && used <= 1e10))
+		return false;			/* also "inf" and "nan", which %lf reads */
 	seen->daily_limit = max;
 	seen->daily_remaining = Max(max - used, 0);
 	return true;

@@ -207,9 +207,12 @@ stripe_list_data(json_t *body, const char *what)
 	json_t	   *data = json_object_get(body, "data");
 
 	if (!json_is_array(data))
+	{
+		json_decref(body);		/* the step ends here: nobody else will */
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_EXCEPTION),
 				 errmsg("Stripe %s response has no data array", what)));
+	}
 	return data;
 }
 

@@ -367,6 +367,7 @@ extern void sync_save_api_fields(SyncCollection *collection, List *fields);
 extern json_t *sync_json_parse(const char *text, size_t len, const char *what);
 extern char *sync_json_dump(json_t *value);
 extern char *sync_json_dump_records(json_t *records, List *fields);
+extern int64 sync_token_lifetime(json_t *body, int64 dflt);
 extern const char *sync_record_key(int i);
 extern const char *sync_json_string(json_t *object, const char *key);
 extern int64 sync_json_int(json_t *object, const char *key, int64 dflt);
