@@ -31,9 +31,11 @@ for selftest in test/*_selftest.py; do
   [ -f "$selftest" ] || continue
   runuser -u "$RUN_AS" -- /usr/bin/python3 "$work/tree/$selftest" || status=$?
 done
-# Each provider's response parsing under libFuzzer for a bounded time, then every kept crash case.
+# Each provider's response parsing under libFuzzer for a bounded number of inputs (fixed seed),
+# then every kept crash case.
 if [ -z "${PROVE_TESTS:-}" ] && [ -x fuzz/run.sh ]; then
-  runuser -u "$RUN_AS" -- bash "$work/tree/fuzz/run.sh" "${SYNC_FUZZ_SECONDS:-30}" || status=$?
+  runuser -u "$RUN_AS" -- env FUZZ_RUNS="${SYNC_FUZZ_RUNS:-20000}" \
+    bash "$work/tree/fuzz/run.sh" "${SYNC_FUZZ_SECONDS:-120}" || status=$?
 fi
 runuser -u "$RUN_AS" -- make -C "$work/tree" -s installcheck ${PROVE_TESTS:+PROVE_TESTS="$PROVE_TESTS"} || status=$?
 if [ "$status" -ne 0 ]; then

@@ -426,10 +426,13 @@ at_take_records(SyncPage *page, json_t *body, json_t *sweep_ids)
 		json_t	   *flat;
 
 		if (id == NULL)
+		{
+			json_decref(body);
 			ereport(ERROR,
 					(errcode(ERRCODE_DATA_EXCEPTION),
 					 errmsg("Airtable record without an id"),
 					 errdetail("Record %zu of the page.", i)));
+		}
 		if (sweep_ids)
 		{
 			json_array_append_new(sweep_ids, json_string(id));

@@ -509,10 +509,13 @@ hs_take_results(SyncCollection *c, SyncPage *page, json_t *body, int64 *last_id,
 		int64		ms;
 
 		if (id == NULL || !json_is_object(props))
+		{
+			json_decref(body);
 			ereport(ERROR,
 					(errcode(ERRCODE_DATA_EXCEPTION),
 					 errmsg("HubSpot record without id or properties"),
 					 errdetail("Record %zu of the page.", i)));
+		}
 		flat = json_deep_copy(props);
 		json_object_set_new(flat, "id", json_string(id));
 		json_array_append_new(page->records, flat);
