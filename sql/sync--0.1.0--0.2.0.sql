@@ -71,3 +71,23 @@ JOIN sync.collection_state st ON st.collection_id = c.id
 LEFT JOIN sync._budgets() b ON b.source_id = s.id
 LEFT JOIN sync._cycles cy ON cy.source_id = s.id;
 COMMENT ON VIEW sync.status IS 'one row per synced collection: backfill progress, lag (measured and estimated), polling, lock waits and errors';
+
+-- Lock the table before the catalog rows: the worker applying a page holds the
+-- table and then updates the collection's state, so the other order deadlocks.
+CREATE OR REPLACE FUNCTION sync.remove_collection(source text, collection text, drop_table boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cid integer;
+    rel oid;
+BEGIN
+    PERFORM sync._require_admin();
+    cid := sync._collection_id(source, collection);
+    SELECT relid INTO rel FROM sync.collections WHERE id = cid;
+    IF drop_table AND to_regclass(rel::regclass::text) IS NOT NULL THEN
+        EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', rel::regclass);
+    END IF;
+    DELETE FROM sync.collections WHERE id = cid;
+    IF drop_table AND to_regclass(rel::regclass::text) IS NOT NULL THEN
+        EXECUTE format('DROP TABLE %s', rel::regclass);
+    END IF;
+END $$;
