@@ -2,11 +2,10 @@
 -- that collection, not an error; a walk's start survives a restart.
 \echo Use "ALTER EXTENSION sync UPDATE" to load this file. \quit
 
--- why the collection's last step was put back (a lock held by a user), since when;
+-- why the collection's last step was put back (a lock held by a user);
 -- when the unfinished walk of the change feed began (survives a restart mid-walk)
 ALTER TABLE sync.collection_state
     ADD COLUMN lock_wait       text,
-    ADD COLUMN lock_wait_since timestamptz,
     ADD COLUMN walk_started_at timestamptz;
 
 CREATE OR REPLACE VIEW sync.status AS

@@ -282,24 +282,33 @@ char *
 sync_json_dump_records(json_t *records, List *fields)
 {
 	StringInfoData buf;
+	int			nfields = list_length(fields);
+	const char **names = palloc(sizeof(char *) * Max(nfields, 1));
+	char	  **keys = palloc(sizeof(char *) * Max(nfields, 1));
 	json_t	   *record;
 	size_t		i;
+	ListCell   *lc;
 
+	/* once per page, not per record: the loop below is the hot path of a backfill */
+	foreach(lc, fields)
+	{
+		int			n = foreach_current_index(lc);
+
+		names[n] = ((SyncField *) lfirst(lc))->api_field;
+		keys[n] = psprintf("%s\"%s\":", n > 0 ? "," : "", sync_record_key(n));
+	}
 	initStringInfo(&buf);
 	appendStringInfoChar(&buf, '[');
 	json_array_foreach(records, i, record)
 	{
-		ListCell   *lc;
-
 		if (i > 0)
 			appendStringInfoChar(&buf, ',');
 		appendStringInfoChar(&buf, '{');
-		foreach(lc, fields)
+		for (int n = 0; n < nfields; n++)
 		{
-			json_t	   *value = json_object_get(record, ((SyncField *) lfirst(lc))->api_field);
+			json_t	   *value = json_object_get(record, names[n]);
 
-			appendStringInfo(&buf, "%s\"%s\":", foreach_current_index(lc) > 0 ? "," : "",
-							 sync_record_key(foreach_current_index(lc)));
+			appendStringInfoString(&buf, keys[n]);
 			if (value)
 				append_json(&buf, value);
 			else
@@ -308,6 +317,10 @@ sync_json_dump_records(json_t *records, List *fields)
 		appendStringInfoChar(&buf, '}');
 	}
 	appendStringInfoChar(&buf, ']');
+	for (int n = 0; n < nfields; n++)
+		pfree(keys[n]);
+	pfree(keys);
+	pfree(names);
 	return buf.data;
 }
 

@@ -17,12 +17,31 @@
 
 #define REDACTED "[redacted]"
 
-/* Replace each occurrence of secret in the body, from offset from on. */
+/*
+ * Put REDACTED in place of body[start, end); a span shorter than it becomes
+ * asterisks instead. Returns the offset just past the replacement.
+ */
+static size_t
+redact_span(SyncHttpResponse *resp, size_t start, size_t end)
+{
+	size_t		m = strlen(REDACTED);
+
+	if (end - start < m)
+	{
+		memset(resp->body + start, '*', end - start);
+		return end;
+	}
+	memcpy(resp->body + start, REDACTED, m);
+	memmove(resp->body + start + m, resp->body + end, resp->body_len - end + 1);
+	resp->body_len -= end - start - m;
+	return start + m;
+}
+
+/* Replace each occurrence of secret in the body. */
 static void
 scrub_string(SyncHttpResponse *resp, const char *secret)
 {
 	size_t		n = strlen(secret);
-	size_t		m = strlen(REDACTED);
 	size_t		from = 0;
 	char	   *p;
 
@@ -30,22 +49,7 @@ scrub_string(SyncHttpResponse *resp, const char *secret)
 		return;					/* too short to be a credential; would shred ordinary words */
 	while (from < resp->body_len &&
 		   (p = memmem(resp->body + from, resp->body_len - from, secret, n)) != NULL)
-	{
-		size_t		off = p - resp->body;
-
-		if (m <= n)
-		{
-			memcpy(p, REDACTED, m);
-			memmove(p + m, p + n, resp->body_len - off - n + 1);
-			resp->body_len -= n - m;
-			from = off + m;
-		}
-		else
-		{
-			memset(p, '*', n);
-			from = off + n;
-		}
-	}
+		from = redact_span(resp, p - resp->body, p - resp->body + n);
 }
 
 static void
@@ -65,23 +69,13 @@ scrub_bearer(SyncHttpResponse *resp)
 {
 	for (size_t i = 0; i + 7 < resp->body_len; i++)
 	{
-		size_t		start;
-		size_t		end;
+		size_t		end = i + 7;
 
 		if (pg_strncasecmp(resp->body + i, "bearer ", 7) != 0)
 			continue;
-		start = end = i + 7;
 		while (end < resp->body_len && strchr(" \t\r\n\"',;}]", resp->body[end]) == NULL)
 			end++;
-		if (end - start >= strlen(REDACTED))
-		{
-			memcpy(resp->body + start, REDACTED, strlen(REDACTED));
-			memmove(resp->body + start + strlen(REDACTED), resp->body + end, resp->body_len - end + 1);
-			resp->body_len -= end - start - strlen(REDACTED);
-		}
-		else
-			memset(resp->body + start, '*', end - start);
-		i = start;
+		i = redact_span(resp, i + 7, end) - 1;
 	}
 }
 

@@ -438,7 +438,7 @@ update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 		"  records_upserted = records_upserted + $8, "
 		"  requests = requests + $9, bytes_received = bytes_received + $15, errors = errors + $16, "
 		"  rate_limited = rate_limited + $17, retries = retries + $18::int, "
-		"  consecutive_failures = 0, activity = nullif($10, ''), lock_wait = NULL, lock_wait_since = NULL, "
+		"  consecutive_failures = 0, activity = nullif($10, ''), lock_wait = NULL, "
 		"  run_requested = false "
 		"WHERE collection_id = $1 AND cursor = $11::jsonb",
 		18, types, args, nulls, false, 0);
