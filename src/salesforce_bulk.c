@@ -38,7 +38,7 @@
 
 #define SF_BULK_MIN_API_VERSION 47
 #define SF_BULK_DEFAULT_THRESHOLD 100000
-#define SF_BULK_DEFAULT_CHUNK_RECORDS 50000
+#define SF_BULK_DEFAULT_CHUNK_RECORDS 25000
 #define SF_BULK_MAX_FAILED_JOBS 3
 
 /* ---------- options ---------- */
@@ -642,6 +642,7 @@ sync_sf_bulk_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t 
 	const char *locator;
 	char	   *next;
 	int64		rows;
+	int64		max_records;
 
 	job = sync_json_string(bulk, "job");
 	if (job == NULL)
@@ -715,15 +716,47 @@ sync_sf_bulk_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t 
 		}
 	}
 
-	/* One set of results: one page. */
+	/*
+	 * One set of results: one page. A set larger than sync.max_response_bytes
+	 * is asked again with half as many records (remembered for the next sets).
+	 */
 	locator = sync_json_string(bulk, "locator");
-	initStringInfo(&path);
-	appendStringInfo(&path, "/services/data/v%s/jobs/query/%s/results?maxRecords=%lld",
-					 sync_sf_api_version(source), job,
-					 (long long) Max(1, bulk_option(source, c, "bulk_chunk_records", SF_BULK_DEFAULT_CHUNK_RECORDS)));
-	if (locator)
-		appendStringInfo(&path, "&locator=%s", sync_http_urlencode(locator));
-	sync_sf_request(source, page, "GET", path.data, NULL, &resp);
+	max_records = sync_json_int(bulk, "max_records",
+								Max(1, bulk_option(source, c, "bulk_chunk_records", SF_BULK_DEFAULT_CHUNK_RECORDS)));
+	for (;;)
+	{
+		MemoryContext ctx = CurrentMemoryContext;
+		volatile bool too_large = false;
+
+		initStringInfo(&path);
+		appendStringInfo(&path, "/services/data/v%s/jobs/query/%s/results?maxRecords=%lld",
+						 sync_sf_api_version(source), job, (long long) max_records);
+		if (locator)
+			appendStringInfo(&path, "&locator=%s", sync_http_urlencode(locator));
+		PG_TRY();
+		{
+			sync_sf_request(source, page, "GET", path.data, NULL, &resp);
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(ctx);
+			edata = CopyErrorData();
+			if (edata->sqlerrcode != ERRCODE_PROGRAM_LIMIT_EXCEEDED || max_records <= 1)
+				PG_RE_THROW();
+			FlushErrorState();
+			too_large = true;
+		}
+		PG_END_TRY();
+		if (!too_large)
+			break;
+		max_records = Max(1, max_records / 2);
+		json_object_set_new(bulk, "max_records", json_integer(max_records));
+		ereport(LOG,
+				(errmsg("Bulk API results of collection \"%s\" exceed sync.max_response_bytes; asking for %lld records a set",
+						c->name, (long long) max_records)));
+	}
 	if (resp.status == 404)
 		return bulk_recreate(source, c, page, bulk, "is gone");
 	if (resp.status == 400 && strcmp(bulk_error_code(&resp), "INVALIDLOCATOR") == 0)

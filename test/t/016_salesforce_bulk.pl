@@ -326,4 +326,39 @@ $log = log_of($A);
 is(scalar(grep { is_bulk_create($_) } @$log), 0, 'bulk_threshold 0: no job');
 cmp_ok(scalar(grep { is_query_more($_) } @$log), '>=', 4, 'bulk_threshold 0: REST pages');
 
+# ---------------------------------------------------------------------------
+# 6. A result set larger than sync.max_response_bytes is asked again with half the records
+# ---------------------------------------------------------------------------
+
+{
+	my $jobs = admin($A, 'GET', 'bulk')->{jobs};
+	my ($done) = grep { $_->{state} eq 'JobComplete' && $_->{records} } reverse @$jobs;
+	my $row_bytes = $done ? $done->{bytes} / $done->{records} : 700;
+	# 1500 rows do not fit, 750 do; a REST page of 200 records (JSON) fits too
+	my $limit = int($row_bytes * 1100);
+	note(sprintf('CSV rows of %.0f bytes: sync.max_response_bytes = %d', $row_bytes, $limit));
+	sql("ALTER SYSTEM SET sync.max_response_bytes = $limit");
+	sql('SELECT pg_reload_conf()');
+	sql(q{SELECT sync.alter_source('acme', options => '{"bulk_threshold": 3000, "batch_size": 200}')});
+	admin($A, 'POST', 'bulk', { quote_all => JSON::PP::true });
+	admin($A, 'DELETE', 'requests');
+	sleep 1;    # the worker reads the new setting at its next round
+	sql("SELECT sync.resync('acme', 'Contact')");
+	is(sql("SELECT sync.wait_for_backfill('acme', 'Contact', '180s')"), 't',
+		'small sync.max_response_bytes: the backfill completes');
+	$log = backfill_part(log_of($A));
+	my @results = grep { defined bulk_result_job($_) } @$log;
+	my @sizes = map { qparams($_)->{maxRecords} // '' } @results;
+	my $half = $CHUNK / 2;
+	my $sets = int(($N + 1 + $half - 1) / $half);
+	is(scalar(grep { $_ == $half } @sizes), $sets, "$sets sets of maxRecords=$half") or diag("@sizes");
+	is(scalar(grep { $_ == $CHUNK } @sizes[ 1 .. $#sizes ]), 0, "no later set asked with $CHUNK") or diag("@sizes");
+	like(slurp_file($node->logfile), qr/exceed sync.max_response_bytes; asking for $half records a set/,
+		'the server log says why');
+	is(status_of('acme', 'Contact')->{backfill_records}, $N + 1, 'status: backfill_records');
+	is(sql('SELECT count(*) FROM acme.contact'), $N + 1, 'every record is in the table');
+	sql('ALTER SYSTEM RESET sync.max_response_bytes');
+	sql('SELECT pg_reload_conf()');
+}
+
 done_testing();
