@@ -36,8 +36,8 @@ static const char *const sf_required_credentials[] = {"client_id", "client_secre
 
 /* ---------- options ---------- */
 
-static const char *
-sf_api_version(SyncSource *source)
+const char *
+sync_sf_api_version(SyncSource *source)
 {
 	const char *v = sync_json_string(source->options, "api_version");
 
@@ -98,8 +98,8 @@ sf_soql_datetime(double epoch)
 
 /* ---------- requests ---------- */
 
-static void
-sf_raise(SyncHttpResponse *resp, const char *what)
+void
+sync_sf_raise(SyncHttpResponse *resp, const char *what)
 {
 	json_t	   *body = json_loadb(resp->body, resp->body_len, 0, NULL);
 	const char *code = NULL;
@@ -164,7 +164,7 @@ sf_refresh_token(SyncSource *source, SyncPage *page)
 					  &resp);
 	memset(form.data, 0, form.len);	/* holds secrets */
 	if (resp.status != 200)
-		sf_raise(&resp, "token refresh");
+		sync_sf_raise(&resp, "token refresh");
 
 	body = sync_json_parse(resp.body, resp.body_len, "Salesforce token response");
 	access = sync_json_string(body, "access_token");
@@ -186,6 +186,37 @@ static bool
 sf_session_expired(SyncHttpResponse *resp)
 {
 	return resp->status == 401;
+}
+
+/*
+ * One request to an API path with the session's token, refreshing the session
+ * once on 401. Any HTTP status is returned in resp (for salesforce_bulk.c).
+ */
+void
+sync_sf_request(SyncSource *source, SyncPage *page, const char *method, const char *path,
+				const char *body, SyncHttpResponse *resp)
+{
+	for (int attempt = 0;; attempt++)
+	{
+		SyncHttpHeader headers[1];
+		char	   *url;
+
+		if (source->token == NULL || sync_json_string(source->token, "access_token") == NULL)
+			sync_refresh_token(source, page);
+		url = psprintf("%s%s", sync_json_string(source->token, "instance_url"), path);
+		headers[0].name = "Authorization";
+		headers[0].value = psprintf("Bearer %s", sync_json_string(source->token, "access_token"));
+		sync_api_request(source, page, method, url, headers, 1, body,
+						 body ? "application/json; charset=UTF-8" : NULL, resp);
+		memset((char *) headers[0].value, 0, strlen(headers[0].value));
+		if (sf_session_expired(resp) && attempt == 0)
+		{
+			json_decref(source->token);
+			source->token = NULL;
+			continue;
+		}
+		return;
+	}
 }
 
 /*
@@ -227,7 +258,7 @@ sf_get(SyncSource *source, SyncPage *page, const char *path, const char *what,
 			continue;
 		}
 		if (resp->status < 200 || resp->status >= 300)
-			sf_raise(resp, what);
+			sync_sf_raise(resp, what);
 		return sync_json_parse(resp->body, resp->body_len, psprintf("Salesforce %s response", what));
 	}
 }
@@ -296,7 +327,7 @@ sf_describe(SyncSource *source, const char *collection, char **canonical_name)
 					 errmsg("invalid Salesforce object name \"%s\"", collection),
 					 errhint("Object names are API names such as Contact or Invoice__c.")));
 
-	path = psprintf("/services/data/v%s/sobjects/%s/describe", sf_api_version(source), collection);
+	path = psprintf("/services/data/v%s/sobjects/%s/describe", sync_sf_api_version(source), collection);
 	PG_TRY();
 	{
 		json_t	   *list;
@@ -426,7 +457,7 @@ sf_soql_string(const char *s)
 static char *
 sf_query_path(SyncSource *source, SyncCollection *c, const char *resource, const char *soql)
 {
-	char	   *path = psprintf("/services/data/v%s/%s/?q=%s", sf_api_version(source), resource,
+	char	   *path = psprintf("/services/data/v%s/%s/?q=%s", sync_sf_api_version(source), resource,
 								sync_http_urlencode(soql));
 
 	if (strlen(path) > SF_MAX_URL_BYTES)
@@ -567,18 +598,85 @@ sf_deleted_interval(SyncSource *source, SyncCollection *c)
 							sync_json_number(source->options, "deleted_interval", SF_DEFAULT_DELETED_INTERVAL_S));
 }
 
+/*
+ * The backfill is over: changes made while it ran are re-read by the first
+ * poll (from started - overlap).
+ */
+static void
+sf_backfill_finish(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor, double started)
+{
+	page->backfill_done = true;
+	page->more = true;
+	page->phase = "incremental";
+	json_object_set_new(cursor, "mode", json_string("incremental"));
+	json_object_set_new(cursor, "safe_from",
+						json_real(started - sync_json_int(source->options, "overlap", SF_DEFAULT_OVERLAP_S)));
+	json_object_del(cursor, "started");
+	if (!json_object_get(cursor, "deleted_until"))
+		json_object_set_new(cursor, "deleted_until", json_real(started));
+	/*
+	 * The first delete check comes at a random point of an interval starting
+	 * when the delete log can first be read (a minute after deleted_until), so
+	 * that collections backfilled together do not all check in the same cycle.
+	 */
+	{
+		double		interval = sf_deleted_interval(source, c);
+		double		earliest = Max((double) time(NULL), sync_json_number(cursor, "deleted_until", 0) + 60);
+
+		json_object_set_new(cursor, "deleted_at",
+							json_real(earliest - interval +
+									  interval * ((double) random() / (double) PG_INT32_MAX)));
+	}
+}
+
 static void
 sf_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor)
 {
-	const char *ts = sync_json_string(cursor, "ts");
-	const char *id = sync_json_string(cursor, "id");
-	char	   *soql = psprintf("SELECT %s FROM %s%s%s ORDER BY SystemModstamp, Id",
-								sf_field_list(c, false), c->name,
-								ts && id ? " WHERE " : "", ts && id ? sf_keyset_where(ts, id) : "");
+	const char *ts;
+	const char *id;
+	char	   *soql;
 	SyncHttpResponse resp = {0};
 	json_t	   *body;
 	bool		is_new;
-	double		started = sync_json_number(cursor, "started", -1);
+	double		started;
+
+	/* A Bulk API 2.0 query job in progress (see salesforce_bulk.c). */
+	if (json_is_object(json_object_get(cursor, "bulk")))
+	{
+		double		bulk_started = -1;
+
+		switch (sync_sf_bulk_step(source, c, page, cursor, &bulk_started))
+		{
+			case SYNC_SF_BULK_MORE:
+				page->phase = "backfill";
+				page->more = true;
+				return;
+			case SYNC_SF_BULK_DONE:
+				json_object_del(cursor, "bulk");
+				json_object_del(cursor, "ts");
+				json_object_del(cursor, "id");
+				json_object_del(cursor, "next_url");
+				sf_backfill_finish(source, c, page, cursor, bulk_started);
+				return;
+			case SYNC_SF_BULK_FALLBACK:
+				/* the REST query starts over (records already applied are upserted again) */
+				json_object_del(cursor, "bulk");
+				json_object_del(cursor, "ts");
+				json_object_del(cursor, "id");
+				json_object_del(cursor, "next_url");
+				json_object_del(cursor, "started");
+				json_object_set_new(cursor, "bulk_declined", json_true());
+				page->backfill_restart = true;
+				break;
+		}
+	}
+
+	ts = sync_json_string(cursor, "ts");
+	id = sync_json_string(cursor, "id");
+	soql = psprintf("SELECT %s FROM %s%s%s ORDER BY SystemModstamp, Id",
+					sf_field_list(c, false), c->name,
+					ts && id ? " WHERE " : "", ts && id ? sf_keyset_where(ts, id) : "");
+	started = sync_json_number(cursor, "started", -1);
 
 	body = sf_query_page(source, c, page, cursor, "query", soql, &resp, &is_new);
 	if (started < 0)
@@ -603,31 +701,30 @@ sf_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *
 	{
 		page->more = true;
 		page->phase = "backfill";
+		/*
+		 * A large object: the first page told its size; the rest comes from a
+		 * Bulk API 2.0 query job, in a few large CSV chunks instead of a page
+		 * of 2,000 records per request. This page's records stay applied.
+		 */
+		if (is_new && ts == NULL && page->total >= 0 && !sync_json_bool(cursor, "bulk_declined", false) &&
+			sync_sf_bulk_wanted(source, c, page->total))
+		{
+			ereport(LOG,
+					(errmsg("backfill of collection \"%s\" (%lld records) continues with a Bulk API 2.0 query job",
+							c->name, (long long) page->total)));
+			json_object_set_new(cursor, "bulk", json_object());
+			/* deletes of records this page applied are read from the delete log from here on */
+			if (!json_object_get(cursor, "deleted_until"))
+				json_object_set_new(cursor, "deleted_until", json_real(started));
+			json_object_del(cursor, "next_url");
+			json_object_del(cursor, "ts");
+			json_object_del(cursor, "id");
+			json_object_del(cursor, "started");
+		}
 		return;
 	}
-	/* Done. Changes made while the backfill ran are re-read by the first poll. */
-	page->backfill_done = true;
-	page->more = true;
-	page->phase = "incremental";
-	json_object_set_new(cursor, "mode", json_string("incremental"));
-	json_object_set_new(cursor, "safe_from",
-						json_real(started - sync_json_int(source->options, "overlap", SF_DEFAULT_OVERLAP_S)));
-	json_object_del(cursor, "started");
-	if (!json_object_get(cursor, "deleted_until"))
-		json_object_set_new(cursor, "deleted_until", json_real(started));
-	/*
-	 * The first delete check comes at a random point of an interval starting
-	 * when the delete log can first be read (a minute after deleted_until), so
-	 * that collections backfilled together do not all check in the same cycle.
-	 */
-	{
-		double		interval = sf_deleted_interval(source, c);
-		double		earliest = Max((double) time(NULL), sync_json_number(cursor, "deleted_until", 0) + 60);
-
-		json_object_set_new(cursor, "deleted_at",
-							json_real(earliest - interval +
-									  interval * ((double) random() / (double) PG_INT32_MAX)));
-	}
+	json_object_del(cursor, "bulk_declined");
+	sf_backfill_finish(source, c, page, cursor, started);
 }
 
 static void
@@ -717,7 +814,7 @@ sf_get_deleted(SyncSource *source, SyncCollection *c, SyncPage *page, double sta
 	PG_TRY();
 	{
 		body = sf_get(source, page,
-					  psprintf("/services/data/v%s/sobjects/%s/deleted/?start=%s&end=%s", sf_api_version(source),
+					  psprintf("/services/data/v%s/sobjects/%s/deleted/?start=%s&end=%s", sync_sf_api_version(source),
 							   c->name, sf_iso_param(start), sf_iso_param(end)),
 					  "getDeleted", 0, resp);
 	}

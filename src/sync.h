@@ -13,7 +13,7 @@
  *   ratelimit.c   per-source request budgets in shared memory
  *   request.c     every API request: budget, counters, rate-limit answers
  *   provider.c    the registry of providers (one file per API)
- *   salesforce.c  the Salesforce provider
+ *   salesforce.c  the Salesforce provider (salesforce_bulk.c: Bulk API 2.0 backfills)
  *   notify.c      delivering queued notifications: webhooks, and e-mail via smtp.c
  *   smtp.c        sending one e-mail through an SMTP server
  *   api.c         SQL-callable functions
@@ -310,6 +310,25 @@ extern const SyncProvider sync_salesforce_provider;
 extern const SyncProvider sync_stripe_provider;
 extern const SyncProvider sync_hubspot_provider;
 extern const SyncProvider sync_airtable_provider;
+
+/*
+ * Salesforce (salesforce.c): requests shared with salesforce_bulk.c, whose
+ * Bulk API 2.0 query jobs carry large backfills.
+ */
+typedef enum SyncSfBulkResult
+{
+	SYNC_SF_BULK_MORE,			/* page filled (maybe empty: the job runs); run again */
+	SYNC_SF_BULK_DONE,			/* the last chunk is in page; *started = the job's creation */
+	SYNC_SF_BULK_FALLBACK		/* Bulk API unusable for this object: query with REST */
+} SyncSfBulkResult;
+
+extern const char *sync_sf_api_version(SyncSource *source);
+extern void sync_sf_request(SyncSource *source, SyncPage *page, const char *method, const char *path,
+							const char *body, SyncHttpResponse *resp);
+extern void sync_sf_raise(SyncHttpResponse *resp, const char *what) pg_attribute_noreturn();
+extern bool sync_sf_bulk_wanted(SyncSource *source, SyncCollection *c, int64 total);
+extern SyncSfBulkResult sync_sf_bulk_step(SyncSource *source, SyncCollection *c, SyncPage *page,
+										  json_t *cursor, double *started);
 
 /* Saves a source's token (and a rotated refresh token) in its own transaction if none is open. */
 extern void sync_save_token(SyncSource *source, json_t *token, json_t *rotated_credentials);
