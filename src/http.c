@@ -1,18 +1,32 @@
 /*
- * http.c: API requests through libcurl. One easy handle per process keeps
- * connections alive between requests; the transfer runs on a multi handle so
- * the process can answer SIGTERM and query cancel within a poll interval,
- * even in the middle of a slow response. Nothing here longjmps through
- * libcurl: callbacks only copy bytes, errors are raised after the transfer.
+ * http.c: API requests through libcurl. Easy handles are kept between
+ * requests, and the multi handle they run on keeps connections alive; the
+ * transfer runs on the multi handle so the process can answer SIGTERM and
+ * query cancel within a poll interval, even in the middle of a slow response.
+ * Nothing here longjmps through libcurl: callbacks only copy bytes, errors are
+ * raised after the transfer.
+ *
+ * A provider walking pages may start its next GET before it applies the page
+ * in hand (sync_http_prefetch), so that the API answers while we write. That
+ * GET runs on a second easy handle of the same multi handle, and the request
+ * asking for exactly it adopts the transfer instead of sending another. Any
+ * other request discards it first: one transfer in flight at a time keeps
+ * the loop below simple, and a stale answer is never served.
  */
 #include "sync.h"
 
 #include <curl/curl.h>
-#include <time.h>
 
 #include "miscadmin.h"
+#include "utils/timestamp.h"
 
 #define SYNC_HTTP_POLL_MS 100
+
+/* An older prefetch may answer from a connection or a state long gone: ask again. */
+#define PREFETCH_MAX_AGE_US (30 * USECS_PER_SEC)
+
+/* Non-blocking performs that put a prefetch on a kept-alive connection's wire. */
+#define PREFETCH_KICKS 4
 
 typedef struct HttpBuffer
 {
@@ -22,13 +36,38 @@ typedef struct HttpBuffer
 	bool		too_large;
 } HttpBuffer;
 
-static CURL *easy = NULL;
+/*
+ * One transfer and what it owns until it ends. Everything is malloc'd: a
+ * palloc failure must not longjmp out of curl, and a prefetch outlives the
+ * memory context of the step that started it.
+ */
+typedef struct HttpTransfer
+{
+	CURL	   *easy;
+	HttpBuffer	body;
+	HttpBuffer	headers;		/* every header line of the final response */
+	struct curl_slist *list;	/* request headers: curl reads them until the end */
+	char		errbuf[CURL_ERROR_SIZE];
+	bool		in_multi;
+	bool		done;
+	CURLcode	result;
+
+	/* what was asked, for telling whether a prefetch is the request's own */
+	char	   *url;
+	int			nheaders;		/* the caller's headers, first in list */
+	bool		verify_tls;
+	int			timeout_ms;
+	TimestampTz started_at;
+	bool		claimed;		/* promised to the next request: no longer expires */
+} HttpTransfer;
+
 static CURLM *multi = NULL;
 static bool curl_ready = false;
 
-/* Response buffers are malloc'd: a palloc failure must not longjmp out of curl. */
-static HttpBuffer body_buf;
-static HttpBuffer header_buf;	/* every header line of the final response */
+/* The request's transfer, and the prefetch in the other slot when there is one. */
+static HttpTransfer transfers[2];
+static HttpTransfer *current = &transfers[0];
+static HttpTransfer *prefetched = NULL;
 
 static void
 buffer_reset(HttpBuffer *b)
@@ -37,6 +76,13 @@ buffer_reset(HttpBuffer *b)
 	b->too_large = false;
 	if (b->data)
 		b->data[0] = '\0';
+}
+
+static void
+buffer_free(HttpBuffer *b)
+{
+	free(b->data);
+	memset(b, 0, sizeof(*b));
 }
 
 static bool
@@ -69,9 +115,10 @@ buffer_append(HttpBuffer *b, const char *data, size_t n, size_t limit)
 static size_t
 write_body(char *ptr, size_t size, size_t nmemb, void *userdata)
 {
+	HttpTransfer *t = (HttpTransfer *) userdata;
 	size_t		n = size * nmemb;
 
-	if (!buffer_append(&body_buf, ptr, n, (size_t) sync_max_response_bytes))
+	if (!buffer_append(&t->body, ptr, n, (size_t) sync_max_response_bytes))
 		return 0;				/* makes curl fail with CURLE_WRITE_ERROR */
 	return n;
 }
@@ -79,12 +126,13 @@ write_body(char *ptr, size_t size, size_t nmemb, void *userdata)
 static size_t
 write_header(char *ptr, size_t size, size_t nmemb, void *userdata)
 {
+	HttpTransfer *t = (HttpTransfer *) userdata;
 	size_t		n = size * nmemb;
 
 	/* A status line starts a new response (after 100 Continue or a redirect). */
 	if (n >= 5 && strncmp(ptr, "HTTP/", 5) == 0)
-		buffer_reset(&header_buf);
-	buffer_append(&header_buf, ptr, n, 64 * 1024);
+		buffer_reset(&t->headers);
+	buffer_append(&t->headers, ptr, n, 64 * 1024);
 	return n;
 }
 
@@ -100,31 +148,280 @@ sync_http_init(void)
 	curl_ready = true;
 }
 
-void
-sync_http_cleanup(void)
-{
-	if (multi && easy)
-		curl_multi_remove_handle(multi, easy);
-	if (easy)
-		curl_easy_cleanup(easy);
-	if (multi)
-		curl_multi_cleanup(multi);
-	easy = NULL;
-	multi = NULL;
-}
-
 static void
-ensure_handles(void)
+ensure_multi(void)
 {
 	sync_http_init();
 	if (multi == NULL)
 		multi = curl_multi_init();
-	if (easy == NULL)
-		easy = curl_easy_init();
-	if (multi == NULL || easy == NULL)
+	if (multi == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("could not create an HTTP handle")));
+}
+
+/* The request headers hold tokens: they must not linger in freed memory. */
+static void
+free_header_list(struct curl_slist *list)
+{
+	for (struct curl_slist *l = list; l != NULL; l = l->next)
+		explicit_bzero(l->data, strlen(l->data));
+	curl_slist_free_all(list);
+}
+
+/* Take the transfer off the multi handle; its response stays readable. */
+static void
+transfer_end(HttpTransfer *t)
+{
+	if (t->in_multi)
+		curl_multi_remove_handle(multi, t->easy);
+	t->in_multi = false;
+	free_header_list(t->list);
+	t->list = NULL;
+	free(t->url);
+	t->url = NULL;
+}
+
+static void
+prefetch_discard(void)
+{
+	if (prefetched == NULL)
+		return;
+	transfer_end(prefetched);
+	buffer_free(&prefetched->body);
+	buffer_free(&prefetched->headers);
+	prefetched = NULL;
+}
+
+void
+sync_http_cleanup(void)
+{
+	prefetch_discard();
+	for (int i = 0; i < lengthof(transfers); i++)
+	{
+		transfer_end(&transfers[i]);
+		if (transfers[i].easy)
+			curl_easy_cleanup(transfers[i].easy);
+		transfers[i].easy = NULL;
+	}
+	if (multi)
+		curl_multi_cleanup(multi);
+	multi = NULL;
+}
+
+static void
+list_append(HttpTransfer *t, const char *line)
+{
+	struct curl_slist *grown = curl_slist_append(t->list, line);
+
+	/* a request short of a header (its Authorization) must not go out */
+	if (grown == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory building an HTTP request")));
+	t->list = grown;
+}
+
+/* Set a transfer up and add it to the multi handle; nothing is sent yet. */
+static void
+transfer_start(HttpTransfer *t, const char *method, const char *url,
+			   const SyncHttpHeader *headers, int nheaders,
+			   const char *body, const char *content_type,
+			   bool verify_tls, int timeout_ms)
+{
+	char		line[8192];
+
+	Assert(!t->in_multi);
+	transfer_end(t);			/* what an ERROR in here left behind */
+	if (t->easy == NULL)
+		t->easy = curl_easy_init();
+	t->url = strdup(url);
+	if (t->easy == NULL || t->url == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("could not create an HTTP handle")));
+	curl_easy_reset(t->easy);
+	buffer_reset(&t->body);
+	buffer_reset(&t->headers);
+	t->errbuf[0] = '\0';
+	t->done = false;
+	t->result = CURLE_OK;
+	t->claimed = false;
+	t->nheaders = nheaders;
+	t->verify_tls = verify_tls;
+	t->timeout_ms = timeout_ms;
+
+	for (int i = 0; i < nheaders; i++)
+	{
+		snprintf(line, sizeof(line), "%s: %s", headers[i].name, headers[i].value);
+		list_append(t, line);
+	}
+	if (content_type)
+	{
+		snprintf(line, sizeof(line), "Content-Type: %s", content_type);
+		list_append(t, line);
+	}
+	list_append(t, "Accept: application/json");
+	list_append(t, "Expect:");
+
+	curl_easy_setopt(t->easy, CURLOPT_URL, url);
+	curl_easy_setopt(t->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(t->easy, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(t->easy, CURLOPT_FOLLOWLOCATION, 0L);
+	curl_easy_setopt(t->easy, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(t->easy, CURLOPT_ERRORBUFFER, t->errbuf);
+	curl_easy_setopt(t->easy, CURLOPT_USERAGENT, sync_user_agent);
+	curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->list);
+	curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS, (long) Min(sync_http_connect_timeout_ms, timeout_ms));
+	curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, (long) timeout_ms);
+	curl_easy_setopt(t->easy, CURLOPT_ACCEPT_ENCODING, "");
+	curl_easy_setopt(t->easy, CURLOPT_SSL_VERIFYPEER, verify_tls ? 1L : 0L);
+	curl_easy_setopt(t->easy, CURLOPT_SSL_VERIFYHOST, verify_tls ? 2L : 0L);
+	curl_easy_setopt(t->easy, CURLOPT_WRITEFUNCTION, write_body);
+	curl_easy_setopt(t->easy, CURLOPT_WRITEDATA, t);
+	curl_easy_setopt(t->easy, CURLOPT_HEADERFUNCTION, write_header);
+	curl_easy_setopt(t->easy, CURLOPT_HEADERDATA, t);
+	curl_easy_setopt(t->easy, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) sync_max_response_bytes);
+	if (strcmp(method, "GET") != 0)
+		curl_easy_setopt(t->easy, CURLOPT_CUSTOMREQUEST, method);
+	if (body)
+	{
+		curl_easy_setopt(t->easy, CURLOPT_POSTFIELDS, body);
+		curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE, (long) strlen(body));
+	}
+
+	if (curl_multi_add_handle(multi, t->easy) != CURLM_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not start an HTTP request")));
+	t->in_multi = true;
+	t->started_at = GetCurrentTimestamp();
+}
+
+/* Move every transfer on as far as it goes without waiting, and note the finished. */
+static void
+multi_progress(void)
+{
+	CURLMsg    *msg;
+	int			running;
+	int			left;
+
+	curl_multi_perform(multi, &running);
+	while ((msg = curl_multi_info_read(multi, &left)) != NULL)
+	{
+		if (msg->msg != CURLMSG_DONE)
+			continue;
+		for (int i = 0; i < lengthof(transfers); i++)
+			if (transfers[i].in_multi && transfers[i].easy == msg->easy_handle)
+			{
+				transfers[i].done = true;
+				transfers[i].result = msg->data.result;
+			}
+	}
+}
+
+/* Wait for the transfer to finish, interruptibly, and take it off the multi handle. */
+static void
+transfer_finish(HttpTransfer *t, const char *url)
+{
+	PG_TRY();
+	{
+		for (;;)
+		{
+			multi_progress();
+			if (t->done)
+				break;
+			/* Between curl calls, never inside one: SIGTERM and cancel act here. */
+			CHECK_FOR_INTERRUPTS();
+			if (sync_is_worker && sync_worker_extension_dropped())
+				ereport(ERROR,
+						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						 errmsg("request to \"%s\" given up: the sync extension was dropped",
+								sync_http_host_of(url))));
+			curl_multi_poll(multi, NULL, 0, SYNC_HTTP_POLL_MS, NULL);
+		}
+	}
+	PG_CATCH();
+	{
+		transfer_end(t);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	transfer_end(t);
+}
+
+/* Raise a failed transfer's error, or fill resp from its response. */
+static void
+transfer_response(HttpTransfer *t, const char *url, SyncHttpResponse *resp)
+{
+	if (t->result != CURLE_OK)
+	{
+		const char *host = sync_http_host_of(url);
+
+		if (t->body.too_large || t->result == CURLE_FILESIZE_EXCEEDED)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("response from \"%s\" is larger than sync.max_response_bytes (%d bytes)",
+							host, sync_max_response_bytes),
+					 errhint("Raise sync.max_response_bytes, or lower the page size of the collection.")));
+		ereport(ERROR,
+				(errcode(t->result == CURLE_OPERATION_TIMEDOUT ? ERRCODE_QUERY_CANCELED : ERRCODE_CONNECTION_FAILURE),
+				 errmsg("request to \"%s\" failed: %s", host,
+						t->errbuf[0] ? t->errbuf : curl_easy_strerror(t->result))));
+	}
+
+	curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &resp->status);
+	if (t->body.data == NULL)
+		buffer_append(&t->body, "", 0, 1);
+	resp->body = t->body.data;
+	resp->body_len = t->body.len;
+	resp->headers = (t->headers.len > 0) ? pstrdup(t->headers.data) : NULL;
+	resp->date = sync_http_header(resp, "Date");
+}
+
+static bool
+effective_verify_tls(bool verify_tls)
+{
+	return verify_tls || !sync_allow_insecure_tls;
+}
+
+static bool
+header_line_is(const char *line, const SyncHttpHeader *h)
+{
+	size_t		n = strlen(h->name);
+
+	return strncmp(line, h->name, n) == 0 && line[n] == ':' && line[n + 1] == ' ' &&
+		strcmp(line + n + 2, h->value) == 0;
+}
+
+/*
+ * Whether the prefetch is this very request. A line cut short by the buffer
+ * it was formatted in never matches: such a request is simply made anew.
+ */
+static bool
+prefetch_is(const char *method, const char *url,
+			const SyncHttpHeader *headers, int nheaders,
+			const char *body, const char *content_type,
+			bool verify_tls, int timeout_ms)
+{
+	HttpTransfer *t = prefetched;
+	struct curl_slist *line;
+
+	if (t == NULL || strcmp(method, "GET") != 0 || body != NULL || content_type != NULL ||
+		strcmp(url, t->url) != 0 || verify_tls != t->verify_tls ||
+		timeout_ms != t->timeout_ms || nheaders != t->nheaders)
+		return false;
+	line = t->list;
+	for (int i = 0; i < nheaders; i++, line = line->next)
+		if (!header_line_is(line->data, &headers[i]))
+			return false;
+	return true;
+}
+
+static bool
+prefetch_young(void)
+{
+	return GetCurrentTimestamp() - prefetched->started_at < PREFETCH_MAX_AGE_US;
 }
 
 /*
@@ -143,19 +440,16 @@ sync_http_request(const char *method, const char *url,
 							  sync_http_timeout_ms, resp);
 }
 
-/* The same with a total timeout of its own (ms). */
+/*
+ * The same with a total timeout of its own (ms). A prefetch of this very
+ * request is adopted: its timeout runs from when it was sent.
+ */
 void
 sync_http_request_timeout(const char *method, const char *url,
 						  const SyncHttpHeader *headers, int nheaders,
 						  const char *body, const char *content_type,
 						  bool verify_tls, int timeout_ms, SyncHttpResponse *resp)
 {
-	struct curl_slist *volatile list = NULL;
-	char		errbuf[CURL_ERROR_SIZE];
-	volatile CURLcode result = CURLE_OK;
-	volatile bool done = false;
-	int			running = 0;
-	char		line[8192];
 	char	   *why;
 
 	memset(resp, 0, sizeof(*resp));
@@ -163,112 +457,75 @@ sync_http_request_timeout(const char *method, const char *url,
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("refusing to request URL on host \"%s\": %s", sync_http_host_of(url), why)));
-	if (!verify_tls && !sync_allow_insecure_tls)
-		verify_tls = true;
+	verify_tls = effective_verify_tls(verify_tls);
+	ensure_multi();
 
-	ensure_handles();
-	curl_easy_reset(easy);
-	buffer_reset(&body_buf);
-	buffer_reset(&header_buf);
-	errbuf[0] = '\0';
-
-	for (int i = 0; i < nheaders; i++)
+	if (prefetch_is(method, url, headers, nheaders, body, content_type, verify_tls, timeout_ms) &&
+		(prefetched->claimed || prefetch_young()))
 	{
-		snprintf(line, sizeof(line), "%s: %s", headers[i].name, headers[i].value);
-		list = curl_slist_append(list, line);
+		current = prefetched;
+		prefetched = NULL;
 	}
-	if (content_type)
+	else
 	{
-		snprintf(line, sizeof(line), "Content-Type: %s", content_type);
-		list = curl_slist_append(list, line);
+		prefetch_discard();
+		transfer_start(current, method, url, headers, nheaders, body, content_type,
+					   verify_tls, timeout_ms);
 	}
-	list = curl_slist_append(list, "Accept: application/json");
-	list = curl_slist_append(list, "Expect:");
+	transfer_finish(current, url);
+	transfer_response(current, url, resp);
+}
 
-	curl_easy_setopt(easy, CURLOPT_URL, url);
-	curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
-	curl_easy_setopt(easy, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
-	curl_easy_setopt(easy, CURLOPT_FOLLOWLOCATION, 0L);
-	curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, errbuf);
-	curl_easy_setopt(easy, CURLOPT_USERAGENT, sync_user_agent);
-	curl_easy_setopt(easy, CURLOPT_HTTPHEADER, list);
-	curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, (long) Min(sync_http_connect_timeout_ms, timeout_ms));
-	curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, (long) timeout_ms);
-	curl_easy_setopt(easy, CURLOPT_ACCEPT_ENCODING, "");
-	curl_easy_setopt(easy, CURLOPT_SSL_VERIFYPEER, verify_tls ? 1L : 0L);
-	curl_easy_setopt(easy, CURLOPT_SSL_VERIFYHOST, verify_tls ? 2L : 0L);
-	curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, write_body);
-	curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, write_header);
-	curl_easy_setopt(easy, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) sync_max_response_bytes);
-	if (strcmp(method, "GET") != 0)
-		curl_easy_setopt(easy, CURLOPT_CUSTOMREQUEST, method);
-	if (body)
-	{
-		curl_easy_setopt(easy, CURLOPT_POSTFIELDS, body);
-		curl_easy_setopt(easy, CURLOPT_POSTFIELDSIZE, (long) strlen(body));
-	}
+/*
+ * Send a GET now, to be adopted by the request that asks for it (see
+ * sync_http_request_timeout), and return without waiting for the answer. It
+ * replaces any earlier prefetch. Only a kept-alive connection gets the
+ * request on the wire at once; a new one is connected by sync_http_pump()
+ * calls or by the adopting request.
+ */
+void
+sync_http_prefetch(const char *url, const SyncHttpHeader *headers, int nheaders, bool verify_tls)
+{
+	HttpTransfer *t = (current == &transfers[0]) ? &transfers[1] : &transfers[0];
+	char	   *why;
 
-	curl_multi_add_handle(multi, easy);
-	PG_TRY();
-	{
-		while (!done)
-		{
-			CURLMsg    *msg;
-			int			left;
+	prefetch_discard();
+	/* the request itself reports a URL it refuses, when it is made */
+	if (!sync_url_is_valid(url, &why))
+		return;
+	ensure_multi();
+	transfer_start(t, "GET", url, headers, nheaders, NULL, NULL,
+				   effective_verify_tls(verify_tls), sync_http_timeout_ms);
+	prefetched = t;
+	for (int i = 0; i < PREFETCH_KICKS && !t->done; i++)
+		multi_progress();
+}
 
-			curl_multi_perform(multi, &running);
-			while ((msg = curl_multi_info_read(multi, &left)) != NULL)
-			{
-				if (msg->msg == CURLMSG_DONE && msg->easy_handle == easy)
-				{
-					result = msg->data.result;
-					done = true;
-				}
-			}
-			if (done)
-				break;
-			/* Between curl calls, never inside one: SIGTERM and cancel act here. */
-			CHECK_FOR_INTERRUPTS();
-			if (sync_is_worker && sync_worker_extension_dropped())
-				ereport(ERROR,
-						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-						 errmsg("request to \"%s\" given up: the sync extension was dropped",
-								sync_http_host_of(url))));
-			curl_multi_poll(multi, NULL, 0, SYNC_HTTP_POLL_MS, NULL);
-		}
-	}
-	PG_CATCH();
-	{
-		curl_multi_remove_handle(multi, easy);
-		curl_slist_free_all(list);
-		PG_RE_THROW();
-	}
-	PG_END_TRY();
-	curl_multi_remove_handle(multi, easy);
-	curl_slist_free_all(list);
+/*
+ * True when the next sync_http_request() of a GET with these arguments will
+ * adopt the prefetch, which from now on is kept for it however old: a caller
+ * deciding on the answer (not to charge a budget twice) is not let down by
+ * the clock in between.
+ */
+bool
+sync_http_prefetch_claim(const char *url, const SyncHttpHeader *headers, int nheaders, bool verify_tls)
+{
+	if (!prefetch_is("GET", url, headers, nheaders, NULL, NULL,
+					 effective_verify_tls(verify_tls), sync_http_timeout_ms) ||
+		!(prefetched->claimed || prefetch_young()))
+		return false;
+	prefetched->claimed = true;
+	return true;
+}
 
-	if (result != CURLE_OK)
-	{
-		const char *host = sync_http_host_of(url);
-
-		if (body_buf.too_large || result == CURLE_FILESIZE_EXCEEDED)
-			ereport(ERROR,
-					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-					 errmsg("response from \"%s\" is larger than sync.max_response_bytes (%d bytes)",
-							host, sync_max_response_bytes),
-					 errhint("Raise sync.max_response_bytes, or lower the page size of the collection.")));
-		ereport(ERROR,
-				(errcode(result == CURLE_OPERATION_TIMEDOUT ? ERRCODE_QUERY_CANCELED : ERRCODE_CONNECTION_FAILURE),
-				 errmsg("request to \"%s\" failed: %s", host,
-						errbuf[0] ? errbuf : curl_easy_strerror(result))));
-	}
-
-	curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &resp->status);
-	if (body_buf.data == NULL)
-		buffer_append(&body_buf, "", 0, 1);
-	resp->body = body_buf.data;
-	resp->body_len = body_buf.len;
-	resp->headers = (header_buf.len > 0) ? pstrdup(header_buf.data) : NULL;
-	resp->date = sync_http_header(resp, "Date");
+/*
+ * Move the prefetch on without waiting. While the process is busy elsewhere
+ * its answer can only pile up in the socket buffer: callers pump between
+ * statements so that a large one keeps flowing.
+ */
+void
+sync_http_pump(void)
+{
+	if (prefetched && !prefetched->done)
+		multi_progress();
 }

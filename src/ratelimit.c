@@ -282,6 +282,54 @@ slot_count_use(BudgetSlot *slot, TimestampTz now)
 }
 
 /*
+ * Take one request's token if the source's budget has it now, and return 0;
+ * else return the microseconds until it might, with *penalty_us those of a
+ * rate-limit penalty still to run (0: none).
+ */
+static int64
+budget_take(SyncSource *source, bool search, int64 *penalty_us)
+{
+	SyncQuota	seen;
+	BudgetConfig cfg;
+	BudgetSlot *slot;
+	TimestampTz now = GetCurrentTimestamp();
+	int64		wait_us;
+
+	LWLockAcquire(budget_lock, LW_SHARED);
+	slot = slot_find(MyDatabaseId, source->id);
+	if (slot)
+		seen = slot->seen;
+	else
+	{
+		memset(&seen, 0, sizeof(seen));
+		seen.daily_remaining = -1;
+	}
+	LWLockRelease(budget_lock);
+	budget_config(source, &seen, &cfg);
+
+	LWLockAcquire(budget_lock, LW_EXCLUSIVE);
+	slot = slot_find_or_add(MyDatabaseId, source->id, now);
+	slot_apply_config(slot, &cfg);
+	slot->last_used = now;
+	bucket_refill(&slot->main, now);
+	bucket_refill(&slot->search, now);
+	wait_us = bucket_wait_us(&slot->main);
+	if (search)
+		wait_us = Max(wait_us, bucket_wait_us(&slot->search));
+	*penalty_us = Max(slot->penalty_until - now, 0);
+	wait_us = Max(wait_us, *penalty_us);
+	if (wait_us == 0)
+	{
+		slot->main.tokens -= 1.0;
+		if (search && slot->search.rate > 0)
+			slot->search.tokens -= 1.0;
+		slot_count_use(slot, now);
+	}
+	LWLockRelease(budget_lock);
+	return wait_us;
+}
+
+/*
  * Wait until the source's budget allows one more request, and take it.
  * Interruptible: SIGTERM and query cancel act while we wait. A worker does
  * not sit out a rate-limit penalty inside a step, since it serves other
@@ -293,58 +341,30 @@ sync_budget_acquire(SyncSource *source, bool search)
 {
 	for (;;)
 	{
-		SyncQuota	seen;
-		BudgetConfig cfg;
-		BudgetSlot *slot;
-		TimestampTz now = GetCurrentTimestamp();
-		int64		wait_us;
+		int64		penalty_us;
+		int64		wait_us = budget_take(source, search, &penalty_us);
 
-		LWLockAcquire(budget_lock, LW_SHARED);
-		slot = slot_find(MyDatabaseId, source->id);
-		if (slot)
-			seen = slot->seen;
-		else
-		{
-			memset(&seen, 0, sizeof(seen));
-			seen.daily_remaining = -1;
-		}
-		LWLockRelease(budget_lock);
-		budget_config(source, &seen, &cfg);
-
-		LWLockAcquire(budget_lock, LW_EXCLUSIVE);
-		slot = slot_find_or_add(MyDatabaseId, source->id, now);
-		slot_apply_config(slot, &cfg);
-		slot->last_used = now;
-		bucket_refill(&slot->main, now);
-		bucket_refill(&slot->search, now);
-		wait_us = bucket_wait_us(&slot->main);
-		if (search)
-			wait_us = Max(wait_us, bucket_wait_us(&slot->search));
-		if (slot->penalty_until > now)
-		{
-			if (sync_is_worker && slot->penalty_until - now > USECS_PER_SEC)
-			{
-				LWLockRelease(budget_lock);
-				return false;
-			}
-			wait_us = Max(wait_us, slot->penalty_until - now);
-		}
-		if (wait_us <= 0)
-		{
-			slot->main.tokens -= 1.0;
-			if (search && slot->search.rate > 0)
-				slot->search.tokens -= 1.0;
-			slot_count_use(slot, now);
-			LWLockRelease(budget_lock);
+		if (wait_us == 0)
 			return true;
-		}
-		LWLockRelease(budget_lock);
-
+		if (sync_is_worker && penalty_us > USECS_PER_SEC)
+			return false;
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 (long) Max(1, (wait_us + 999) / 1000), PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 	}
+}
+
+/*
+ * Take a token only if one is there now: for a request that is worth making
+ * early but not worth waiting for (a prefetch). False during any penalty.
+ */
+bool
+sync_budget_try_acquire(SyncSource *source, bool search)
+{
+	int64		penalty_us;
+
+	return budget_take(source, search, &penalty_us) == 0;
 }
 
 /* Milliseconds until the source may make a request (0: now); for the scheduler. */

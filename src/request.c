@@ -4,6 +4,11 @@
  * answers) in the page that commits with the step, and its response is shown
  * to the budget so usage headers and rate-limit answers take effect for the
  * source's next request, whichever process makes it.
+ *
+ * A prefetch is paid for when it is sent, since budgets limit requests sent:
+ * the request that adopts it does not pay again, but is counted in its page
+ * like any other. A prefetch thrown away was a request too; its token stays
+ * spent.
  */
 #include "sync.h"
 
@@ -124,15 +129,13 @@ scrub_error_body(SyncSource *source, SyncHttpResponse *resp)
 	scrub_bearer(resp);
 }
 
-void
-sync_api_request(SyncSource *source, SyncPage *page, const char *method, const char *url,
-				 const SyncHttpHeader *headers, int nheaders, const char *body,
-				 const char *content_type, SyncHttpResponse *resp)
-{
-	const SyncProvider *provider = source->provider;
-	bool		search = provider->is_search && provider->is_search(method, url);
+/* The source whose budget paid for the prefetch in flight; 0: none. */
+static int32 prefetch_paid_by = 0;
 
-	/* a token from the API with a line break would add headers of its choosing */
+/* a token from the API with a line break would add headers of its choosing */
+static void
+check_headers(SyncSource *source, const SyncHttpHeader *headers, int nheaders)
+{
 	for (int i = 0; i < nheaders; i++)
 		if (strpbrk(headers[i].value, "\r\n") != NULL)
 			ereport(ERROR,
@@ -140,12 +143,47 @@ sync_api_request(SyncSource *source, SyncPage *page, const char *method, const c
 					 errmsg("request header \"%s\" of source \"%s\" would contain a line break",
 							headers[i].name, source->name),
 					 errhint("The token the API issued is malformed; refreshing it again may help.")));
+}
+
+static bool
+is_search(SyncSource *source, const char *method, const char *url)
+{
+	const SyncProvider *provider = source->provider;
+
+	return provider->is_search && provider->is_search(method, url);
+}
+
+/*
+ * Whether this request adopts the source's prefetch. Any request ends the
+ * prefetch, adopted or discarded, so what was paid is forgotten here.
+ */
+static bool
+adopts_paid_prefetch(SyncSource *source, const char *method, const char *url,
+					 const SyncHttpHeader *headers, int nheaders, const char *body,
+					 const char *content_type)
+{
+	bool		paid = prefetch_paid_by == source->id;
+
+	prefetch_paid_by = 0;
+	return paid && strcmp(method, "GET") == 0 && body == NULL && content_type == NULL &&
+		sync_http_prefetch_claim(url, headers, nheaders, source->verify_tls);
+}
+
+void
+sync_api_request(SyncSource *source, SyncPage *page, const char *method, const char *url,
+				 const SyncHttpHeader *headers, int nheaders, const char *body,
+				 const char *content_type, SyncHttpResponse *resp)
+{
+	bool		search = is_search(source, method, url);
+
+	check_headers(source, headers, nheaders);
 
 	for (int attempt = 0;; attempt++)
 	{
 		bool		limited;
 
-		if (!sync_budget_acquire(source, search))
+		if (!adopts_paid_prefetch(source, method, url, headers, nheaders, body, content_type) &&
+			!sync_budget_acquire(source, search))
 		{
 			if (page)
 				page->penalized = true;
@@ -186,4 +224,26 @@ sync_api_request(SyncSource *source, SyncPage *page, const char *method, const c
 			sync_budget_penalty_until(source->id) - GetCurrentTimestamp() > 30 * USECS_PER_SEC)
 			return;
 	}
+}
+
+/*
+ * Send a GET the provider will ask for next (the following page of a walk)
+ * now, so the API answers while this step's page is applied; the matching
+ * sync_api_request() adopts it. Only when the budget has a token to spare
+ * right away: a prefetch is not worth waiting for.
+ */
+void
+sync_api_prefetch(SyncSource *source, const char *url, const SyncHttpHeader *headers, int nheaders)
+{
+	char	   *why;
+
+	check_headers(source, headers, nheaders);
+	/* the request itself reports a URL it refuses: no token is spent on it here */
+	if (!sync_url_is_valid(url, &why))
+		return;
+	if (!sync_budget_try_acquire(source, is_search(source, "GET", url)))
+		return;
+	prefetch_paid_by = 0;		/* the older prefetch is gone even if this one fails */
+	sync_http_prefetch(url, headers, nheaders, source->verify_tls);
+	prefetch_paid_by = source->id;
 }
