@@ -52,7 +52,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-cp "$REPO/test/fake_salesforce.py" "$DIR/"
+cp "$REPO/test/fake_salesforce.py" "$REPO/test/fakelib.py" "$DIR/"
 [ "$(id -u)" -eq 0 ] && chown -R "$RUN_AS" "$DIR"
 
 as_user "$BIN/initdb" -D "$DIR/data" -A trust -U postgres >/dev/null

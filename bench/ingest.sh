@@ -76,7 +76,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # The scripts run as the cluster's user from a copy it can read; the COPY file goes there too.
-cp "$REPO/test/fake_salesforce.py" "$REPO/bench/ingest.py" "$DIR/"
+cp "$REPO/test/fake_salesforce.py" "$REPO/test/fakelib.py" "$REPO/bench/ingest.py" "$DIR/"
 [ "$(id -u)" -eq 0 ] && chown -R "$RUN_AS" "$DIR"
 
 as_user "$BIN/initdb" -D "$DIR/data" -A trust -U postgres >/dev/null

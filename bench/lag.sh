@@ -57,7 +57,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # The scripts run as the cluster's user from a copy it can read.
-cp "$REPO/test/fake_salesforce.py" "$REPO/bench/lag.py" "$DIR/"
+cp "$REPO/test/fake_salesforce.py" "$REPO/test/fakelib.py" "$REPO/bench/lag.py" "$DIR/"
 [ "$(id -u)" -eq 0 ] && chown -R "$RUN_AS" "$DIR"
 
 as_user "$BIN/initdb" -D "$DIR/data" -A trust -U postgres >/dev/null

@@ -40,6 +40,7 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "mb/pg_wchar.h"
 #include "pgshim.h"
 #include "utils/timestamp.h"
 
@@ -248,6 +249,27 @@ round_trip(const char *what, json_t *value, bool saved)
 	return back;
 }
 
+/* Every value the store would read: text Postgres accepts (valid UTF-8, no NUL). */
+static void
+check_batch(SyncCollection *c, SyncBatch *b)
+{
+	if (b->fields != c->fields || b->nfields != list_length(c->fields))
+		fail("batch", "the batch is for other fields than the collection's");
+	for (int f = 0; f < b->nfields; f++)
+		for (int i = 0; i < b->nrecords; i++)
+		{
+			text	   *t;
+
+			if (b->nulls[f][i])
+				continue;
+			t = (text *) DatumGetPointer(b->values[f][i]);
+			if (memchr(VARDATA_ANY(t), '\0', VARSIZE_ANY_EXHDR(t)))
+				fail("batch", "value %d of record %d holds a NUL byte", f, i);
+			if (pg_encoding_verifymbstr(PG_UTF8, VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t)) != VARSIZE_ANY_EXHDR(t))
+				fail("batch", "value %d of record %d is not valid UTF-8", f, i);
+		}
+}
+
 static void
 check_page(SyncCollection *c, SyncPage *page)
 {
@@ -277,6 +299,7 @@ check_page(SyncCollection *c, SyncPage *page)
 			fail("page", "sweep id %zu is not a string", i);
 	}
 	json_decref(round_trip("the page's records", page->records, false));
+	check_batch(c, page->batch ? page->batch : sync_batch_from_json(page->records, c->fields));
 	json_decref(round_trip("the page's deletions", page->deletions, false));
 	if (page->sweep_ids)
 		json_decref(round_trip("the page's sweep ids", page->sweep_ids, false));
@@ -786,6 +809,39 @@ sync_budget_acquire(SyncSource *source, bool search)
 	return true;
 }
 
+/* Waits (a Bulk API job's polls) pass on the harness's clock at once. */
+struct Latch *MyLatch = NULL;
+volatile sig_atomic_t InterruptPending = false;
+
+void
+ProcessInterrupts(void)
+{
+}
+
+int
+WaitLatch(Latch *latch, int wakeEvents, long timeout, uint32 wait_event_info)
+{
+	clock_now += timeout / 1000.0;
+	return WL_TIMEOUT;
+}
+
+void
+ResetLatch(Latch *latch)
+{
+}
+
+bool
+sync_worker_extension_dropped(void)
+{
+	return false;
+}
+
+bool
+sync_budget_try_acquire(SyncSource *source, bool search)
+{
+	return true;
+}
+
 bool
 sync_budget_note_response(SyncSource *source, SyncHttpResponse *resp, bool attributed)
 {
@@ -808,6 +864,30 @@ GetCurrentTimestamp(void)
 {
 	return (TimestampTz) ((clock_now - ((double) POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY) *
 						  USECS_PER_SEC);
+}
+
+/*
+ * http.c's prefetch: checked like any request (it carries the same token),
+ * never sent: the request that would adopt it is answered by the input.
+ */
+void
+sync_http_prefetch(const char *url, const SyncHttpHeader *headers, int nheaders, bool verify_tls)
+{
+	char	   *why;
+
+	if (sync_url_is_valid(url, &why))
+		check_request(current_source, "GET", url, headers, nheaders);
+}
+
+bool
+sync_http_prefetch_claim(const char *url, const SyncHttpHeader *headers, int nheaders, bool verify_tls)
+{
+	return false;
+}
+
+void
+sync_http_pump(void)
+{
 }
 
 /*
@@ -1200,6 +1280,8 @@ fuzz_initialize(const FuzzTarget *t, int *argc, char ***argv)
 {
 	json_object_seed(1);
 	fuzz_log_hook = check_log;
+	/* the worker allows prefetches when it runs one collection: check what they would send */
+	sync_prefetch_allowed = true;
 	fuzz_verbose = getenv("FUZZ_VERBOSE") != NULL;
 	if (getenv("FUZZ_SKIP_CHECKS"))
 		skip_checks = getenv("FUZZ_SKIP_CHECKS");

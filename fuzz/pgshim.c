@@ -19,6 +19,8 @@
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/pg_list.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
 
 #include "pgshim.h"
 
@@ -842,4 +844,44 @@ int
 GetDatabaseEncoding(void)
 {
 	return PG_UTF8;
+}
+
+/* ---------- text values and arrays (records.c) ---------- */
+
+text *
+cstring_to_text_with_len(const char *s, int len)
+{
+	text	   *result = (text *) palloc(len + VARHDRSZ);
+
+	SET_VARSIZE(result, len + VARHDRSZ);
+	memcpy(VARDATA(result), s, len);
+	return result;
+}
+
+text *
+cstring_to_text(const char *s)
+{
+	return cstring_to_text_with_len(s, strlen(s));
+}
+
+/* the harness only makes plain 4-byte-header texts: nothing to detoast */
+struct varlena *
+pg_detoast_datum_packed(struct varlena *datum)
+{
+	return datum;
+}
+
+char *
+text_to_cstring(const text *t)
+{
+	return pnstrdup(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
+}
+
+/* Pages are never stored here: building a statement's arrays is the store's business. */
+ArrayType *
+construct_md_array(Datum *elems, bool *nulls, int ndims, int *dims, int *lbs,
+				   Oid elmtype, int elmlen, bool elmbyval, char elmalign)
+{
+	die("construct_md_array", "not available in the fuzz harness");
+	return NULL;
 }

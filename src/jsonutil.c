@@ -7,6 +7,7 @@
 
 #include <math.h>
 
+#include "common/shortest_dec.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 
@@ -161,21 +162,21 @@ append_real(StringInfo buf, double value)
 		appendStringInfoString(buf, "null");
 		return;
 	}
-	for (digits = 1; digits <= 17; digits++)
-	{
-		snprintf(text, sizeof(text), "%.*g", digits, value);
-		if (strtod(text, NULL) == value)
-			break;
-	}
+	/* Ryu, as float8out: the shortest digits, without trying each precision in turn */
+	double_to_shortest_decimal_buf(value, text);
 	/*
-	 * %g writes 30.0 as 3e+01, which Postgres reads as 30: in the range where
-	 * people write plain decimals, write the same digits without an exponent.
+	 * It writes 1e+16 as such, which Postgres reads as a number fine but a
+	 * text column would keep: in the range where people write plain decimals,
+	 * write the same digits without an exponent.
 	 */
 	e = strpbrk(text, "eE");
 	if (e && fabs(value) >= 1e-4 && fabs(value) < 1e17)
 	{
 		int			exponent = atoi(e + 1);
 
+		digits = 0;
+		for (char *p = text; p < e; p++)
+			digits += isdigit((unsigned char) *p) ? 1 : 0;
 		snprintf(text, sizeof(text), "%.*f", Max(0, Min(digits, 17) - 1 - exponent), value);
 	}
 	appendStringInfoString(buf, text);
@@ -205,6 +206,15 @@ append_string(StringInfo buf, const char *s, size_t len)
 			appendStringInfoChar(buf, (char) c);	/* UTF-8 as jansson validated it */
 	}
 	appendStringInfoChar(buf, '"');
+}
+
+static void append_json(StringInfo buf, json_t *value);
+
+/* Compact JSON text of value, appended to buf. */
+void
+sync_json_append(StringInfo buf, json_t *value)
+{
+	append_json(buf, value);
 }
 
 static void
@@ -273,58 +283,7 @@ sync_json_dump(json_t *value)
 	return buf.data;
 }
 
-/*
- * Records as SQL reads them: each an object with keys f1, f2, ... for the
- * fields in list order. API field names can be longer than an identifier
- * (63 bytes) or collide once cut; positions never do.
- */
-char *
-sync_json_dump_records(json_t *records, List *fields)
-{
-	StringInfoData buf;
-	int			nfields = list_length(fields);
-	const char **names = palloc(sizeof(char *) * Max(nfields, 1));
-	char	  **keys = palloc(sizeof(char *) * Max(nfields, 1));
-	json_t	   *record;
-	size_t		i;
-	ListCell   *lc;
-
-	/* once per page, not per record: the loop below is the hot path of a backfill */
-	foreach(lc, fields)
-	{
-		int			n = foreach_current_index(lc);
-
-		names[n] = ((SyncField *) lfirst(lc))->api_field;
-		keys[n] = psprintf("%s\"%s\":", n > 0 ? "," : "", sync_record_key(n));
-	}
-	initStringInfo(&buf);
-	appendStringInfoChar(&buf, '[');
-	json_array_foreach(records, i, record)
-	{
-		if (i > 0)
-			appendStringInfoChar(&buf, ',');
-		appendStringInfoChar(&buf, '{');
-		for (int n = 0; n < nfields; n++)
-		{
-			json_t	   *value = json_object_get(record, names[n]);
-
-			appendStringInfoString(&buf, keys[n]);
-			if (value)
-				append_json(&buf, value);
-			else
-				appendStringInfoString(&buf, "null");
-		}
-		appendStringInfoChar(&buf, '}');
-	}
-	appendStringInfoChar(&buf, ']');
-	for (int n = 0; n < nfields; n++)
-		pfree(keys[n]);
-	pfree(keys);
-	pfree(names);
-	return buf.data;
-}
-
-/* The key of the field at position i (from 0) in records dumped by sync_json_dump_records. */
+/* The name of the field at position i (from 0) in records as SQL reads them (see records.c). */
 const char *
 sync_record_key(int i)
 {

@@ -21,7 +21,7 @@
 #define REJECTED_VALUE_MAX_BYTES 1000
 
 /*
- * The expression that stores a field's wire value r.f1 in the column as an
+ * The expression that stores a field's value r.f1 (records.c) in the column as an
  * INSERT would: assignment semantics, so a too-long string is an error (an
  * explicit cast would silently cut it).
  */
@@ -33,7 +33,7 @@ stored_value_expr(SyncCollection *c, const SyncField *f)
 	int32		typmod;
 	Oid			collid;
 	StringInfoData expr;
-	char	   *ref = psprintf("r.%s", sync_record_key(0));
+	char	   *ref = sync_record_value(list_make1((SyncField *) f), f);
 
 	initStringInfo(&expr);
 	if (f->convert_sql && f->convert_sql[0])
@@ -55,13 +55,12 @@ stored_value_expr(SyncCollection *c, const SyncField *f)
 	return psprintf("CAST((%s) AS %s)", expr.data, format_type_with_typemod(typid, typmod));
 }
 
-/* Whether every value of records survives sql; the error of the first that does not. */
+/* Whether every value of batch survives sql; the error of the first that does not. */
 static bool
-fits(const char *sql, json_t *records, const SyncField *f, ErrorData **error)
+fits(const char *sql, SyncBatch *batch, ErrorData **error)
 {
 	int64		processed;
-	ErrorData  *failure = sync_try_with_records(NULL, sql, records, list_make1((SyncField *) f), SPI_OK_SELECT,
-												&processed);
+	ErrorData  *failure = sync_try_with_records(NULL, sql, batch, SPI_OK_SELECT, &processed);
 
 	if (failure && error)
 		*error = failure;
@@ -69,13 +68,12 @@ fits(const char *sql, json_t *records, const SyncField *f, ErrorData **error)
 }
 
 static void
-record_rejection(SyncCollection *c, const SyncField *key, const SyncField *f, json_t *record,
-				 ErrorData *error, bool record_dropped)
+record_rejection(SyncCollection *c, SyncBatch *batch, int key, int f, int i, ErrorData *error,
+				 bool record_dropped)
 {
-	json_t	   *kv = json_object_get(record, key->api_field);
-	json_t	   *v = json_object_get(record, f->api_field);
-	char	   *key_text = kv ? (json_is_string(kv) ? pstrdup(json_string_value(kv)) : sync_json_dump(kv)) : pstrdup("");
-	char	   *value_text = v ? (json_is_string(v) ? pstrdup(json_string_value(v)) : sync_json_dump(v)) : NULL;
+	const SyncField *field = list_nth(batch->fields, f);
+	char	   *key_text = sync_batch_text(batch, key, i);
+	char	   *value_text = sync_batch_text(batch, f, i);
 	Oid			types[8] = {INT4OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID};
 	Datum		args[8];
 	char		nulls[8] = "        ";
@@ -83,9 +81,9 @@ record_rejection(SyncCollection *c, const SyncField *key, const SyncField *f, js
 	if (value_text && strlen(value_text) > REJECTED_VALUE_MAX_BYTES)
 		value_text[pg_mbcliplen(value_text, strlen(value_text), REJECTED_VALUE_MAX_BYTES)] = '\0';
 	args[0] = Int32GetDatum(c->id);
-	args[1] = CStringGetTextDatum(key_text);
-	args[2] = CStringGetTextDatum(f->api_field);
-	args[3] = CStringGetTextDatum(f->column_name);
+	args[1] = CStringGetTextDatum(key_text ? key_text : "");
+	args[2] = CStringGetTextDatum(field->api_field);
+	args[3] = CStringGetTextDatum(field->column_name);
 	args[4] = CStringGetTextDatum(value_text ? value_text : "");
 	nulls[4] = value_text ? ' ' : 'n';
 	args[5] = CStringGetTextDatum(unpack_sql_state(error->sqlerrcode));
@@ -102,58 +100,54 @@ record_rejection(SyncCollection *c, const SyncField *key, const SyncField *f, js
 }
 
 /*
- * Make page->records storable: null each value that does not fit its column
+ * Make a batch storable: null each value that does not fit its column
  * (dropping records whose key does not fit) and record it. Returns how many
  * values were rejected; 0 means the failure was not a value that does not fit.
  */
 int64
-sync_reject_unfit_values(SyncCollection *c, SyncPage *page)
+sync_reject_unfit_values(SyncCollection *c, SyncBatch *batch)
 {
-	const SyncField *key = NULL;
+	int			key = -1;
 	int64		rejected = 0;
 	ListCell   *lc;
 
-	foreach(lc, c->fields)
+	foreach(lc, batch->fields)
 		if (((SyncField *) lfirst(lc))->is_key)
-			key = lfirst(lc);
-	if (key == NULL || !json_is_array(page->records))
+			key = foreach_current_index(lc);
+	if (key < 0)
 		return 0;
 
 	/* the key first: a record without a storable key is dropped, so other checks skip it */
 	for (int pass = 0; pass < 2; pass++)
 	{
-		foreach(lc, c->fields)
+		foreach(lc, batch->fields)
 		{
 			SyncField  *f = lfirst(lc);
+			int			n = foreach_current_index(lc);
 			char	   *sql;
 			ErrorData  *error = NULL;
 
 			if ((pass == 0) != f->is_key)
 				continue;
-			sql = psprintf("SELECT count(%s) FROM json_to_recordset($1::json) AS r(%s %s)",
-						   stored_value_expr(c, f), sync_record_key(0), f->wire_type);
-			if (fits(sql, page->records, f, NULL))
+			sql = psprintf("SELECT count(%s) FROM %s",
+						   stored_value_expr(c, f), sync_records_from(list_make1(f), 1));
+			if (fits(sql, sync_batch_column(batch, n), NULL))
 				continue;
-			for (size_t i = 0; i < json_array_size(page->records);)
+			for (int i = 0; i < batch->nrecords;)
 			{
-				json_t	   *record = json_array_get(page->records, i);
-				json_t	   *one = json_pack("[O]", record);
-				bool		ok = fits(sql, one, f, &error);
-
-				json_decref(one);
-				if (ok)
+				if (fits(sql, sync_batch_one(batch, n, i), &error))
 				{
 					i++;
 					continue;
 				}
-				record_rejection(c, key, f, record, error, f->is_key);
+				record_rejection(c, batch, key, n, i, error, f->is_key);
 				rejected++;
 				if (f->is_key)
 				{
-					json_array_remove(page->records, i);
+					sync_batch_remove(batch, i);
 					continue;
 				}
-				json_object_set_new(record, f->api_field, json_null());
+				batch->nulls[n][i] = true;
 				i++;
 			}
 		}

@@ -181,9 +181,10 @@ sync_api_request(SyncSource *source, SyncPage *page, const char *method, const c
 	for (int attempt = 0;; attempt++)
 	{
 		bool		limited;
+		bool		prefetched = adopts_paid_prefetch(source, method, url, headers, nheaders, body,
+													  content_type);
 
-		if (!adopts_paid_prefetch(source, method, url, headers, nheaders, body, content_type) &&
-			!sync_budget_acquire(source, search))
+		if (!prefetched && !sync_budget_acquire(source, search))
 		{
 			if (page)
 				page->penalized = true;
@@ -193,7 +194,8 @@ sync_api_request(SyncSource *source, SyncPage *page, const char *method, const c
 					 errdetail("The API refused a request of this source as over its limit; see sync.budgets."),
 					 errhint("The step runs again once the penalty has passed.")));
 		}
-		if (page)
+		/* a prefetch was counted by the step that sent it, adopted or not */
+		if (page && !prefetched)
 			page->requests++;
 		PG_TRY();
 		{
@@ -227,16 +229,26 @@ sync_api_request(SyncSource *source, SyncPage *page, const char *method, const c
 }
 
 /*
+ * Whether a step may prefetch: the worker allows it when no other collection
+ * is due soon, whose request would throw the prefetch away.
+ */
+bool		sync_prefetch_allowed = false;
+
+/*
  * Send a GET the provider will ask for next (the following page of a walk)
  * now, so the API answers while this step's page is applied; the matching
  * sync_api_request() adopts it. Only when the budget has a token to spare
- * right away: a prefetch is not worth waiting for.
+ * right away: a prefetch is not worth waiting for. Counted in page (the step
+ * that sends it), so that every request the API saw is counted once.
  */
 void
-sync_api_prefetch(SyncSource *source, const char *url, const SyncHttpHeader *headers, int nheaders)
+sync_api_prefetch(SyncSource *source, SyncPage *page, const char *url, const SyncHttpHeader *headers,
+				  int nheaders)
 {
 	char	   *why;
 
+	if (!sync_prefetch_allowed)
+		return;
 	check_headers(source, headers, nheaders);
 	/* the request itself reports a URL it refuses: no token is spent on it here */
 	if (!sync_url_is_valid(url, &why))
@@ -246,4 +258,6 @@ sync_api_prefetch(SyncSource *source, const char *url, const SyncHttpHeader *hea
 	prefetch_paid_by = 0;		/* the older prefetch is gone even if this one fails */
 	sync_http_prefetch(url, headers, nheaders, source->verify_tls);
 	prefetch_paid_by = source->id;
+	if (page)
+		page->requests++;
 }

@@ -219,13 +219,56 @@ sync_sf_request(SyncSource *source, SyncPage *page, const char *method, const ch
 	}
 }
 
+/* The headers of a GET of the API (headers has room for 2); returns how many. */
+static int
+sf_get_headers(SyncSource *source, int batch_size, SyncHttpHeader *headers)
+{
+	int			nheaders = 0;
+
+	headers[nheaders].name = "Authorization";
+	headers[nheaders++].value = psprintf("Bearer %s", sync_json_string(source->token, "access_token"));
+	if (batch_size > 0)
+	{
+		headers[nheaders].name = "Sforce-Query-Options";
+		headers[nheaders++].value = psprintf("batchSize=%d", batch_size);
+	}
+	return nheaders;
+}
+
+/*
+ * Ask for the next page of a query now, while this one is applied: the next
+ * step's sf_get() of the same path adopts the answer (see request.c).
+ */
+static void
+sf_prefetch(SyncSource *source, SyncPage *page, const char *path, int batch_size)
+{
+	SyncHttpHeader headers[2];
+	int			nheaders;
+
+	if (path == NULL || path[0] != '/' || path[1] == '/' ||
+		source->token == NULL || sync_json_string(source->token, "access_token") == NULL)
+		return;
+	nheaders = sf_get_headers(source, batch_size, headers);
+	sync_api_prefetch(source, page, psprintf("%s%s", sync_json_string(source->token, "instance_url"), path),
+					  headers, nheaders);
+	memset((char *) headers[0].value, 0, strlen(headers[0].value));
+}
+
 /*
  * GET an API path (or a nextRecordsUrl), refreshing the session once on 401.
- * Returns the parsed body; the caller owns it.
+ * Returns the parsed body; the caller owns it. With scan (a query page to be
+ * stored), its records are read straight into *scan->batch where the page
+ * allows (jsonscan.c): the body returned then lacks them.
  */
+typedef struct SfScan
+{
+	List	   *fields;
+	SyncBatch  *batch;			/* set when the records were read into it */
+} SfScan;
+
 static json_t *
 sf_get(SyncSource *source, SyncPage *page, const char *path, const char *what,
-	   int batch_size, SyncHttpResponse *resp)
+	   int batch_size, SyncHttpResponse *resp, SfScan *scan)
 {
 	for (int attempt = 0;; attempt++)
 	{
@@ -242,13 +285,7 @@ sf_get(SyncSource *source, SyncPage *page, const char *path, const char *what,
 					 errmsg("Salesforce %s response points to a URL outside the instance", what),
 					 errdetail("Only paths of the instance are followed.")));
 		url = psprintf("%s%s", sync_json_string(source->token, "instance_url"), path);
-		headers[nheaders].name = "Authorization";
-		headers[nheaders++].value = psprintf("Bearer %s", sync_json_string(source->token, "access_token"));
-		if (batch_size > 0)
-		{
-			headers[nheaders].name = "Sforce-Query-Options";
-			headers[nheaders++].value = psprintf("batchSize=%d", batch_size);
-		}
+		nheaders = sf_get_headers(source, batch_size, headers);
 		sync_api_request(source, page, "GET", url, headers, nheaders, NULL, NULL, resp);
 		memset((char *) headers[0].value, 0, strlen(headers[0].value));
 		if (sf_session_expired(resp) && attempt == 0)
@@ -259,6 +296,16 @@ sf_get(SyncSource *source, SyncPage *page, const char *path, const char *what,
 		}
 		if (resp->status < 200 || resp->status >= 300)
 			sync_sf_raise(resp, what);
+		if (scan)
+		{
+			json_t	   *envelope;
+
+			scan->batch = NULL;
+			/* records marked IsDeleted are deletions: such pages take the tree */
+			if (sync_json_scan_page(resp->body, resp->body_len, "records", scan->fields, "IsDeleted",
+									&envelope, &scan->batch))
+				return envelope;
+		}
 		return sync_json_parse(resp->body, resp->body_len, psprintf("Salesforce %s response", what));
 	}
 }
@@ -336,7 +383,7 @@ sf_describe(SyncSource *source, const char *collection, char **canonical_name)
 
 		PG_TRY();
 		{
-			body = sf_get(source, NULL, path, "describe", 0, &resp);
+			body = sf_get(source, NULL, path, "describe", 0, &resp, NULL);
 		}
 		PG_CATCH();
 		{
@@ -539,12 +586,65 @@ sf_take_records(json_t *records, SyncPage *page, json_t *cursor, double max_ts)
 }
 
 /*
+ * sf_take_records() for a page read straight into a batch (jsonscan.c): the
+ * same checks and keyset; the scanner gave up on pages with deletions.
+ */
+static void
+sf_take_batch(SyncCollection *c, SyncBatch *batch, SyncPage *page, json_t *cursor, double max_ts)
+{
+	double		best_ts = sync_parse_iso8601(sync_json_string(cursor, "ts"));
+	const char *best_id = sync_json_string(cursor, "id");
+	char	   *best_id_copy = best_id ? pstrdup(best_id) : NULL;
+	int			id_field = -1;
+	int			stamp_field = -1;
+	ListCell   *lc;
+
+	foreach(lc, c->fields)
+	{
+		SyncField  *f = lfirst(lc);
+
+		if (strcmp(f->api_field, "Id") == 0)
+			id_field = foreach_current_index(lc);
+		if (strcmp(f->api_field, "SystemModstamp") == 0)
+			stamp_field = foreach_current_index(lc);
+	}
+	for (int i = 0; i < batch->nrecords; i++)
+	{
+		char	   *id = id_field >= 0 ? sync_batch_text(batch, id_field, i) : NULL;
+		char	   *stamp = stamp_field >= 0 ? sync_batch_text(batch, stamp_field, i) : NULL;
+		double		ts = sync_parse_iso8601(stamp);
+
+		if (id == NULL || ts < 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_EXCEPTION),
+					 errmsg("Salesforce record without a valid Id and SystemModstamp"),
+					 errdetail("Record %d of the page.", i)));
+		if ((max_ts < 0 || ts <= max_ts) && keyset_cmp(ts, id, best_ts, best_id_copy) > 0)
+		{
+			best_ts = ts;
+			best_id_copy = id;
+		}
+		else
+			pfree(id);
+		if (stamp)
+			pfree(stamp);
+	}
+	if (best_id_copy && best_ts >= 0)
+	{
+		cursor_set_str(cursor, "ts", sf_soql_datetime(best_ts));
+		cursor_set_str(cursor, "id", best_id_copy);
+	}
+	page->batch = batch;
+}
+
+/*
  * Fetch one page of a query: its continuation (holder's "next_url"), or a new
  * query. Leaves the next continuation in holder.
  */
 static json_t *
 sf_query_page(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *holder,
-			  const char *resource, const char *soql, SyncHttpResponse *resp, bool *is_new_query)
+			  const char *resource, const char *soql, SyncHttpResponse *resp, bool *is_new_query,
+			  SfScan *scan)
 {
 	const char *next = sync_json_string(holder, "next_url");
 	json_t	   *body = NULL;
@@ -556,7 +656,7 @@ sf_query_page(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *hol
 
 		PG_TRY();
 		{
-			body = sf_get(source, page, next, "query", sf_batch_size(source), resp);
+			body = sf_get(source, page, next, "query", sf_batch_size(source), resp, scan);
 		}
 		PG_CATCH();
 		{
@@ -577,7 +677,8 @@ sf_query_page(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *hol
 	}
 	if (body == NULL)
 	{
-		body = sf_get(source, page, sf_query_path(source, c, resource, soql), "query", sf_batch_size(source), resp);
+		body = sf_get(source, page, sf_query_path(source, c, resource, soql), "query", sf_batch_size(source), resp,
+					  scan);
 		*is_new_query = true;
 	}
 	cursor_set_str(holder, "next_url",
@@ -639,6 +740,7 @@ sf_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *
 	json_t	   *body;
 	bool		is_new;
 	double		started;
+	SfScan		scan;
 
 	/* A Bulk API 2.0 query job in progress (see salesforce_bulk.c). */
 	if (json_is_object(json_object_get(cursor, "bulk")))
@@ -678,7 +780,9 @@ sf_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *
 					ts && id ? " WHERE " : "", ts && id ? sf_keyset_where(ts, id) : "");
 	started = sync_json_number(cursor, "started", -1);
 
-	body = sf_query_page(source, c, page, cursor, "query", soql, &resp, &is_new);
+	scan.fields = c->fields;
+	scan.batch = NULL;
+	body = sf_query_page(source, c, page, cursor, "query", soql, &resp, &is_new, &scan);
 	if (started < 0)
 	{
 		started = sync_http_server_time(&resp);
@@ -688,7 +792,10 @@ sf_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *
 		page->total = sync_json_int(body, "totalSize", -1);
 	PG_TRY();
 	{
-		sf_take_records(json_object_get(body, "records"), page, cursor, started);
+		if (scan.batch)
+			sf_take_batch(c, scan.batch, page, cursor, started);
+		else
+			sf_take_records(json_object_get(body, "records"), page, cursor, started);
 	}
 	PG_FINALLY();
 	{
@@ -721,6 +828,8 @@ sf_backfill_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *
 			json_object_del(cursor, "id");
 			json_object_del(cursor, "started");
 		}
+		else
+			sf_prefetch(source, page, sync_json_string(cursor, "next_url"), sf_batch_size(source));
 		return;
 	}
 	json_object_del(cursor, "bulk_declined");
@@ -749,7 +858,7 @@ sf_poll_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *curs
 	soql = psprintf("SELECT %s FROM %s%s%s ORDER BY SystemModstamp, Id",
 					sf_field_list(c, true), c->name, where ? " WHERE " : "", where ? where : "");
 
-	body = sf_query_page(source, c, page, cursor, "queryAll", soql, &resp, &is_new);
+	body = sf_query_page(source, c, page, cursor, "queryAll", soql, &resp, &is_new, NULL);
 	if (is_new && !json_object_get(cursor, "started"))
 		json_object_set_new(cursor, "started", json_real(sync_http_server_time(&resp)));
 	PG_TRY();
@@ -816,7 +925,7 @@ sf_get_deleted(SyncSource *source, SyncCollection *c, SyncPage *page, double sta
 		body = sf_get(source, page,
 					  psprintf("/services/data/v%s/sobjects/%s/deleted/?start=%s&end=%s", sync_sf_api_version(source),
 							   c->name, sf_iso_param(start), sf_iso_param(end)),
-					  "getDeleted", 0, resp);
+					  "getDeleted", 0, resp, NULL);
 	}
 	PG_CATCH();
 	{
@@ -847,7 +956,7 @@ sf_sweep_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cur
 	bool		is_new;
 
 	body = sf_query_page(source, c, page, sweep, "query",
-						 psprintf("SELECT Id FROM %s ORDER BY Id", c->name), &resp, &is_new);
+						 psprintf("SELECT Id FROM %s ORDER BY Id", c->name), &resp, &is_new, NULL);
 	page->sweep_begin = is_new;
 	page->sweep_ids = json_array();
 	records = json_object_get(body, "records");

@@ -259,78 +259,44 @@ csv_field(CsvReader *r, StringInfo out, bool *quoted)
 	return CSV_END_OF_DATA;		/* keep the compiler quiet */
 }
 
-/* A JSON string of text that may hold invalid UTF-8 (each bad byte becomes U+FFFD). */
-static json_t *
-json_text(const char *s, size_t len)
+/*
+ * A CSV value as text for SQL: each byte of invalid UTF-8 becomes U+FFFD and
+ * NUL is dropped, as for JSON responses (one bad byte must not fail the set
+ * for ever). Empty is null: the Bulk API writes nulls as empty values.
+ */
+static Datum
+bulk_text(StringInfo value, StringInfo scratch)
 {
-	json_t	   *v = json_stringn(s, len);
-	StringInfoData buf;
 	size_t		i = 0;
+	size_t		len = value->len;
+	const char *s = value->data;
 
-	if (v)
-		return v;
-	initStringInfo(&buf);
+	resetStringInfo(scratch);
 	while (i < len)
 	{
 		const unsigned char *p = (const unsigned char *) s + i;
 		int			n = (*p < 0x80) ? 1 : pg_utf_mblen(p);
 
-		if (*p >= 0x80 && !(n > 1 && i + n <= len && pg_utf8_islegal(p, n)))
+		if (*p == '\0')
 		{
-			appendBinaryStringInfo(&buf, "\xEF\xBF\xBD", 3);
 			i++;
 			continue;
 		}
-		appendBinaryStringInfo(&buf, (const char *) p, n);
+		if (*p >= 0x80 && !(n > 1 && i + n <= len && pg_utf8_islegal(p, n)))
+		{
+			appendBinaryStringInfo(scratch, "\xEF\xBF\xBD", 3);
+			i++;
+			continue;
+		}
+		appendBinaryStringInfo(scratch, (const char *) p, n);
 		i += n;
 	}
-	v = json_stringn(buf.data, buf.len);
-	pfree(buf.data);
-	return v ? v : json_null();
+	return PointerGetDatum(cstring_to_text_with_len(scratch->data, scratch->len));
 }
 
-static bool
-is_integer_text(const char *s)
-{
-	if (*s == '-' || *s == '+')
-		s++;
-	if (!isdigit((unsigned char) *s))
-		return false;
-	while (isdigit((unsigned char) *s))
-		s++;
-	return *s == '\0';
-}
-
-/*
- * The JSON value the REST API sends for a CSV value of a field of this
- * Salesforce type: empty is null; booleans, numbers as JSON; the rest text.
- * Decimals keep their exact text (Postgres reads a JSON string into numeric).
- */
+/* A compound part as the REST API sends it: latitude and longitude are numbers. */
 static json_t *
-bulk_value(const char *api_type, StringInfo text)
-{
-	if (text->len == 0)
-		return json_null();
-	if (strcmp(api_type, "boolean") == 0)
-	{
-		if (strcmp(text->data, "true") == 0)
-			return json_true();
-		if (strcmp(text->data, "false") == 0)
-			return json_false();
-	}
-	else if (strcmp(api_type, "int") == 0 || strcmp(api_type, "long") == 0 ||
-			 strcmp(api_type, "double") == 0 || strcmp(api_type, "currency") == 0 ||
-			 strcmp(api_type, "percent") == 0)
-	{
-		if (text->len <= 18 && is_integer_text(text->data))
-			return json_integer(strtoll(text->data, NULL, 10));
-	}
-	return json_text(text->data, text->len);
-}
-
-/* A compound part: latitude and longitude are numbers. */
-static json_t *
-compound_value(const char *key, StringInfo text)
+compound_value(const char *key, StringInfo text, StringInfo scratch)
 {
 	if (text->len == 0)
 		return json_null();
@@ -342,18 +308,34 @@ compound_value(const char *key, StringInfo text)
 		if (*endp == '\0' && endp != text->data)
 			return json_real(d);
 	}
-	return json_text(text->data, text->len);
+	(void) bulk_text(text, scratch);
+	return json_stringn(scratch->data, scratch->len);
+}
+
+static int
+list_index_of_field(List *fields, SyncField *f)
+{
+	ListCell   *lc;
+
+	foreach(lc, fields)
+		if (lfirst(lc) == f)
+			return foreach_current_index(lc);
+	elog(ERROR, "field \"%s\" is not among the collection's fields", f->api_field);
+	return -1;
 }
 
 typedef struct BulkColumn
 {
 	SyncField  *field;			/* the synced field of this column, or NULL */
+	int			position;		/* the field's position in the collection's fields */
 	char	   *name;
 } BulkColumn;
 
 /*
- * Parse one results set into page->records: objects keyed by API field, as
- * the REST API would have sent them. Returns the number of rows.
+ * Parse one results set into page->batch, the values as text for their
+ * columns (records.c): a set holds tens of thousands of rows, so no tree of
+ * JSON values is built for them. Compound fields (addresses) are put back
+ * together as the objects the REST API sends. Returns the number of rows.
  */
 static int64
 bulk_parse_csv(SyncCollection *c, const char *data, size_t len, SyncPage *page)
@@ -372,6 +354,7 @@ bulk_parse_csv(SyncCollection *c, const char *data, size_t len, SyncPage *page)
 	int			end;
 	bool		quoted;
 	StringInfoData *texts;
+	StringInfoData scratch;
 
 	initStringInfo(&value);
 	/* header row */
@@ -393,7 +376,10 @@ bulk_parse_csv(SyncCollection *c, const char *data, size_t len, SyncPage *page)
 			SyncField  *f = lfirst(fc);
 
 			if (!is_compound(f) && pg_strcasecmp(f->api_field, cols[i].name) == 0)
+			{
 				cols[i].field = f;
+				cols[i].position = foreach_current_index(fc);
+			}
 		}
 		if (pg_strcasecmp(cols[i].name, "Id") == 0)
 			id_col = i;
@@ -430,45 +416,41 @@ bulk_parse_csv(SyncCollection *c, const char *data, size_t len, SyncPage *page)
 	texts = palloc(sizeof(StringInfoData) * ncols);
 	for (int i = 0; i < ncols; i++)
 		initStringInfo(&texts[i]);
+	page->batch = sync_batch_new(c->fields, 1024);
+	initStringInfo(&scratch);
 	while (end != CSV_END_OF_DATA && r.p < r.end)
 	{
-		json_t	   *record = json_object();
 		int			n = 0;
+		int			row;
 
 		r.row++;
 		do
 		{
 			if (n >= ncols)
-			{
-				json_decref(record);
 				ereport(ERROR,
 						(errcode(ERRCODE_DATA_EXCEPTION),
 						 errmsg("malformed CSV in Salesforce Bulk API results: a row has more than %d values", ncols),
 						 errdetail("Row %lld of the results set.", (long long) r.row)));
-			}
 			end = csv_field(&r, &texts[n], &quoted);
 			n++;
 		} while (end == CSV_END_OF_FIELD);
 		if (n != ncols)
-		{
-			json_decref(record);
 			ereport(ERROR,
 					(errcode(ERRCODE_DATA_EXCEPTION),
 					 errmsg("malformed CSV in Salesforce Bulk API results: a row has %d values, the header %d", n, ncols),
 					 errdetail("Row %lld of the results set.", (long long) r.row)));
-		}
 		if (texts[id_col].len == 0 || sync_parse_iso8601(texts[stamp_col].data) < 0)
-		{
-			json_decref(record);
 			ereport(ERROR,
 					(errcode(ERRCODE_DATA_EXCEPTION),
 					 errmsg("Salesforce record without a valid Id and SystemModstamp"),
 					 errdetail("Row %lld of the Bulk API results set.", (long long) r.row)));
-		}
+		row = sync_batch_add(page->batch);
 		for (int i = 0; i < ncols; i++)
-			if (cols[i].field)
-				json_object_set_new(record, cols[i].field->api_field,
-									bulk_value(cols[i].field->api_type, &texts[i]));
+			if (cols[i].field && texts[i].len > 0)
+			{
+				page->batch->values[cols[i].position][row] = bulk_text(&texts[i], &scratch);
+				page->batch->nulls[cols[i].position][row] = false;
+			}
 		foreach(lc, compounds)
 		{
 			SyncField  *f = lfirst(lc);
@@ -478,24 +460,28 @@ bulk_parse_csv(SyncCollection *c, const char *data, size_t len, SyncPage *page)
 
 			for (int k = 0; k < compound_nparts(f); k++)
 			{
-				json_t	   *v = map[k] >= 0 ? compound_value(compound_key(f, k), &texts[map[k]]) : json_null();
+				json_t	   *v = map[k] >= 0 ? compound_value(compound_key(f, k), &texts[map[k]], &scratch)
+					: json_null();
 
 				any |= !json_is_null(v);
-				json_object_set_new(compound, compound_key(f, k), v);
+				json_object_set_new(compound, compound_key(f, k), v ? v : json_null());
 			}
 			if (any)
-				json_object_set_new(record, f->api_field, compound);
-			else
 			{
-				json_decref(compound);
-				json_object_set_new(record, f->api_field, json_null());
+				char	   *text = sync_json_dump(compound);
+				int			position = list_index_of_field(c->fields, f);
+
+				page->batch->values[position][row] = PointerGetDatum(cstring_to_text(text));
+				page->batch->nulls[position][row] = false;
+				pfree(text);
 			}
+			json_decref(compound);
 		}
-		json_array_append_new(page->records, record);
 		rows++;
 		if ((rows & 1023) == 0)
 			CHECK_FOR_INTERRUPTS();
 	}
+	pfree(scratch.data);
 	for (int i = 0; i < ncols; i++)
 		pfree(texts[i].data);
 	pfree(texts);

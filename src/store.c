@@ -25,6 +25,8 @@ typedef struct CollectionPlans
 	SPIPlanPtr	upsert;
 	char	   *delete_sql;
 	SPIPlanPtr	delete;
+	char	   *existing_sql;	/* keys the table holds, for copyload.c; NULL: no COPY path */
+	SPIPlanPtr	existing;
 } CollectionPlans;
 
 static HTAB *plans_by_collection = NULL;
@@ -63,7 +65,7 @@ append_converted(StringInfo buf, const SyncField *f, const char *ref)
 		appendStringInfoString(buf, ref);
 }
 
-/* The key of field f in records dumped for fields (see sync_json_dump_records). */
+/* The key of field f in rows of sync_records_from(fields). */
 static char *
 field_key(List *fields, const SyncField *f)
 {
@@ -76,11 +78,11 @@ field_key(List *fields, const SyncField *f)
 	return NULL;
 }
 
-/* The same for the field of a record read by json_to_recordset as r. */
+/* The column value of field f in a row of sync_records_from(fields). */
 static void
 append_value_expr(StringInfo buf, List *fields, const SyncField *f)
 {
-	append_converted(buf, f, psprintf("r.%s", field_key(fields, f)));
+	append_converted(buf, f, sync_record_value(fields, f));
 }
 
 static char *
@@ -122,19 +124,7 @@ build_upsert_sql(SyncCollection *c, const char *table)
 	 * the same version, the later one in the page wins, as it would have had
 	 * the page been applied one record at a time.
 	 */
-	appendStringInfoString(&sql, "now() FROM ROWS FROM (json_to_recordset($1::json) AS (");
-	first = true;
-	foreach(lc, c->fields)
-	{
-		SyncField  *f = lfirst(lc);
-
-		appendStringInfo(&sql, "%s%s %s", first ? "" : ", ", field_key(c->fields, f), f->wire_type);
-		first = false;
-	}
-	appendStringInfoString(&sql, ")) WITH ORDINALITY AS r(");
-	foreach(lc, c->fields)
-		appendStringInfo(&sql, "%s, ", field_key(c->fields, lfirst(lc)));
-	appendStringInfoString(&sql, "_sync_position) ORDER BY ");
+	appendStringInfo(&sql, "now() FROM %s ORDER BY ", sync_records_from(c->fields, 1));
 	append_value_expr(&sql, c->fields, key);
 	if (version)
 	{
@@ -208,10 +198,10 @@ build_delete_sql(SyncCollection *c, const char *table)
 	return sql.data;
 }
 
+/* The statement sql (nargs arguments of type argtype) prepared and kept, or cached if its text is unchanged. */
 static SPIPlanPtr
-prepare_kept(const char *sql, char **cached_sql, SPIPlanPtr cached)
+prepare_kept(const char *sql, int nargs, Oid *argtypes, char **cached_sql, SPIPlanPtr cached)
 {
-	Oid			argtype = TEXTOID;
 	SPIPlanPtr	plan;
 
 	if (cached && *cached_sql && strcmp(*cached_sql, sql) == 0)
@@ -221,7 +211,7 @@ prepare_kept(const char *sql, char **cached_sql, SPIPlanPtr cached)
 	if (*cached_sql)
 		pfree(*cached_sql);
 	*cached_sql = NULL;
-	plan = SPI_prepare(sql, 1, &argtype);
+	plan = SPI_prepare(sql, nargs, argtypes);
 	if (plan == NULL)
 		elog(ERROR, "could not prepare a sync statement: %s", SPI_result_code_string(SPI_result));
 	if (SPI_keepplan(plan) != 0)
@@ -236,6 +226,7 @@ plans_for(SyncCollection *c)
 	bool		found;
 	CollectionPlans *p;
 	char	   *table = qualified_table(c);
+	char	   *existing_sql;
 
 	if (plans_by_collection == NULL)
 	{
@@ -249,22 +240,34 @@ plans_for(SyncCollection *c)
 	p = hash_search(plans_by_collection, &c->id, HASH_ENTER, &found);
 	if (!found)
 	{
-		p->upsert_sql = p->delete_sql = NULL;
-		p->upsert = p->delete = NULL;
+		p->upsert_sql = p->delete_sql = p->existing_sql = NULL;
+		p->upsert = p->delete = p->existing = NULL;
 	}
 	if (find_field(c->fields, true) == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_EXCEPTION),
 				 errmsg("collection \"%s\" has no key column", c->name)));
-	p->upsert = prepare_kept(build_upsert_sql(c, table), &p->upsert_sql, p->upsert);
-	p->delete = prepare_kept(build_delete_sql(c, table), &p->delete_sql, p->delete);
+	p->upsert = prepare_kept(build_upsert_sql(c, table), list_length(c->fields),
+							 sync_records_argtypes(list_length(c->fields)), &p->upsert_sql, p->upsert);
+	p->delete = prepare_kept(build_delete_sql(c, table), 1, (Oid[]) {TEXTOID}, &p->delete_sql, p->delete);
+	existing_sql = sync_existing_keys_sql(c, table);
+	if (existing_sql)
+		p->existing = prepare_kept(existing_sql, 1, (Oid[]) {TEXTARRAYOID}, &p->existing_sql, p->existing);
+	else if (p->existing)
+	{
+		SPI_freeplan(p->existing);
+		pfree(p->existing_sql);
+		p->existing = NULL;
+		p->existing_sql = NULL;
+	}
 	return p;
 }
 
+/* Run plan with $1 = array as JSON text (a page's deletions). */
 static uint64
-run_with_json(SPIPlanPtr plan, json_t *array, List *fields, int expected)
+run_with_json(SPIPlanPtr plan, json_t *array, int expected)
 {
-	char	   *text = fields ? sync_json_dump_records(array, fields) : sync_json_dump(array);
+	char	   *text = sync_json_dump(array);
 	Datum		arg = CStringGetTextDatum(text);
 	int			ret;
 
@@ -277,33 +280,40 @@ run_with_json(SPIPlanPtr plan, json_t *array, List *fields, int expected)
 }
 
 /*
- * Run a statement ($1 = records as JSON) in a subtransaction of its own: an
- * error comes back instead of being raised, and nothing of it is left.
+ * Run a statement over records ($1..$n: one text array per field, see
+ * records.c) in a subtransaction of its own: an error comes back instead of
+ * being raised, and nothing of it is left. plan, or sql when plan is NULL.
  */
 ErrorData *
-sync_try_with_records(SPIPlanPtr plan, const char *sql, json_t *records, List *fields, int expected,
-					  int64 *processed)
+sync_try_with_records(SPIPlanPtr plan, const char *sql, SyncBatch *batch, int expected, int64 *processed)
 {
 	MemoryContext oldcontext = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
 	ErrorData  *volatile failure = NULL;
+	MemoryContext args_context = AllocSetContextCreate(CurrentMemoryContext, "sync page arguments",
+													   ALLOCSET_DEFAULT_SIZES);
+	Datum	   *args;
+
+	/* the arrays live only as long as the statement: memory stays flat however many pages */
+	MemoryContextSwitchTo(args_context);
+	args = palloc(sizeof(Datum) * Max(batch->nfields, 1));
+	sync_batch_arrays(batch, args);
+	MemoryContextSwitchTo(oldcontext);
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcontext);
 	PG_TRY();
 	{
-		if (plan)
-			*processed = (int64) run_with_json(plan, records, fields, expected);
-		else
-		{
-			char	   *text = sync_json_dump_records(records, fields);
-			Oid			argtype = TEXTOID;
-			Datum		arg = CStringGetTextDatum(text);
+		int			ret;
 
-			if (SPI_execute_with_args(sql, 1, &argtype, &arg, NULL, false, 0) != expected)
-				elog(ERROR, "could not apply a page");
-			*processed = (int64) SPI_processed;
-		}
+		if (plan)
+			ret = SPI_execute_plan(plan, args, NULL, false, 0);
+		else
+			ret = SPI_execute_with_args(sql, batch->nfields, sync_records_argtypes(batch->nfields), args,
+										NULL, false, 0);
+		if (ret != expected)
+			elog(ERROR, "could not apply a page: %s", SPI_result_code_string(ret));
+		*processed = (int64) SPI_processed;
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
@@ -318,31 +328,43 @@ sync_try_with_records(SPIPlanPtr plan, const char *sql, json_t *records, List *f
 		CurrentResourceOwner = oldowner;
 	}
 	PG_END_TRY();
+	MemoryContextDelete(args_context);
 	return failure;
 }
 
 /*
- * Store a page's records with plan (or sql). When a value does not fit its
- * column, the values that do not are set aside (see reject.c) and the page
+ * Store a batch of records with plan (or sql). When a value does not fit its
+ * column, the values that do not are set aside (see reject.c) and the batch
  * is stored without them.
  */
 static int64
-store_records(SyncCollection *c, SyncPage *page, SPIPlanPtr plan, const char *sql, int expected)
+store_records(SyncCollection *c, SyncBatch *batch, SPIPlanPtr plan, const char *sql, int expected)
 {
 	int64		processed = 0;
-	ErrorData  *failure = sync_try_with_records(plan, sql, page->records, c->fields, expected, &processed);
+	ErrorData  *failure = sync_try_with_records(plan, sql, batch, expected, &processed);
 
 	if (failure == NULL)
 		return processed;
 	if (ERRCODE_TO_CATEGORY(failure->sqlerrcode) != ERRCODE_DATA_EXCEPTION ||
-		sync_reject_unfit_values(c, page) == 0)
+		sync_reject_unfit_values(c, batch) == 0)
 		ReThrowError(failure);
-	if (json_array_size(page->records) == 0)
+	if (batch->nrecords == 0)
 		return 0;
-	failure = sync_try_with_records(plan, sql, page->records, c->fields, expected, &processed);
+	failure = sync_try_with_records(plan, sql, batch, expected, &processed);
 	if (failure)
 		ReThrowError(failure);
 	return processed;
+}
+
+/* The page's upserts in column form for fields. */
+static SyncBatch *
+page_batch(SyncPage *page, List *fields)
+{
+	if (page->batch)
+		return sync_batch_for_fields(page->batch, fields);
+	if (page->records && json_array_size(page->records) > 0)
+		return sync_batch_from_json(page->records, fields);
+	return NULL;
 }
 
 /*
@@ -359,7 +381,8 @@ update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 	char		nulls[18];
 	char	   *cursor_text = sync_json_dump(page->cursor ? page->cursor : c->cursor);
 	char	   *old_cursor_text = sync_json_dump(c->cursor);
-	size_t		nrecords = page->records ? json_array_size(page->records) : 0;
+	size_t		nrecords = page->batch ? (size_t) page->batch->nrecords :
+		page->records ? json_array_size(page->records) : 0;
 	const char *phase = page->phase ? page->phase : c->phase;
 	bool		caught_up = strcmp(phase, "incremental") == 0 && (page->caught_up || !page->more);
 	int			ret;
@@ -553,13 +576,17 @@ sync_apply_page(SyncCollection *c, SyncPage *page)
 	int64		upserted = 0;
 	int64		deleted = 0;
 	int64		pending_deletes = page->deletions ? (int64) json_array_size(page->deletions) : 0;
+	SyncBatch  *batch;
 
 	/* Counted after the state update succeeds; the counts are known from the page. */
 	plans = plans_for(c);
-	if (page->records && json_array_size(page->records) > 0)
-		upserted = store_records(c, page, plans->upsert, NULL, SPI_OK_INSERT);
+	batch = page_batch(page, c->fields);
+	if (batch && batch->nrecords > 0 && plans->existing)
+		upserted = sync_copy_new_records(c, batch, plans->existing, &batch);
+	if (batch && batch->nrecords > 0)
+		upserted += store_records(c, batch, plans->upsert, NULL, SPI_OK_INSERT);
 	if (pending_deletes > 0)
-		deleted = (int64) run_with_json(plans->delete, page->deletions, NIL, SPI_OK_DELETE);
+		deleted = (int64) run_with_json(plans->delete, page->deletions, SPI_OK_DELETE);
 	if (page->sweep_begin || page->sweep_ids || page->sweep_end)
 		deleted += apply_sweep(c, page);
 
@@ -590,8 +617,8 @@ sync_apply_column_page(SyncCollection *c, SyncCollection *columns, SyncPage *pag
 	char	   *table = qualified_table(c);
 	StringInfoData sql;
 	ListCell   *lc;
-	bool		first;
 	int64		updated = 0;
+	SyncBatch  *batch;
 	Oid			types[10] = {INT4OID, TEXTOID, INT8OID, BOOLOID, TEXTOID, INT8OID, INT8OID, INT4OID, INT4OID,
 	BOOLOID};
 	Datum		args[10];
@@ -617,19 +644,7 @@ sync_apply_column_page(SyncCollection *c, SyncCollection *columns, SyncPage *pag
 		append_value_expr(&sql, columns->fields, f);
 		appendStringInfo(&sql, " AS %s, ", field_key(columns->fields, f));
 	}
-	appendStringInfoString(&sql, "r._sync_position FROM ROWS FROM (json_to_recordset($1::json) AS (");
-	first = true;
-	foreach(lc, columns->fields)
-	{
-		SyncField  *f = lfirst(lc);
-
-		appendStringInfo(&sql, "%s%s %s", first ? "" : ", ", field_key(columns->fields, f), f->wire_type);
-		first = false;
-	}
-	appendStringInfoString(&sql, ")) WITH ORDINALITY AS r(");
-	foreach(lc, columns->fields)
-		appendStringInfo(&sql, "%s, ", field_key(columns->fields, lfirst(lc)));
-	appendStringInfoString(&sql, "_sync_position) ORDER BY 1");
+	appendStringInfo(&sql, "r._sync_position FROM %s ORDER BY 1", sync_records_from(columns->fields, 1));
 	if (version)
 	{
 		appendStringInfoString(&sql, ", ");
@@ -644,8 +659,9 @@ sync_apply_column_page(SyncCollection *c, SyncCollection *columns, SyncPage *pag
 						 field_key(columns->fields, version), quote_identifier(version->column_name),
 						 quote_identifier(version->column_name), field_key(columns->fields, version));
 
-	if (page->records && json_array_size(page->records) > 0)
-		updated = store_records(columns, page, NULL, sql.data, SPI_OK_UPDATE);
+	batch = page_batch(page, columns->fields);
+	if (batch && batch->nrecords > 0)
+		updated = store_records(columns, batch, NULL, sql.data, SPI_OK_UPDATE);
 
 	cursor_text = sync_json_dump(page->cursor ? page->cursor : json_object());
 	args[0] = Int32GetDatum(c->id);

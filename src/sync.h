@@ -7,6 +7,9 @@
  *   worker.c      a database's sync worker: scheduling, transactions, errors
  *   catalog.c     reading and writing the sync.* catalog tables through SPI
  *   store.c       creating synced tables and applying pages of records
+ *   records.c     a page's records as SQL arguments (a text array per field)
+ *   copyload.c    new records of a page written through COPY's machinery
+ *   jsonscan.c    a page's records read straight into a batch (no JSON tree)
  *   reject.c      values that do not fit their columns: set aside, recorded
  *   http.c        interruptible libcurl requests
  *   httpmsg.c     URLs and response headers (no transfers)
@@ -146,6 +149,16 @@ extern void sync_http_request_timeout(const char *method, const char *url,
 									  const SyncHttpHeader *headers, int nheaders,
 									  const char *body, const char *content_type,
 									  bool verify_tls, int timeout_ms, SyncHttpResponse *resp);
+
+/*
+ * A GET sent ahead (at most one; any other request discards it), adopted by
+ * the sync_http_request() of that very GET within 30 s; see http.c.
+ */
+extern void sync_http_prefetch(const char *url, const SyncHttpHeader *headers, int nheaders,
+							   bool verify_tls);
+extern bool sync_http_prefetch_claim(const char *url, const SyncHttpHeader *headers, int nheaders,
+									 bool verify_tls);
+extern void sync_http_pump(void);
 extern char *sync_http_urlencode(const char *s);
 extern double sync_http_server_time(SyncHttpResponse *resp);
 extern char *sync_http_header(SyncHttpResponse *resp, const char *name);
@@ -209,6 +222,7 @@ typedef struct SyncCollection
 typedef struct SyncPage
 {
 	json_t	   *records;		/* array of objects keyed by api field: upserts */
+	struct SyncBatch *batch;	/* or the upserts already in column form (records.c), or NULL */
 	json_t	   *deletions;		/* array of {"id": text, "at": timestamp or null} */
 	json_t	   *cursor;			/* the collection's cursor after this page */
 	const char *phase;			/* phase after this page */
@@ -343,6 +357,7 @@ extern void sync_worker_serve_token_refresh(void);
 extern Size sync_budget_shmem_size(void);
 extern void sync_budget_shmem_startup(LWLock *lock);
 extern bool sync_budget_acquire(SyncSource *source, bool search);
+extern bool sync_budget_try_acquire(SyncSource *source, bool search);
 extern long sync_budget_wait_ms(int32 source_id);
 extern bool sync_budget_note_response(SyncSource *source, SyncHttpResponse *resp, bool attributed);
 extern void sync_budget_note_transport_error(SyncSource *source);
@@ -359,6 +374,15 @@ extern void sync_api_request(SyncSource *source, SyncPage *page, const char *met
 							 const SyncHttpHeader *headers, int nheaders, const char *body,
 							 const char *content_type, SyncHttpResponse *resp);
 
+/*
+ * Send the GET the provider will make next now, if the budget has a token to
+ * spare at once; the sync_api_request() of that GET adopts the answer
+ * without paying again. Call sync_http_pump() between statements meanwhile.
+ */
+extern bool sync_prefetch_allowed;
+extern void sync_api_prefetch(SyncSource *source, SyncPage *page, const char *url,
+							  const SyncHttpHeader *headers, int nheaders);
+
 /* ---------- notifications (notify.c, smtp.c) ---------- */
 extern void sync_deliver_notifications(void);
 extern bool sync_smtp_send(const char *smtp_url, json_t *options, const char *from, const char *recipients,
@@ -373,19 +397,57 @@ extern void sync_free_collection(SyncCollection *collection);
 extern void sync_refresh_fields(SyncCollection *collection, List *asked);
 extern void sync_lock_extension(void);
 
+/* ---------- records as SQL arguments (records.c) ---------- */
+extern char *sync_records_from(List *fields, int first_param);
+extern char *sync_record_value(List *fields, const SyncField *f);
+
+/*
+ * A page's records column by column, ready for SQL: values[f][i] is record
+ * i's value of field f as text (as records.c turns API values into text),
+ * nulls[f][i] where it has none. Allocated in the page's memory context.
+ */
+typedef struct SyncBatch
+{
+	List	   *fields;			/* SyncField *, in column order */
+	int			nfields;
+	int			nrecords;
+	int			capacity;
+	Datum	  **values;
+	bool	  **nulls;
+} SyncBatch;
+
+extern SyncBatch *sync_batch_new(List *fields, int capacity);
+extern int	sync_batch_add(SyncBatch *b);
+extern char *sync_batch_text(SyncBatch *b, int f, int i);
+extern void sync_batch_remove(SyncBatch *b, int i);
+extern SyncBatch *sync_batch_one(SyncBatch *b, int f, int i);
+extern SyncBatch *sync_batch_column(SyncBatch *b, int f);
+extern SyncBatch *sync_batch_from_json(json_t *records, List *fields);
+extern SyncBatch *sync_batch_for_fields(SyncBatch *b, List *fields);
+extern Datum sync_json_value_datum(json_t *v, const SyncField *f, bool *isnull);
+extern bool sync_json_scan_page(const char *body, size_t len, const char *array_key, List *fields,
+								const char *deleted_key, json_t **envelope, SyncBatch **batch);
+extern void sync_batch_arrays(SyncBatch *b, Datum *values);
+extern Oid *sync_records_argtypes(int n);
+
 /* ---------- store (store.c) ---------- */
 extern void sync_apply_page(SyncCollection *collection, SyncPage *page);
-extern int64 sync_reject_unfit_values(SyncCollection *collection, SyncPage *page);
+extern int64 sync_reject_unfit_values(SyncCollection *collection, SyncBatch *batch);
 struct _SPI_plan;
-extern ErrorData *sync_try_with_records(struct _SPI_plan *plan, const char *sql, json_t *records, List *fields,
+extern ErrorData *sync_try_with_records(struct _SPI_plan *plan, const char *sql, SyncBatch *batch,
 										int expected, int64 *processed);
 extern bool sync_apply_column_page(SyncCollection *collection, SyncCollection *columns, SyncPage *page);
+
+/* ---------- the COPY path of new records (copyload.c) ---------- */
+extern char *sync_existing_keys_sql(SyncCollection *c, const char *table);
+extern int64 sync_copy_new_records(SyncCollection *c, SyncBatch *batch, struct _SPI_plan *existing,
+								   SyncBatch **rest);
 extern void sync_save_api_fields(SyncCollection *collection, List *fields);
 
 /* ---------- json helpers (jsonutil.c) ---------- */
 extern json_t *sync_json_parse(const char *text, size_t len, const char *what);
 extern char *sync_json_dump(json_t *value);
-extern char *sync_json_dump_records(json_t *records, List *fields);
+extern void sync_json_append(StringInfo buf, json_t *value);
 extern int64 sync_token_lifetime(json_t *body, int64 dflt);
 extern const char *sync_record_key(int i);
 extern const char *sync_json_string(json_t *object, const char *key);

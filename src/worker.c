@@ -57,6 +57,9 @@ typedef struct DueCollection
 static Oid	extension_oid = InvalidOid;
 static bool version_mismatch_logged = false;
 static HTAB *schedule = NULL;
+/* a prefetch is wanted when no other collection is due for this long */
+#define PREFETCH_QUIET_MS 2000
+
 static MemoryContext loop_ctx = NULL;
 static MemoryContext step_ctx = NULL;
 static TimestampTz next_delivery_check = 0;	/* notifications are looked for once a second */
@@ -581,6 +584,8 @@ worker_round(void)
 	HASH_SEQ_STATUS seq;
 	ScheduleEntry *e;
 	ListCell   *lc;
+	int			due_now = 0;
+	long		next_other_ms = LONG_MAX;
 
 	hash_seq_init(&seq, schedule);
 	while ((e = hash_seq_search(&seq)) != NULL)
@@ -611,8 +616,10 @@ worker_round(void)
 		if (wait_ms > 0)
 		{
 			sleep_ms = Min(sleep_ms, wait_ms);
+			next_other_ms = Min(next_other_ms, wait_ms);
 			continue;
 		}
+		due_now++;
 		if (best == NULL || worker_runs_before(entry, best_entry))
 		{
 			best = d;
@@ -633,7 +640,14 @@ worker_round(void)
 		bool		rate_limited;
 		int			lock_wait;
 
+		/*
+		 * The next page may be asked for while this one is written when no
+		 * other collection wants a turn soon: its request would throw the
+		 * prefetched answer away.
+		 */
+		sync_prefetch_allowed = due_now == 1 && next_other_ms > PREFETCH_QUIET_MS;
 		worker_run_step(best, best_entry, &more, &failed, &rate_limited, &lock_wait);
+		sync_prefetch_allowed = false;
 		now = GetCurrentTimestamp();
 		best_entry->last_run = now;
 		best_entry->retrying = failed;
