@@ -3,10 +3,11 @@
 
   /usr/bin/python3 bench/ingest_fakeprof.py [--records 100000] [--top 25]
 
-Starts test/fake_salesforce.py in a child process with cProfile around every request
-handler, reads the whole Contact listing twice with bench/ingest.py's client (cold: the
-fake's per-record JSON cache empty, as sync finds it; then warm), and prints each pass's
-rate and the fake's top functions by cumulative and by own time. No cluster needed.
+Starts test/fake_salesforce.py (with bench/ingest.py's fake_args(N)) in a child process
+with cProfile around every request handler, reads the whole Contact listing twice with
+bench/ingest.py's client (cold: the fake's caches empty; then warm, as sync finds them after
+ingest.py's warm-up read), and prints each pass's rate and the fake's top functions by
+cumulative and by own time. No cluster needed.
 """
 
 import argparse
@@ -26,6 +27,7 @@ import ingest  # noqa: E402
 
 
 def serve(args):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(args.fake_script)))     # its fakelib.py
     spec = importlib.util.spec_from_file_location("fake_salesforce", args.fake_script)
     fs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fs)
@@ -46,7 +48,7 @@ def serve(args):
         state["prof"].dump_stats(f"{args.stats}.{state['n']}")
         state["prof"] = cProfile.Profile()
     signal.signal(signal.SIGUSR1, dump)
-    fs.main(["--port", "0", "--records", str(args.records), "--daily-limit", "1000000000"])
+    fs.main(["--port", "0"] + ingest.fake_args(args.records))
 
 
 def report(path, top, label):

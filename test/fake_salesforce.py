@@ -3,7 +3,8 @@
 
 Run:  /usr/bin/python3 test/fake_salesforce.py --port 0 [--records 5000] [--seed 1]
       [--accounts N] [--deleted N] [--base-time ISO|now] [--token-lifetime S]
-      [--daily-limit N] [--client-id ..] [--client-secret ..] [--refresh-token ..] [--verbose]
+      [--daily-limit N] [--client-id ..] [--client-secret ..] [--refresh-token ..]
+      [--render-cache RECORDS] [--query-gzip-level 1-9] [--verbose]
 Prints "listening on PORT" once ready (stdout, flushed). Binds 127.0.0.1 only.
 
 Imitates one org as strictly as we know how: OAuth refresh-token flow, versioned REST
@@ -13,6 +14,12 @@ Sforce-Locator; see the "Bulk API 2.0" section), limits, the daily API allocatio
 Salesforce's error bodies (a JSON array of {message, errorCode}). Every response has a Date header (the
 server clock, shiftable via /__admin/clock); /services/data responses carry
 Sforce-Limit-Info. Bodies above 1 KB are gzipped when the client sends Accept-Encoding: gzip.
+
+Query listings are served from caches (same bytes; Org.query_result, Org.page,
+Handler.page_answer): a query's ordered result per SOQL text, each record's JSON, and each
+page's records array with its pre-compressed deflate piece (a gzip answer is spliced around
+it; zlib level --query-gzip-level, default 1), each up to --render-cache records (default
+300,000). Any write invalidates what it touches: never a stale answer.
 
 Seeded data (deterministic per --seed): Accounts, Contacts, ContactHistory; custom
 objects (Widget__c ...) come from POST /__admin/objects, seeded from the same seed. Contact
@@ -67,7 +74,7 @@ import time
 import traceback
 import zlib
 from itertools import accumulate
-from operator import itemgetter
+from operator import is_, itemgetter
 from array import array
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -806,6 +813,9 @@ class Org:
         self.org_id = "00DHp0000001SfK" + id_suffix("00DHp0000001SfK")
         self.user_id = "005Hp00000AdMin" + id_suffix("005Hp00000AdMin")
         self.bulk_engine = BulkEngine(self)
+        # records whose JSON (per record, and per page) the caches keep: see render_array, page
+        self.render_limit = max(0, int(getattr(cfg, "render_cache", DEFAULT_RENDER_CACHE)))
+        self.query_gzip_level = int(getattr(cfg, "query_gzip_level", 1))
         self.seed_data(cfg.records, cfg.accounts, cfg.seed, cfg.deleted)
 
     # -- clock ---------------------------------------------------------------
@@ -882,7 +892,12 @@ class Org:
             for t in (account_type(), contact_type(self), contact_history_type(), aggregate_result_type()):
                 self.types[t.name.lower()] = t
             self.render_cache = {}
-            self.write_gen = 0
+            self.page_cache = {}          # (sig, first Id, count) -> Page (see page())
+            self.page_cached = 0          # records in page_cache
+            self.query_cache = {}         # (SOQL, include_deleted) -> QueryResult (see query_result())
+            # Bumped by every write; never goes back (a reset keeps counting), so a cache entry
+            # stamped with a generation can never be taken for a later state.
+            self.write_gen = getattr(self, "write_gen", 0) + 1
             self.delete_log = []          # [{object, id, at}] in time order
             self.earliest_deleted = None  # admin-set purge point
             self.purge_mode = "error"
@@ -1127,7 +1142,7 @@ class Org:
         sig = (obj.name, version, tuple(f.name for f in fields))
         gen = self.write_gen if any(f.calculated for f in fields) else 0
         cache = self.render_cache
-        if len(cache) > 300000:
+        if len(cache) > self.render_limit:
             cache.clear()
         parts, missing = [], []
         for rec in recs:
@@ -1144,6 +1159,47 @@ class Org:
                 cache[(recs[i]["Id"], sig)] = (recs[i], gen, data)
                 parts[i] = data
         return b"[" + b",".join(parts) + b"]"
+
+    def page(self, obj, recs, fields, version):
+        """The records array of one query page, as a Page (raw bytes, deflate piece made on
+        demand). Cached per (sig, first Id, count) and valid only for the very same record
+        dicts in the same order (records are replaced, never mutated, on write) and, with a
+        formula field, the same write generation: render_array's rule, for a whole page."""
+        sig = (obj.name, version, tuple(f.name for f in fields))
+        gen = self.write_gen if any(f.calculated for f in fields) else 0
+        key = (sig, recs[0]["Id"] if recs else "", len(recs))
+        page = self.page_cache.get(key)
+        if page is not None and page.gen == gen and all(map(is_, page.recs, recs)):
+            return page
+        page = Page(recs, gen, self.render_array(obj, recs, fields, version))
+        if not self.render_limit or len(recs) > self.render_limit:
+            return page                         # --render-cache 0: no cache at all
+        with self.lock:
+            old = self.page_cache.pop(key, None)
+            if old is not None:
+                self.page_cached -= len(old.recs)
+            self.page_cache[key] = page
+            self.page_cached += len(recs)
+            while self.page_cached > self.render_limit:       # drop the oldest pages
+                self.page_cached -= len(self.page_cache.pop(next(iter(self.page_cache))).recs)
+        return page
+
+    def query_result(self, cq, soql, include_deleted):
+        """run_query's answer as (records, ids), the last QUERY_CACHE_SIZE answers cached per
+        SOQL text until the next write (caller holds the lock): a repeated query does not sort
+        all records again. The lists are shared (locators keep them): nobody changes them."""
+        key = (soql, include_deleted)
+        hit = self.query_cache.get(key)
+        if hit is not None and hit.gen == self.write_gen and hit.obj is cq.obj:
+            return hit.recs, hit.ids
+        recs = run_query(self, cq, include_deleted)
+        ids = [r["Id"] for r in recs]
+        self.query_cache.pop(key, None)
+        if self.render_limit:                   # --render-cache 0: no cache at all
+            self.query_cache[key] = QueryResult(self.write_gen, cq.obj, recs, ids)
+            while len(self.query_cache) > QUERY_CACHE_SIZE:
+                del self.query_cache[next(iter(self.query_cache))]
+        return recs, ids
 
     # -- lookups ---------------------------------------------------------------
 
@@ -1335,6 +1391,7 @@ class Org:
 
     def empty_recycle_bin(self):
         with self.lock:
+            self.write_gen += 1
             purged = 0
             for obj in self.types.values():
                 for rec_id in [i for i, r in obj.records.items() if r["IsDeleted"]]:
@@ -1434,6 +1491,9 @@ class Org:
             self.delete_log = [e for e in self.delete_log if e["object"] != obj.name]
             self.locators = {k: loc for k, loc in self.locators.items() if loc["obj"] is not obj}
             self.render_cache = {k: v for k, v in self.render_cache.items() if k[1][0] != obj.name}
+            self.page_cache = {k: v for k, v in self.page_cache.items() if k[0][0] != obj.name}
+            self.page_cached = sum(len(p.recs) for p in self.page_cache.values())
+            self.query_cache = {k: v for k, v in self.query_cache.items() if v.obj is not obj}
             return {"removed": obj.name, "records": len(obj.records)}
 
     def list_custom_objects(self):
@@ -1469,6 +1529,25 @@ class Org:
 
 
 RECORD_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+DEFAULT_RENDER_CACHE = 300000     # --render-cache: records whose JSON the caches keep
+QUERY_CACHE_SIZE = 8              # ordered query answers kept (Org.query_result)
+
+
+class Page:
+    """One query page's records array: the record dicts it was made from (validity), the
+    write generation (formula fields), its JSON bytes, and (once a gzip answer needed it) their
+    raw-deflate piece: deflate_piece(raw), spliced into gzip answers by Handler.page_answer."""
+    __slots__ = ("recs", "gen", "raw", "piece")
+
+    def __init__(self, recs, gen, raw):
+        self.recs, self.gen, self.raw, self.piece = recs, gen, raw, None
+
+
+class QueryResult:
+    __slots__ = ("gen", "obj", "recs", "ids")
+
+    def __init__(self, gen, obj, recs, ids):
+        self.gen, self.obj, self.recs, self.ids = gen, obj, recs, ids
 
 
 def contact_name(rec):
@@ -2279,11 +2358,24 @@ class BulkEngine:
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"     # no name, no mtime, OS unknown
 
 
-def deflate_piece(data):
+def deflate_piece(data, level=1):
     """Raw deflate of `data` with a fresh dictionary, ending in a full flush (byte-aligned, no
     back-references across pieces): such pieces concatenate into one valid deflate stream."""
-    c = zlib.compressobj(1, zlib.DEFLATED, -15)
+    c = zlib.compressobj(level, zlib.DEFLATED, -15)
     return c.compress(data) + c.flush(zlib.Z_FULL_FLUSH)
+
+
+def stored_piece(data):
+    """`data` as stored (uncompressed) deflate blocks, not final: byte-aligned like a deflate_piece,
+    with no compressor to set up (a query page's envelope head: ~150 bytes, fresh per answer)."""
+    out = []
+    for i in range(0, len(data), 65535):
+        chunk = data[i:i + 65535]
+        out.append(b"\x00" + struct.pack("<HH", len(chunk), len(chunk) ^ 0xFFFF) + chunk)
+    return b"".join(out)
+
+
+CLOSE_PIECE = deflate_piece(b"}")           # the end of a query page's JSON (Handler.page_answer)
 
 
 def gzip_blocks(blob, offsets, block):
@@ -2787,25 +2879,28 @@ class Handler(FaultDelivery, BaseHTTPRequestHandler):
             raise ApiError(400, "MALFORMED_QUERY", "A query string has to be specified")
         cq = compile_soql(org, soql)
         with org.lock:
-            recs = run_query(org, cq, include_deleted)
             if cq.count:
+                recs = run_query(org, cq, include_deleted)
                 if cq.count_field is None:
                     return 200, dumps({"totalSize": len(recs), "done": True, "records": []}), {}
                 n = sum(1 for r in recs if cq.count_field.getter(r) is not None)
                 return 200, dumps({"totalSize": 1, "done": True, "records": [
                     {"attributes": {"type": "AggregateResult"}, "expr0": n}]}), {}
+            recs, ids = org.query_result(cq, soql, include_deleted)
             batch = self.batch_size()
-            ids = [r["Id"] for r in recs]
             locator = None
             if len(ids) > batch:
-                locator = self.new_locator(cq, ids, batch, include_deleted)
-        return 200, self.page_bytes(version, cq.obj, cq.fields, recs[:batch], len(ids), locator, batch), {}
+                locator = self.new_locator(cq, ids, batch, include_deleted, recs)
+        return self.page_answer(version, cq.obj, cq.fields, recs[:batch], len(ids), locator, batch)
 
-    def new_locator(self, cq, ids, batch, include_deleted):
+    def new_locator(self, cq, ids, batch, include_deleted, recs):
+        """A query locator: the ids fixed now; `recs` (their records now) serve its pages for as
+        long as nothing has been written (write generation `gen`)."""
         org = self.org
         loc_id = org.ids.new("01g")
         org.locators[loc_id] = {"obj": cq.obj, "fields": cq.fields, "ids": ids, "batch": batch,
-                                "include_deleted": include_deleted, "created": org.now()}
+                                "include_deleted": include_deleted, "created": org.now(),
+                                "recs": recs, "gen": org.write_gen}
         if len(org.locators) > 5000:            # bound memory: drop the oldest cursors
             for old in list(org.locators)[:1000]:
                 del org.locators[old]
@@ -2825,21 +2920,42 @@ class Handler(FaultDelivery, BaseHTTPRequestHandler):
             batch, obj = loc["batch"], loc["obj"]
             # The id list was fixed when the query ran; values are read now, and rows
             # deleted since then are skipped (their slot stays, so pages can be short).
-            recs = []
-            for rec_id in loc["ids"][offset:offset + batch]:
-                rec = obj.records.get(rec_id)
-                if rec is not None and (loc["include_deleted"] or not rec["IsDeleted"]):
-                    recs.append(rec)
+            # Nothing written since the query ran: its records are still the current ones.
+            if loc["recs"] is not None and loc["gen"] == org.write_gen:
+                recs = loc["recs"][offset:offset + batch]
+            else:
+                loc["recs"] = None                  # stale for good: let the old records go
+                got = map(obj.records.get, loc["ids"][offset:offset + batch])
+                if loc["include_deleted"]:
+                    recs = [rec for rec in got if rec is not None]
+                else:
+                    recs = [rec for rec in got if rec is not None and not rec["IsDeleted"]]
             more = m.group(1) if offset + batch < len(loc["ids"]) else None
-        return 200, self.page_bytes(version, obj, loc["fields"], recs, len(loc["ids"]), more,
-                                    offset + batch), {}
+        return self.page_answer(version, obj, loc["fields"], recs, len(loc["ids"]), more, offset + batch)
 
-    def page_bytes(self, version, obj, fields, recs, total, locator, next_offset):
+    def page_answer(self, version, obj, fields, recs, total, locator, next_offset):
+        """(200, body parts, headers) of a query page: the envelope around the page's cached
+        records array. With Accept-Encoding: gzip (and more than 1 KB, as send() would), one gzip
+        member spliced from deflate pieces: the envelope head's (stored, fresh), the records array's
+        (cached with the page), the closing brace's; CRC and size over the same bytes as the
+        identity answer. A fault on the real answer gets the identity bytes (send_faulted)."""
         head = {"totalSize": total, "done": locator is None}
         if locator:
             head["nextRecordsUrl"] = "/services/data/v%s/query/%s-%d" % (version, locator, next_offset)
-        # Splice the pre-serialised records array into the envelope (keeps key order too).
-        return dumps(head)[:-1] + b',"records":' + self.org.render_array(obj, recs, fields, version) + b"}"
+        head = dumps(head)[:-1] + b',"records":'          # keeps the key order: records last
+        page = self.org.page(obj, recs, fields, version)
+        raw = page.raw
+        size = len(head) + len(raw) + 1
+        if size <= 1024 or getattr(self, "answer_fault", None) is not None \
+                or "gzip" not in (self.headers.get("Accept-Encoding") or ""):
+            return 200, [head, raw, b"}"], {}
+        piece = page.piece
+        if piece is None:
+            piece = page.piece = deflate_piece(raw, self.org.query_gzip_level)
+        crc = zlib.crc32(b"}", zlib.crc32(raw, zlib.crc32(head)))
+        body = [GZIP_HEADER + stored_piece(head), piece, CLOSE_PIECE + b"\x03\x00"
+                + struct.pack("<II", crc, size & 0xFFFFFFFF)]
+        return 200, body, {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
 
     # -- Bulk API 2.0 query jobs ---------------------------------------------------------
 
@@ -3441,6 +3557,13 @@ def parse_args(argv):
     p.add_argument("--client-id", default="test-client")
     p.add_argument("--client-secret", default="test-secret")
     p.add_argument("--refresh-token", default="test-refresh")
+    p.add_argument("--render-cache", type=int, default=DEFAULT_RENDER_CACHE, metavar="RECORDS",
+                   help="records whose JSON the query caches keep, per record and per page (default "
+                        "%(default)s; 0 = no caching); a listing read more than once is served from "
+                        "them only when it fits")
+    p.add_argument("--query-gzip-level", type=int, default=1, choices=range(1, 10), metavar="1-9",
+                   help="zlib level of the records of gzipped query pages (default 1; 6 is zlib's default, "
+                        "which Java's GZIPOutputStream and Apache use: its output inflates ~1.5x faster)")
     p.add_argument("--state-file", default=None, help="accepted for compatibility; ignored")
     p.add_argument("--verbose", action="store_true", help="log requests to stderr")
     cfg = p.parse_args(argv)

@@ -14,6 +14,7 @@ import io
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import urllib.parse
 import urllib.request
 import zlib
 
-from fault_wire import test_fault_kinds
+from fault_wire import raw_get, test_fault_kinds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 V = "/services/data/v60.0"
@@ -327,6 +328,137 @@ def test_keepalive_gzip_speed(fk):
 
 def stamp_lit(stamp):
     return stamp.replace(".000+0000", "Z")
+
+
+LOCATOR_RE = re.compile(rb"/query/01g[A-Za-z0-9]{15}-")
+
+
+def listing(fk, soql, accept_gzip=True, endpoint="query"):
+    """Every page of a query on one keep-alive connection, with Sforce-Query-Options: batchSize=2000:
+    [(headers without Date/Content-Length, body after gunzip, gzipped?)]. A gzip body must be ONE
+    complete member whose CRC and size zlib accepts."""
+    conn = http.client.HTTPConnection("127.0.0.1", fk.port, timeout=60)
+    path = "%s/%s?q=%s" % (V, endpoint, urllib.parse.quote(soql, safe=""))
+    pages = []
+    while path:
+        h = {"Authorization": "Bearer " + fk.token, "Sforce-Query-Options": "batchSize=2000"}
+        if accept_gzip:
+            h["Accept-Encoding"] = "deflate, gzip"
+        conn.request("GET", path, headers=h)
+        r = conn.getresponse()
+        body = r.read()
+        assert r.status == 200, (r.status, body[:300])
+        gz = r.getheader("Content-Encoding") == "gzip"
+        if gz:
+            d = zlib.decompressobj(31)
+            plain = d.decompress(body)
+            assert d.eof and not d.unused_data and plain == gzip.decompress(body), "not one whole gzip member"
+            body = plain
+        headers = [(k, v) for k, v in r.getheaders() if k not in ("Date", "Content-Length")]
+        pages.append((headers, body, gz))
+        page = json.loads(body)
+        path = page.get("nextRecordsUrl")
+    conn.close()
+    return pages
+
+
+def same_pages(a, b):
+    """Equal but for the locator ids and the Sforce-Limit-Info count."""
+    def norm(pages):
+        return [([(k, v) for k, v in h if k != "Sforce-Limit-Info"], LOCATOR_RE.sub(b"/query/LOC-", body), gz)
+                for h, body, gz in pages]
+    return norm(a) == norm(b)
+
+
+def test_query_cache():
+    """Query listings come from caches (the query's order, each page's JSON and pre-compressed gzip
+    piece): the same bytes as a fake without them (--render-cache 0), never stale after a write. The
+    cached fake compresses its pages at --query-gzip-level 6 (what bench/ingest.py uses), the other at 1."""
+    fk = Fake("--records", "4600", "--seed", "3", "--query-gzip-level", "6")
+    ref = Fake("--records", "4600", "--seed", "3", "--render-cache", "0")
+    try:
+        for f in (fk, ref):
+            f.login()
+        d = fk.api(V + "/sobjects/Contact/describe")[2]
+        ref.api(V + "/sobjects/Contact/describe")
+        fields = [f["name"] for f in d["fields"] if not f["deprecatedAndHidden"] and f["name"] != "IsDeleted"]
+        soql = "SELECT %s FROM Contact ORDER BY SystemModstamp, Id" % ",".join(fields)
+        want = listing(ref, soql)
+        cold, warm = listing(fk, soql), listing(fk, soql)
+        check(len(want) == 3 and all(gz for _, _, gz in want) and [len(json.loads(b)["records"]) for _, b, _ in want]
+              == [2000, 2000, 600], "listing of 4600 contacts: 3 gzip pages")
+        check(same_pages(cold, want) and same_pages(warm, want),
+              "cached pages (first and second read) = the uncached fake's, byte for byte after gunzip, same headers")
+        plain, plain_ref = listing(fk, soql, accept_gzip=False), listing(ref, soql, accept_gzip=False)
+        check(same_pages(plain, plain_ref) and not any(gz for _, _, gz in plain)
+              and [LOCATOR_RE.sub(b"", b) for _, b, _ in plain] == [LOCATOR_RE.sub(b"", b) for _, b, _ in warm],
+              "without Accept-Encoding: gzip the cached pages go out as identity, same bytes")
+        small = "SELECT Id FROM Contact ORDER BY Id LIMIT 3"
+        tiny = listing(fk, small)
+        check(not tiny[0][2] and same_pages(tiny, listing(ref, small)) and same_pages(tiny, listing(fk, small)),
+              "a page of 1 KB or less stays identity even when gzip is accepted")
+        # writes between two reads: visible at once, in cached pages and in open locators
+        recs = [r for _, b, _ in warm for r in json.loads(b)["records"]]
+        mid, moved, gone = recs[2500], recs[10], recs[3000]
+        conn = http.client.HTTPConnection("127.0.0.1", fk.port, timeout=60)
+        conn.request("GET", "%s/query?q=%s" % (V, urllib.parse.quote(soql, safe="")),
+                     headers={"Authorization": "Bearer " + fk.token, "Accept-Encoding": "gzip"})
+        first = json.loads(gzip.decompress(conn.getresponse().read()))
+        fk.admin("PATCH", "records/Contact/%s?bump=0" % mid["Id"], {"Title": "Cache buster"})
+        conn.request("GET", first["nextRecordsUrl"], headers={"Authorization": "Bearer " + fk.token,
+                                                              "Accept-Encoding": "gzip"})
+        second = json.loads(gzip.decompress(conn.getresponse().read()))
+        conn.close()
+        got = {r["Id"]: r for r in second["records"]}
+        check(got[mid["Id"]]["Title"] == "Cache buster" and mid["Title"] != "Cache buster",
+              "a write after the query ran: its locator's next page (cached before) shows the new value")
+        listing(fk, soql)                                   # every page cached again
+        accounts = {r["AccountId"] for r in recs[:2000]} & {r["AccountId"] for r in recs[4000:]}
+        acc = sorted(a for a in accounts if a)[0]           # an Account with Contacts on pages 1 and 3
+        fk.admin("PATCH", "records/Account/" + acc, {"Name": "Formula Co"})
+        renamed = [r for _, b, _ in listing(fk, soql) for r in json.loads(b)["records"]]
+        check([r["Id"] for r in renamed] == [r["Id"] for r in recs]
+              and all(r["Account_Name__c"] == "Formula Co" for r in renamed if r["AccountId"] == acc)
+              and all(r["Account_Name__c"] != "Formula Co" for r in renamed if r["AccountId"] != acc),
+              "an Account renamed after caching (no Contact written): its Contacts' formula field is new "
+              "on every page")
+        fk.admin("PATCH", "records/Contact/" + moved["Id"], {"Department": "Moved"})
+        fk.admin("DELETE", "records/Contact/" + gone["Id"])
+        after = [r for _, b, _ in listing(fk, soql) for r in json.loads(b)["records"]]
+        ids = [r["Id"] for r in after]
+        check(len(after) == 4599 and json.loads(listing(fk, soql)[0][1])["totalSize"] == 4599
+              and gone["Id"] not in ids and ids[-1] == moved["Id"] and after[-1]["Department"] == "Moved"
+              and ids.count(moved["Id"]) == 1 and next(r for r in after if r["Id"] == mid["Id"])["Title"]
+              == "Cache buster", "writes between two reads: the new order (bumped record last), the deleted "
+                                 "record gone, totalSize 4599, the new values")
+        # queryAll: a record purged from the recycle bin leaves the cached answer
+        all_soql = "SELECT Id, IsDeleted FROM Contact ORDER BY Id"
+        before = [r["Id"] for _, b, _ in listing(fk, all_soql, endpoint="queryAll") for r in json.loads(b)["records"]]
+        fk.admin("POST", "empty_recycle_bin")
+        purged = [r["Id"] for _, b, _ in listing(fk, all_soql, endpoint="queryAll") for r in json.loads(b)["records"]]
+        check(gone["Id"] in before and gone["Id"] not in purged and len(purged) == len(before) - 1,
+              "queryAll after empty_recycle_bin: the purged record is gone (the cached order is not reused)")
+        # faults on the real answer of a warm page: the identity bytes, as before
+        warm = listing(fk, soql)
+        full = warm[0][1]
+        q = "%s/query?q=%s" % (V, urllib.parse.quote(soql, safe=""))
+        hdrs = {"Authorization": "Bearer " + fk.token, "Accept-Encoding": "gzip",
+                "Sforce-Query-Options": "batchSize=2000"}
+        fk.admin("POST", "faults", {"path_regex": r"/query\?q=SELECT", "corrupt": "malformed"})
+        res = raw_get(fk.port, q, hdrs)
+        check(res["status"] == 200 and "content-encoding" not in res["headers"]
+              and LOCATOR_RE.sub(b"", res["body"]) == LOCATOR_RE.sub(b"", full[:len(full) * 2 // 3])
+              and res["length"] == len(full) * 2 // 3,
+              "corrupt=malformed on a cached page: the identity body cut at 2/3, though gzip was accepted")
+        fk.admin("POST", "faults", {"path_regex": r"/query\?q=SELECT", "truncate": True})
+        res = raw_get(fk.port, q, hdrs)
+        check(res["status"] == 200 and "content-encoding" not in res["headers"] and res["length"] == len(full)
+              and len(res["body"]) == len(full) // 2 and res["ended"] in ("eof", "reset"),
+              "truncate on a cached page: Content-Length of the identity body, half of it sent, closed")
+        check(same_pages(listing(fk, soql), warm), "after the faults: the same cached pages again")
+    finally:
+        fk.stop()
+        ref.stop()
 
 
 def test_request_log(fk):
@@ -1269,6 +1401,7 @@ def main():
         fk.stop()
     test_custom_determinism_reset()
     test_seed_determinism()
+    test_query_cache()
     bulk_main()
     print("all fake_salesforce self-tests passed")
 
