@@ -344,22 +344,70 @@ copy_rows(SyncCollection *c, SyncBatch *b, int *rows, int nrows)
 	return copied;
 }
 
-/*
- * Write the records of batch whose keys are new through COPY, in a
- * subtransaction; returns how many, and in *rest the records left for the
- * upsert (the whole batch when COPY cannot take any, or failed).
- */
-int64
-sync_copy_new_records(SyncCollection *c, SyncBatch *batch, SPIPlanPtr existing, SyncBatch **rest)
+/* COPY rows of batch in a subtransaction of its own; false (nothing kept) if it refused. */
+static bool
+try_copy(SyncCollection *c, SyncBatch *batch, int *rows, int nrows, bool *conflict)
 {
 	MemoryContext oldcontext = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
+	volatile bool ok = false;
+
+	*conflict = false;
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		uint64		copied;
+
+		PushActiveSnapshot(GetTransactionSnapshot());
+		copied = copy_rows(c, batch, rows, nrows);
+		/* a trigger that skipped rows: the upsert writes them all, as it would have */
+		if (copied != (uint64) nrows)
+			elog(ERROR, "COPY of a page wrote %llu of %d rows", (unsigned long long) copied, nrows);
+		PopActiveSnapshot();
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		ok = true;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		/* anything COPY refused, the upsert will sort out record by record */
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		*conflict = edata->sqlerrcode == ERRCODE_UNIQUE_VIOLATION;
+		FreeErrorData(edata);
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_END_TRY();
+	return ok;
+}
+
+/*
+ * Write the records of batch whose keys are new through COPY; returns how
+ * many, and in *rest the records left for the upsert (the whole batch when
+ * COPY cannot take any, or refused them).
+ *
+ * *optimistic: the collection's last pages held only new keys (a backfill):
+ * COPY the whole batch without looking the keys up first; a key that exists
+ * after all makes COPY fail, and the keys are looked up from then on, until
+ * a page again holds none the table has.
+ */
+int64
+sync_copy_new_records(SyncCollection *c, SyncBatch *batch, SPIPlanPtr existing, bool *optimistic,
+					  SyncBatch **rest)
+{
 	int			key = -1;
 	bool	   *exists;
 	int		   *rows;
 	int			nrows = 0;
+	bool		conflict;
 	SyncBatch  *left;
-	volatile int64 copied = -1;
 	ListCell   *lc;
 
 	*rest = batch;
@@ -369,41 +417,28 @@ sync_copy_new_records(SyncCollection *c, SyncBatch *batch, SPIPlanPtr existing, 
 	if (key < 0 || existing == NULL || keys_need_upsert(batch, key))
 		return 0;
 
+	rows = palloc(sizeof(int) * batch->nrecords);
+	if (*optimistic)
+	{
+		for (int i = 0; i < batch->nrecords; i++)
+			rows[i] = i;
+		if (try_copy(c, batch, rows, batch->nrecords, &conflict))
+		{
+			*rest = sync_batch_new(batch->fields, 1);
+			return batch->nrecords;
+		}
+		*optimistic = false;
+		if (!conflict)
+			return 0;			/* not a key that exists: the upsert sorts it out */
+	}
+
 	exists = palloc0(sizeof(bool) * batch->nrecords);
 	find_existing(batch, key, existing, exists);
-	rows = palloc(sizeof(int) * batch->nrecords);
 	for (int i = 0; i < batch->nrecords; i++)
 		if (!exists[i])
 			rows[nrows++] = i;
-	if (nrows == 0)
-		return 0;
-
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
-	{
-		PushActiveSnapshot(GetTransactionSnapshot());
-		copied = (int64) copy_rows(c, batch, rows, nrows);
-		/* a trigger that skipped rows: the upsert writes them all, as it would have */
-		if (copied != nrows)
-			elog(ERROR, "COPY of a page wrote %lld of %d rows", (long long) copied, nrows);
-		PopActiveSnapshot();
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		/* anything COPY refused, the upsert will sort out record by record */
-		MemoryContextSwitchTo(oldcontext);
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		copied = -1;
-	}
-	PG_END_TRY();
-	if (copied < 0)
+	*optimistic = (nrows == batch->nrecords);
+	if (nrows == 0 || !try_copy(c, batch, rows, nrows, &conflict))
 		return 0;
 
 	left = sync_batch_new(batch->fields, Max(batch->nrecords - nrows, 1));
@@ -421,5 +456,5 @@ sync_copy_new_records(SyncCollection *c, SyncBatch *batch, SPIPlanPtr existing, 
 		}
 	}
 	*rest = left;
-	return copied;
+	return nrows;
 }

@@ -27,6 +27,7 @@ typedef struct CollectionPlans
 	SPIPlanPtr	delete;
 	char	   *existing_sql;	/* keys the table holds, for copyload.c; NULL: no COPY path */
 	SPIPlanPtr	existing;
+	bool		copy_optimistic;	/* the last pages held only new keys (copyload.c) */
 } CollectionPlans;
 
 static HTAB *plans_by_collection = NULL;
@@ -242,6 +243,7 @@ plans_for(SyncCollection *c)
 	{
 		p->upsert_sql = p->delete_sql = p->existing_sql = NULL;
 		p->upsert = p->delete = p->existing = NULL;
+		p->copy_optimistic = false;
 	}
 	if (find_field(c->fields, true) == NULL)
 		ereport(ERROR,
@@ -582,7 +584,7 @@ sync_apply_page(SyncCollection *c, SyncPage *page)
 	plans = plans_for(c);
 	batch = page_batch(page, c->fields);
 	if (batch && batch->nrecords > 0 && plans->existing)
-		upserted = sync_copy_new_records(c, batch, plans->existing, &batch);
+		upserted = sync_copy_new_records(c, batch, plans->existing, &plans->copy_optimistic, &batch);
 	if (batch && batch->nrecords > 0)
 		upserted += store_records(c, batch, plans->upsert, NULL, SPI_OK_INSERT);
 	if (pending_deletes > 0)

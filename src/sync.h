@@ -441,7 +441,7 @@ extern bool sync_apply_column_page(SyncCollection *collection, SyncCollection *c
 /* ---------- the COPY path of new records (copyload.c) ---------- */
 extern char *sync_existing_keys_sql(SyncCollection *c, const char *table);
 extern int64 sync_copy_new_records(SyncCollection *c, SyncBatch *batch, struct _SPI_plan *existing,
-								   SyncBatch **rest);
+								   bool *optimistic, SyncBatch **rest);
 extern void sync_save_api_fields(SyncCollection *collection, List *fields);
 
 /* ---------- json helpers (jsonutil.c) ---------- */
