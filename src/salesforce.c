@@ -540,6 +540,39 @@ keyset_cmp(double ts_a, const char *id_a, double ts_b, const char *id_b)
 }
 
 /*
+ * One record of a query page: its Id and SystemModstamp must be valid; the
+ * greatest (SystemModstamp, Id) not after max_ts so far is kept in *best_ts,
+ * *best_id (a copy).
+ */
+static void
+keyset_note(const char *id, const char *stamp, int position, double max_ts, double *best_ts, char **best_id)
+{
+	double		ts = sync_parse_iso8601(stamp);
+
+	if (id == NULL || ts < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("Salesforce record without a valid Id and SystemModstamp"),
+				 errdetail("Record %d of the page.", position)));
+	if ((max_ts < 0 || ts <= max_ts) && keyset_cmp(ts, id, *best_ts, *best_id) > 0)
+	{
+		*best_ts = ts;
+		*best_id = pstrdup(id);
+	}
+}
+
+/* The keyset of the last record noted: where the next query starts. */
+static void
+keyset_save(json_t *cursor, double best_ts, const char *best_id)
+{
+	if (best_id && best_ts >= 0)
+	{
+		cursor_set_str(cursor, "ts", sf_soql_datetime(best_ts));
+		cursor_set_str(cursor, "id", best_id);
+	}
+}
+
+/*
  * Split a page of records into upserts and deletions, and find the newest
  * keyset among them (only records stamped no later than max_ts count, when
  * given: records changed after the query began sit out of order).
@@ -561,28 +594,14 @@ sf_take_records(json_t *records, SyncPage *page, json_t *cursor, double max_ts)
 	{
 		const char *id = sync_json_string(r, "Id");
 		const char *stamp = sync_json_string(r, "SystemModstamp");
-		double		ts = sync_parse_iso8601(stamp);
 
-		if (id == NULL || ts < 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_DATA_EXCEPTION),
-					 errmsg("Salesforce record without a valid Id and SystemModstamp"),
-					 errdetail("Record %zu of the page.", i)));
+		keyset_note(id, stamp, (int) i, max_ts, &best_ts, &best_id_copy);
 		if (sync_json_bool(r, "IsDeleted", false))
 			json_array_append_new(page->deletions, json_pack("{s:s, s:s}", "id", id, "at", stamp));
 		else
 			json_array_append(page->records, r);
-		if ((max_ts < 0 || ts <= max_ts) && keyset_cmp(ts, id, best_ts, best_id_copy) > 0)
-		{
-			best_ts = ts;
-			best_id_copy = pstrdup(id);
-		}
 	}
-	if (best_id_copy && best_ts >= 0)
-	{
-		cursor_set_str(cursor, "ts", sf_soql_datetime(best_ts));
-		cursor_set_str(cursor, "id", best_id_copy);
-	}
+	keyset_save(cursor, best_ts, best_id_copy);
 }
 
 /*
@@ -612,28 +631,12 @@ sf_take_batch(SyncCollection *c, SyncBatch *batch, SyncPage *page, json_t *curso
 	{
 		char	   *id = id_field >= 0 ? sync_batch_text(batch, id_field, i) : NULL;
 		char	   *stamp = stamp_field >= 0 ? sync_batch_text(batch, stamp_field, i) : NULL;
-		double		ts = sync_parse_iso8601(stamp);
 
-		if (id == NULL || ts < 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_DATA_EXCEPTION),
-					 errmsg("Salesforce record without a valid Id and SystemModstamp"),
-					 errdetail("Record %d of the page.", i)));
-		if ((max_ts < 0 || ts <= max_ts) && keyset_cmp(ts, id, best_ts, best_id_copy) > 0)
-		{
-			best_ts = ts;
-			best_id_copy = id;
-		}
-		else
-			pfree(id);
-		if (stamp)
-			pfree(stamp);
+		keyset_note(id, stamp, i, max_ts, &best_ts, &best_id_copy);
+		pfree(id);
+		pfree(stamp);
 	}
-	if (best_id_copy && best_ts >= 0)
-	{
-		cursor_set_str(cursor, "ts", sf_soql_datetime(best_ts));
-		cursor_set_str(cursor, "id", best_id_copy);
-	}
+	keyset_save(cursor, best_ts, best_id_copy);
 	page->batch = batch;
 }
 

@@ -587,6 +587,8 @@ sync_apply_page(SyncCollection *c, SyncPage *page)
 		upserted = sync_copy_new_records(c, batch, plans->existing, &plans->copy_optimistic, &batch);
 	if (batch && batch->nrecords > 0)
 		upserted += store_records(c, batch, plans->upsert, NULL, SPI_OK_INSERT);
+	/* the next page, if asked for already, keeps arriving while this one is written */
+	sync_http_pump();
 	if (pending_deletes > 0)
 		deleted = (int64) run_with_json(plans->delete, page->deletions, SPI_OK_DELETE);
 	if (page->sweep_begin || page->sweep_ids || page->sweep_end)
