@@ -13,7 +13,7 @@
 # BENCH_UPDATES (K changed records for the incremental rate; default min(N/5, max(20000, N/20))),
 # BENCH_PATHS ("rest", "bulk" or "rest bulk"; default: both when the installed sync has Bulk API
 # backfills, else rest), BENCH_PERF=1 (perf record the worker during the backfill; prints its hottest functions),
-# BENCH_USER (default postgres, as root), BENCH_PGPORT, BENCH_INSTALL=1 (as root: make install
+# BENCH_LOG=FILE (keep the server's log there), BENCH_USER (default postgres, as root), BENCH_PGPORT, BENCH_INSTALL=1 (as root: make install
 # first; default: use the installed sync).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +69,7 @@ cleanup() {
       [ -s "$f" ] && { echo "=== $f (last 20 lines)" >&2; tail -n 20 "$f" >&2; }
     done
   fi
+  [ -n "${BENCH_LOG:-}" ] && [ -f "$DIR/postgres.log" ] && cp "$DIR/postgres.log" "$BENCH_LOG"
   rm -rf "$DIR"
   exit "$status"
 }

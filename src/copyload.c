@@ -302,6 +302,9 @@ copy_rows(SyncCollection *c, SyncBatch *b, int *rows, int nrows)
 	CopyFromState cstate;
 	CopySource	src;
 	uint64		copied;
+	AttrNumber *attnums;
+	AttrNumber	synced_at;
+	bool	   *split;
 	ListCell   *lc;
 
 	nsitem = addRangeTableEntryForRelation(pstate, rel, RowExclusiveLock, NULL, false, false);
@@ -312,7 +315,21 @@ copy_rows(SyncCollection *c, SyncBatch *b, int *rows, int nrows)
 	/* the text is the database's own: no conversion, only the validation COPY always does */
 	options = list_make1(makeDefElem("encoding", (Node *) makeString((char *) GetDatabaseEncodingName()), -1));
 
+	split = palloc0(sizeof(bool) * Max(b->nfields, 1));
+	foreach(lc, b->fields)
+		split[foreach_current_index(lc)] = is_split(lfirst(lc));
+	attnums = palloc(sizeof(AttrNumber) * Max(b->nfields, 1));
+	if (sync_tuple_load_possible(rel, b->fields, attnums, &synced_at))
+	{
+		copied = sync_tuple_load(rel, b, rows, nrows, split, attnums, synced_at);
+		free_parsestate(pstate);
+		table_close(rel, NoLock);
+		CommandCounterIncrement();
+		return copied;
+	}
+
 	memset(&src, 0, sizeof(src));
+	src.split = split;
 	src.batch = b;
 	src.rows = rows;
 	src.nrows = nrows;
@@ -320,9 +337,6 @@ copy_rows(SyncCollection *c, SyncBatch *b, int *rows, int nrows)
 														TimestampTzGetDatum(GetCurrentTransactionStartTimestamp())));
 	initStringInfo(&src.buf);
 	initStringInfo(&src.scratch);
-	src.split = palloc0(sizeof(bool) * Max(b->nfields, 1));
-	foreach(lc, b->fields)
-		src.split[foreach_current_index(lc)] = is_split(lfirst(lc));
 	copy_source = &src;
 	PG_TRY();
 	{
@@ -378,6 +392,7 @@ try_copy(SyncCollection *c, SyncBatch *batch, int *rows, int nrows, bool *confli
 		MemoryContextSwitchTo(oldcontext);
 		edata = CopyErrorData();
 		*conflict = edata->sqlerrcode == ERRCODE_UNIQUE_VIOLATION;
+		elog(DEBUG1, "sync: %d records of a page go to the upsert: %s", nrows, edata->message);
 		FreeErrorData(edata);
 		FlushErrorState();
 		RollbackAndReleaseCurrentSubTransaction();

@@ -10,6 +10,8 @@
  */
 #include "sync.h"
 
+#include <math.h>
+
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
@@ -21,7 +23,16 @@ typedef struct Scanner
 	const char *p;
 	const char *end;
 	StringInfoData text;		/* the last string read, unescaped */
+	StringInfoData json;		/* the last value copied as compact JSON */
 } Scanner;
+
+/* How records.c turns a field's values into text (its WireForm). */
+typedef enum ValueForm
+{
+	FORM_TEXT,					/* strings as they are, other values as JSON text */
+	FORM_JSON,					/* every value as JSON text */
+	FORM_ARRAY					/* arrays as array literals */
+} ValueForm;
 
 static void
 skip_ws(Scanner *s)
@@ -282,12 +293,155 @@ find_field(const char **names, int nfields, int *expected, const char *name)
 }
 
 /*
- * One record's value of field f, as records.c would have made it from
- * jansson's value. Scalars are taken as written; objects and arrays (few,
- * and their text needs normalising) go through jansson.
+ * A number as jansson reads it and sync_json_append() writes it back: an
+ * integer (no fraction, no exponent) through strtoll, a real through strtod
+ * and Ryu. What jansson refuses (out of range) makes the scanner give up.
  */
 static bool
-read_field_value(Scanner *s, SyncBatch *b, int f, int row, bool json_form)
+copy_number(Scanner *s, StringInfo out)
+{
+	const char *start = s->p;
+	char		token[400];
+	size_t		len;
+	bool		is_real;
+
+	if (!read_number(s))
+		return false;
+	len = s->p - start;
+	if (len >= sizeof(token))
+		return false;
+	memcpy(token, start, len);
+	token[len] = '\0';
+	is_real = strpbrk(token, ".eE") != NULL;
+	errno = 0;
+	if (!is_real)
+	{
+		long long	v = strtoll(token, NULL, 10);
+
+		if (errno == ERANGE)
+			return false;
+		appendStringInfo(out, "%lld", v);
+	}
+	else
+	{
+		double		v = strtod(token, NULL);
+
+		if (isinf(v))
+			return false;
+		sync_json_append_real(out, v);
+	}
+	return true;
+}
+
+/*
+ * Any value, written to out as compact JSON exactly as jansson's tree of it
+ * would be printed by sync_json_append(): the json columns' and the objects'
+ * text without building the tree. Duplicate keys (jansson keeps the last
+ * value at the first place) make it give up.
+ */
+static bool
+copy_value(Scanner *s, StringInfo out, int depth)
+{
+	skip_ws(s);
+	if (s->p >= s->end || depth > SCAN_MAX_DEPTH)
+		return false;
+	switch (*s->p)
+	{
+		case '"':
+			if (!read_string(s))
+				return false;
+			sync_json_append_string(out, s->text.data, s->text.len);
+			return true;
+		case '{':
+			{
+				int			keys[32];	/* offsets in out of the keys written */
+				int			nkeys = 0;
+
+				s->p++;
+				appendStringInfoChar(out, '{');
+				if (take_char(s, '}'))
+				{
+					appendStringInfoChar(out, '}');
+					return true;
+				}
+				do
+				{
+					int			key_at;
+					int			key_len;
+
+					skip_ws(s);
+					if (!read_string(s) || !take_char(s, ':') || nkeys == lengthof(keys))
+						return false;
+					if (nkeys > 0)
+						appendStringInfoChar(out, ',');
+					key_at = out->len;
+					sync_json_append_string(out, s->text.data, s->text.len);
+					key_len = out->len - key_at;
+					for (int k = 0; k < nkeys; k++)
+					{
+						const char *other = out->data + keys[k];
+
+						/* a key's text ends at its closing quote, followed by ':' */
+						if (other[key_len - 1] == '"' && other[key_len] == ':' &&
+							memcmp(other, out->data + key_at, key_len) == 0)
+							return false;
+					}
+					keys[nkeys++] = key_at;
+					appendStringInfoChar(out, ':');
+					if (!copy_value(s, out, depth + 1))
+						return false;
+				} while (take_char(s, ','));
+				if (!take_char(s, '}'))
+					return false;
+				appendStringInfoChar(out, '}');
+				return true;
+			}
+		case '[':
+			s->p++;
+			appendStringInfoChar(out, '[');
+			if (take_char(s, ']'))
+			{
+				appendStringInfoChar(out, ']');
+				return true;
+			}
+			{
+				bool		first = true;
+
+				do
+				{
+					if (!first)
+						appendStringInfoChar(out, ',');
+					first = false;
+					if (!copy_value(s, out, depth + 1))
+						return false;
+				} while (take_char(s, ','));
+			}
+			if (!take_char(s, ']'))
+				return false;
+			appendStringInfoChar(out, ']');
+			return true;
+		case 't':
+			appendStringInfoString(out, "true");
+			return read_literal(s, "true");
+		case 'f':
+			appendStringInfoString(out, "false");
+			return read_literal(s, "false");
+		case 'n':
+			appendStringInfoString(out, "null");
+			return read_literal(s, "null");
+		default:
+			return copy_number(s, out);
+	}
+}
+
+/*
+ * One record's value of field f, as records.c would have made it from
+ * jansson's value. Scalars are taken as written; objects and arrays, and
+ * every value of a json column, are copied in jansson's printed form; array
+ * columns (whose literals records.c makes) go through jansson.
+ */
+static bool
+read_field_value(Scanner *s, SyncBatch *b, int f, int row, ValueForm form)
 {
 	const char *start;
 	json_t	   *v;
@@ -302,29 +456,38 @@ read_field_value(Scanner *s, SyncBatch *b, int f, int row, bool json_form)
 		b->nulls[f][row] = true;
 		return read_literal(s, "null");
 	}
-	if (!json_form && *s->p == '"')
+	if (form == FORM_TEXT && *s->p == '"')
 	{
 		if (!read_string(s))
 			return false;
-		b->values[f][row] = PointerGetDatum(cstring_to_text_with_len(s->text.data, s->text.len));
+		b->values[f][row] = sync_batch_make_text(b, s->text.data, s->text.len);
 		b->nulls[f][row] = false;
 		return true;
 	}
-	if (!json_form && (*s->p == '-' || (*s->p >= '0' && *s->p <= '9')))
+	if (form == FORM_TEXT && (*s->p == '-' || (*s->p >= '0' && *s->p <= '9')))
 	{
 		if (!read_number(s))
 			return false;
-		b->values[f][row] = PointerGetDatum(cstring_to_text_with_len(start, s->p - start));
+		b->values[f][row] = sync_batch_make_text(b, start, s->p - start);
 		b->nulls[f][row] = false;
 		return true;
 	}
-	if (*s->p == 't' || *s->p == 'f')
+	if (form == FORM_TEXT && (*s->p == 't' || *s->p == 'f'))
 	{
 		bool		is_true = *s->p == 't';
 
 		if (!read_literal(s, is_true ? "true" : "false"))
 			return false;
-		b->values[f][row] = PointerGetDatum(cstring_to_text(is_true ? "true" : "false"));
+		b->values[f][row] = sync_batch_make_text(b, is_true ? "true" : "false", is_true ? 4 : 5);
+		b->nulls[f][row] = false;
+		return true;
+	}
+	if (form != FORM_ARRAY)
+	{
+		resetStringInfo(&s->json);
+		if (!copy_value(s, &s->json, 1))
+			return false;
+		b->values[f][row] = sync_batch_make_text(b, s->json.data, s->json.len);
 		b->nulls[f][row] = false;
 		return true;
 	}
@@ -340,7 +503,7 @@ read_field_value(Scanner *s, SyncBatch *b, int f, int row, bool json_form)
 
 /* One record (an object) into a new row of b; false to give up. */
 static bool
-read_record(Scanner *s, SyncBatch *b, const char **names, const bool *json_form, const char *deleted_key)
+read_record(Scanner *s, SyncBatch *b, const char **names, const ValueForm *forms, const char *deleted_key)
 {
 	int			row = sync_batch_add(b);
 	int			expected = 0;
@@ -370,7 +533,7 @@ read_record(Scanner *s, SyncBatch *b, const char **names, const bool *json_form,
 				return false;
 			continue;
 		}
-		if (!read_field_value(s, b, f, row, json_form[f]))
+		if (!read_field_value(s, b, f, row, forms[f]))
 			return false;
 	} while (take_char(s, ','));
 	return take_char(s, '}');
@@ -387,24 +550,29 @@ sync_json_scan_page(const char *body, size_t len, const char *array_key, List *f
 					const char *deleted_key, json_t **envelope, SyncBatch **batch)
 {
 	Scanner		s = {body, body + len};
-	SyncBatch  *b = sync_batch_new(fields, 256);
+	/* room for the page's records at once: a record takes some hundred bytes of JSON at least */
+	SyncBatch  *b = sync_batch_new(fields, (int) Min(Max(len / 512, 64), 8192));
 	json_t	   *env = json_object();
 	const char **names = palloc(sizeof(char *) * Max(b->nfields, 1));
-	bool	   *json_form = palloc(sizeof(bool) * Max(b->nfields, 1));
+	ValueForm  *forms = palloc(sizeof(ValueForm) * Max(b->nfields, 1));
 	bool		ok = false;
 	bool		seen_array = false;
 	ListCell   *lc;
 
 	initStringInfo(&s.text);
+	initStringInfo(&s.json);
 	foreach(lc, fields)
 	{
 		SyncField  *f = lfirst(lc);
+		size_t		len = strlen(f->wire_type);
+		ValueForm	form = FORM_TEXT;
 
 		names[foreach_current_index(lc)] = f->api_field;
-		/* json columns keep values as JSON text: jansson's printing normalises them */
-		json_form[foreach_current_index(lc)] = strcmp(f->wire_type, "json") == 0 ||
-			strcmp(f->wire_type, "jsonb") == 0 ||
-			(strlen(f->wire_type) > 2 && strcmp(f->wire_type + strlen(f->wire_type) - 2, "[]") == 0);
+		if (strcmp(f->wire_type, "json") == 0 || strcmp(f->wire_type, "jsonb") == 0)
+			form = FORM_JSON;
+		else if (len > 2 && strcmp(f->wire_type + len - 2, "[]") == 0)
+			form = FORM_ARRAY;
+		forms[foreach_current_index(lc)] = form;
 	}
 
 	if (!take_char(&s, '{'))
@@ -434,7 +602,7 @@ sync_json_scan_page(const char *body, size_t len, const char *array_key, List *f
 				{
 					do
 					{
-						if (!read_record(&s, b, names, json_form, deleted_key))
+						if (!read_record(&s, b, names, forms, deleted_key))
 							goto done;
 						if ((b->nrecords & 1023) == 0)
 							CHECK_FOR_INTERRUPTS();
@@ -464,8 +632,9 @@ sync_json_scan_page(const char *body, size_t len, const char *array_key, List *f
 
 done:
 	pfree(s.text.data);
+	pfree(s.json.data);
 	pfree(names);
-	pfree(json_form);
+	pfree(forms);
 	if (!ok)
 	{
 		json_decref(env);

@@ -150,8 +150,8 @@ sync_json_new_object(void)
  * stays 412.18 (jansson would write 412.18000000000001) and
  * 0.30000000000000004 keeps every digit.
  */
-static void
-append_real(StringInfo buf, double value)
+void
+sync_json_append_real(StringInfo buf, double value)
 {
 	char		text[64];
 	int			digits;
@@ -185,8 +185,8 @@ append_real(StringInfo buf, double value)
 		appendStringInfoString(buf, ".0");
 }
 
-static void
-append_string(StringInfo buf, const char *s, size_t len)
+void
+sync_json_append_string(StringInfo buf, const char *s, size_t len)
 {
 	appendStringInfoChar(buf, '"');
 	for (size_t i = 0; i < len; i++)
@@ -235,7 +235,7 @@ append_json(StringInfo buf, json_t *value)
 				if (!first)
 					appendStringInfoChar(buf, ',');
 				first = false;
-				append_string(buf, key, strlen(key));
+				sync_json_append_string(buf, key, strlen(key));
 				appendStringInfoChar(buf, ':');
 				append_json(buf, item);
 			}
@@ -252,13 +252,13 @@ append_json(StringInfo buf, json_t *value)
 			appendStringInfoChar(buf, ']');
 			break;
 		case JSON_STRING:
-			append_string(buf, json_string_value(value), json_string_length(value));
+			sync_json_append_string(buf, json_string_value(value), json_string_length(value));
 			break;
 		case JSON_INTEGER:
 			appendStringInfo(buf, "%" JSON_INTEGER_FORMAT, json_integer_value(value));
 			break;
 		case JSON_REAL:
-			append_real(buf, json_real_value(value));
+			sync_json_append_real(buf, json_real_value(value));
 			break;
 		case JSON_TRUE:
 			appendStringInfoString(buf, "true");

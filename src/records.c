@@ -167,6 +167,39 @@ value_datum(json_t *v, WireForm form, StringInfo scratch)
 	return PointerGetDatum(cstring_to_text_with_len(scratch->data, scratch->len));
 }
 
+/*
+ * A text value of the batch: carved from large blocks of the batch's memory
+ * context rather than a palloc each (a page holds tens of thousands of
+ * values, all freed together). Large values get their own.
+ */
+#define BATCH_ARENA_BYTES (128 * 1024)
+
+Datum
+sync_batch_make_text(SyncBatch *b, const char *data, int len)
+{
+	Size		need = INTALIGN(VARHDRSZ + (Size) len);
+	text	   *t;
+
+	if (need > b->arena_left)
+	{
+		if (need > BATCH_ARENA_BYTES / 8)
+		{
+			t = (text *) MemoryContextAlloc(b->context, VARHDRSZ + len);
+			SET_VARSIZE(t, VARHDRSZ + len);
+			memcpy(VARDATA(t), data, len);
+			return PointerGetDatum(t);
+		}
+		b->arena = MemoryContextAlloc(b->context, BATCH_ARENA_BYTES);
+		b->arena_left = BATCH_ARENA_BYTES;
+	}
+	t = (text *) b->arena;
+	SET_VARSIZE(t, VARHDRSZ + len);
+	memcpy(VARDATA(t), data, len);
+	b->arena += need;
+	b->arena_left -= need;
+	return PointerGetDatum(t);
+}
+
 /* An empty batch for fields, with room for capacity records (it grows). */
 SyncBatch *
 sync_batch_new(List *fields, int capacity)
@@ -174,6 +207,7 @@ sync_batch_new(List *fields, int capacity)
 	SyncBatch  *b = palloc0(sizeof(SyncBatch));
 
 	b->fields = fields;
+	b->context = CurrentMemoryContext;
 	b->nfields = list_length(fields);
 	b->capacity = Max(capacity, 1);
 	b->values = palloc(sizeof(Datum *) * Max(b->nfields, 1));
@@ -244,6 +278,7 @@ sync_batch_column(SyncBatch *b, int f)
 {
 	SyncBatch  *col = palloc0(sizeof(SyncBatch));
 
+	col->context = CurrentMemoryContext;
 	col->fields = list_make1(list_nth(b->fields, f));
 	col->nfields = 1;
 	col->nrecords = b->nrecords;
@@ -269,6 +304,7 @@ sync_batch_for_fields(SyncBatch *b, List *fields)
 	if (b->fields == fields)
 		return b;
 	mapped = palloc0(sizeof(SyncBatch));
+	mapped->context = CurrentMemoryContext;
 	mapped->fields = fields;
 	mapped->nfields = list_length(fields);
 	mapped->nrecords = b->nrecords;

@@ -373,6 +373,63 @@ page_batch(SyncPage *page, List *fields)
  * Advance the collection's state; false when its cursor changed since the
  * step began (a resync), in which case the page is dropped.
  */
+static SPIPlanPtr update_state_plan = NULL;
+
+/* A page's effect on its collection's state; $11: the cursor the page started from. */
+static const char update_state_sql[] =
+	"UPDATE sync.collection_state SET cursor = $2::jsonb, phase = $3, "
+	/* a provider that starts a backfill again (lost change feed) restarts its figures */
+	"  backfill_records = CASE WHEN $12 OR (phase = 'incremental' AND ($3 = 'backfill' OR $6)) THEN $4 "
+	"                          WHEN phase = 'backfill' THEN backfill_records + $4 "
+	"                          ELSE backfill_records END, "
+	"  backfill_started_at = CASE WHEN phase = 'incremental' AND ($3 = 'backfill' OR $6) THEN now() "
+	"                             ELSE backfill_started_at END, "
+	"  backfill_total = coalesce($5, backfill_total), "
+	/*
+	 * records per second of the backfill lately, over a window of 2 to 10 s
+	 * (one page's interval is noise): ETA = what is left at this rate
+	 */
+	"  backfill_rate = CASE WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 "
+	"                            AND now() - rate_mark_at >= interval '2 s' "
+	"                       THEN (backfill_records + $4 - rate_mark_records) "
+	"                            / extract(epoch FROM now() - rate_mark_at) "
+	"                       WHEN phase = 'backfill' AND NOT $12 THEN backfill_rate ELSE NULL END, "
+	"  rate_mark_records = CASE WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 "
+	"                                AND (rate_mark_at IS NULL OR now() - rate_mark_at >= interval '10 s') "
+	"                           THEN backfill_records + $4 "
+	"                           WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 THEN rate_mark_records "
+	"                           ELSE NULL END, "
+	"  rate_mark_at = CASE WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 "
+	"                           AND (rate_mark_at IS NULL OR now() - rate_mark_at >= interval '10 s') THEN now() "
+	"                      WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 THEN rate_mark_at "
+	"                      ELSE NULL END, "
+	"  backfill_completed_at = CASE WHEN $6 THEN now() "
+	"                               WHEN phase = 'incremental' AND $3 = 'backfill' THEN NULL "
+	"                               ELSE backfill_completed_at END, "
+	"  last_poll_at = now(), "
+	/* a walk that reached the feed's end proves the table current as of the walk's start */
+	"  last_caught_up_at = CASE WHEN $13 THEN greatest(least(coalesce(walk_started_at, $14), $14), last_caught_up_at) "
+	"                           ELSE last_caught_up_at END, "
+	/*
+	 * when the unfinished walk began, kept with its pages: a worker that
+	 * resumes it after a crash or restart must not claim a later start
+	 */
+	"  walk_started_at = CASE WHEN $13 OR $3 <> 'incremental' THEN NULL "
+	"                         ELSE least(coalesce(walk_started_at, $14), $14) END, "
+	/* requests of one polling cycle: from one caught-up walk to the next */
+	"  avg_cycle_requests = CASE WHEN $13 AND phase = 'incremental' "
+	"                            THEN CASE WHEN avg_cycle_requests IS NULL THEN cycle_requests + $9 "
+	"                                      ELSE 0.8 * avg_cycle_requests + 0.2 * (cycle_requests + $9) END "
+	"                            ELSE avg_cycle_requests END, "
+	"  cycle_requests = CASE WHEN $13 OR phase = 'backfill' OR $3 = 'backfill' THEN 0 "
+	"                        ELSE cycle_requests + $9 END, "
+	"  records_upserted = records_upserted + $8, "
+	"  requests = requests + $9, bytes_received = bytes_received + $15, errors = errors + $16, "
+	"  rate_limited = rate_limited + $17, retries = retries + $18::int, "
+	"  consecutive_failures = 0, activity = nullif($10, ''), lock_wait = NULL, "
+	"  run_requested = false "
+	"WHERE collection_id = $1 AND cursor = $11::jsonb";
+
 static bool
 update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 {
@@ -413,60 +470,17 @@ update_state(SyncCollection *c, SyncPage *page, int64 upserted, int64 deleted)
 	pfree(cursor_text);
 	pfree(old_cursor_text);
 
-	ret = SPI_execute_with_args(
-		"UPDATE sync.collection_state SET cursor = $2::jsonb, phase = $3, "
-		/* a provider that starts a backfill again (lost change feed) restarts its figures */
-		"  backfill_records = CASE WHEN $12 OR (phase = 'incremental' AND ($3 = 'backfill' OR $6)) THEN $4 "
-		"                          WHEN phase = 'backfill' THEN backfill_records + $4 "
-		"                          ELSE backfill_records END, "
-		"  backfill_started_at = CASE WHEN phase = 'incremental' AND ($3 = 'backfill' OR $6) THEN now() "
-		"                             ELSE backfill_started_at END, "
-		"  backfill_total = coalesce($5, backfill_total), "
-		/*
-		 * records per second of the backfill lately, over a window of 2 to 10 s
-		 * (one page's interval is noise): ETA = what is left at this rate
-		 */
-		"  backfill_rate = CASE WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 "
-		"                            AND now() - rate_mark_at >= interval '2 s' "
-		"                       THEN (backfill_records + $4 - rate_mark_records) "
-		"                            / extract(epoch FROM now() - rate_mark_at) "
-		"                       WHEN phase = 'backfill' AND NOT $12 THEN backfill_rate ELSE NULL END, "
-		"  rate_mark_records = CASE WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 "
-		"                                AND (rate_mark_at IS NULL OR now() - rate_mark_at >= interval '10 s') "
-		"                           THEN backfill_records + $4 "
-		"                           WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 THEN rate_mark_records "
-		"                           ELSE NULL END, "
-		"  rate_mark_at = CASE WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 "
-		"                           AND (rate_mark_at IS NULL OR now() - rate_mark_at >= interval '10 s') THEN now() "
-		"                      WHEN phase = 'backfill' AND $3 = 'backfill' AND NOT $12 THEN rate_mark_at "
-		"                      ELSE NULL END, "
-		"  backfill_completed_at = CASE WHEN $6 THEN now() "
-		"                               WHEN phase = 'incremental' AND $3 = 'backfill' THEN NULL "
-		"                               ELSE backfill_completed_at END, "
-		"  last_poll_at = now(), "
-		/* a walk that reached the feed's end proves the table current as of the walk's start */
-		"  last_caught_up_at = CASE WHEN $13 THEN greatest(least(coalesce(walk_started_at, $14), $14), last_caught_up_at) "
-		"                           ELSE last_caught_up_at END, "
-		/*
-		 * when the unfinished walk began, kept with its pages: a worker that
-		 * resumes it after a crash or restart must not claim a later start
-		 */
-		"  walk_started_at = CASE WHEN $13 OR $3 <> 'incremental' THEN NULL "
-		"                         ELSE least(coalesce(walk_started_at, $14), $14) END, "
-		/* requests of one polling cycle: from one caught-up walk to the next */
-		"  avg_cycle_requests = CASE WHEN $13 AND phase = 'incremental' "
-		"                            THEN CASE WHEN avg_cycle_requests IS NULL THEN cycle_requests + $9 "
-		"                                      ELSE 0.8 * avg_cycle_requests + 0.2 * (cycle_requests + $9) END "
-		"                            ELSE avg_cycle_requests END, "
-		"  cycle_requests = CASE WHEN $13 OR phase = 'backfill' OR $3 = 'backfill' THEN 0 "
-		"                        ELSE cycle_requests + $9 END, "
-		"  records_upserted = records_upserted + $8, "
-		"  requests = requests + $9, bytes_received = bytes_received + $15, errors = errors + $16, "
-		"  rate_limited = rate_limited + $17, retries = retries + $18::int, "
-		"  consecutive_failures = 0, activity = nullif($10, ''), lock_wait = NULL, "
-		"  run_requested = false "
-		"WHERE collection_id = $1 AND cursor = $11::jsonb",
-		18, types, args, nulls, false, 0);
+	/* parsed and planned once per worker: every page runs it */
+	if (update_state_plan == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(update_state_sql, 18, types);
+
+		if (plan == NULL || SPI_keepplan(plan) != 0)
+			elog(ERROR, "could not prepare the update of sync.collection_state: %s",
+				 SPI_result_code_string(SPI_result));
+		update_state_plan = plan;
+	}
+	ret = SPI_execute_plan(update_state_plan, args, nulls, false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "could not update sync.collection_state: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)

@@ -43,11 +43,13 @@
 extern json_t *sync_json_new_object(void);
 #define json_object() sync_json_new_object()
 
+#include "access/attnum.h"
 #include "datatype/timestamp.h"
 #include "lib/stringinfo.h"
 #include "nodes/pg_list.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
+#include "utils/relcache.h"
 #include "utils/wait_event.h"
 
 #define SYNC_EXTENSION_NAME "sync"
@@ -414,10 +416,14 @@ typedef struct SyncBatch
 	int			capacity;
 	Datum	  **values;
 	bool	  **nulls;
+	MemoryContext context;		/* where the batch and its values live */
+	char	   *arena;			/* room for more values (sync_batch_make_text) */
+	Size		arena_left;
 } SyncBatch;
 
 extern SyncBatch *sync_batch_new(List *fields, int capacity);
 extern int	sync_batch_add(SyncBatch *b);
+extern Datum sync_batch_make_text(SyncBatch *b, const char *data, int len);
 extern char *sync_batch_text(SyncBatch *b, int f, int i);
 extern void sync_batch_remove(SyncBatch *b, int i);
 extern SyncBatch *sync_batch_one(SyncBatch *b, int f, int i);
@@ -440,6 +446,11 @@ extern bool sync_apply_column_page(SyncCollection *collection, SyncCollection *c
 
 /* ---------- the COPY path of new records (copyload.c) ---------- */
 extern char *sync_existing_keys_sql(SyncCollection *c, const char *table);
+/* tupleload.c: the same rows straight to the heap, for plain tables (no triggers, defaults) */
+extern bool sync_tuple_load_possible(Relation rel, List *fields, AttrNumber *attnums,
+									 AttrNumber *synced_at);
+extern uint64 sync_tuple_load(Relation rel, SyncBatch *b, const int *rows, int nrows,
+							  const bool *split, const AttrNumber *attnums, AttrNumber synced_at);
 extern int64 sync_copy_new_records(SyncCollection *c, SyncBatch *batch, struct _SPI_plan *existing,
 								   bool *optimistic, SyncBatch **rest);
 extern void sync_save_api_fields(SyncCollection *collection, List *fields);
@@ -448,6 +459,9 @@ extern void sync_save_api_fields(SyncCollection *collection, List *fields);
 extern json_t *sync_json_parse(const char *text, size_t len, const char *what);
 extern char *sync_json_dump(json_t *value);
 extern void sync_json_append(StringInfo buf, json_t *value);
+/* The pieces of it: a string (NUL dropped) and a real, as sync_json_append writes them. */
+extern void sync_json_append_string(StringInfo buf, const char *s, size_t len);
+extern void sync_json_append_real(StringInfo buf, double value);
 extern int64 sync_token_lifetime(json_t *body, int64 dflt);
 extern const char *sync_record_key(int i);
 extern const char *sync_json_string(json_t *object, const char *key);
