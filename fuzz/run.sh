@@ -22,7 +22,7 @@ cd "$(dirname "$0")"
 seconds=${1:-30}
 shift $(( $# > 0 ? 1 : 0 ))
 providers=("$@")
-[ ${#providers[@]} -eq 0 ] && providers=(salesforce stripe hubspot airtable)
+[ ${#providers[@]} -eq 0 ] && providers=(salesforce stripe hubspot airtable jsonscan)
 case "$seconds" in
     ''|*[!0-9]*) echo "usage: $0 [seconds per target] [provider ...]" >&2; exit 2 ;;
 esac

@@ -119,6 +119,24 @@ sync_free_source(SyncSource *source)
 	source->credentials = source->options = source->token = NULL;
 }
 
+/*
+ * Run sql, prepared and kept on first use: the worker reads a collection and
+ * its fields before every page, and parsing them each time showed.
+ */
+static int
+execute_kept(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types, Datum *args, long count)
+{
+	if (*plan == NULL)
+	{
+		SPIPlanPtr	prepared = SPI_prepare(sql, nargs, types);
+
+		if (prepared == NULL || SPI_keepplan(prepared) != 0)
+			elog(ERROR, "could not prepare a query of the sync catalog: %s", SPI_result_code_string(SPI_result));
+		*plan = prepared;
+	}
+	return SPI_execute_plan(*plan, args, NULL, true, count);
+}
+
 static List *
 load_fields(int32 collection_id)
 {
@@ -128,10 +146,12 @@ load_fields(int32 collection_id)
 	int			ret;
 	MemoryContext oldctx;
 
-	ret = SPI_execute_with_args("SELECT api_field, api_type, column_name, column_type, wire_type, convert_sql, "
-								"is_key, is_version FROM sync.collection_columns "
-								"WHERE collection_id = $1 ORDER BY position",
-								1, &argtype, &arg, NULL, true, 0);
+	static SPIPlanPtr plan = NULL;
+
+	ret = execute_kept(&plan, "SELECT api_field, api_type, column_name, column_type, wire_type, convert_sql, "
+					   "is_key, is_version FROM sync.collection_columns "
+					   "WHERE collection_id = $1 ORDER BY position",
+					   1, &argtype, &arg, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read sync.collection_columns: %s", SPI_result_code_string(ret));
 	oldctx = MemoryContextSwitchTo(spi_result_context());
@@ -168,12 +188,14 @@ sync_load_collection(int32 id)
 	int			ret;
 	MemoryContext oldctx;
 
-	ret = SPI_execute_with_args("SELECT c.id, c.source_id, c.name, c.relid, c.options, st.cursor, st.phase, st.reconcile_requested, "
-								"       st.column_backfill, "
-								"       coalesce(extract(epoch FROM now() - st.schema_checked_at)::float8, 1e12) "
-								"FROM sync.collections c JOIN sync.collection_state st ON st.collection_id = c.id "
-								"WHERE c.id = $1",
-								1, &argtype, &arg, NULL, true, 1);
+	static SPIPlanPtr plan = NULL;
+
+	ret = execute_kept(&plan, "SELECT c.id, c.source_id, c.name, c.relid, c.options, st.cursor, st.phase, "
+					   "       st.reconcile_requested, st.column_backfill, "
+					   "       coalesce(extract(epoch FROM now() - st.schema_checked_at)::float8, 1e12) "
+					   "FROM sync.collections c JOIN sync.collection_state st ON st.collection_id = c.id "
+					   "WHERE c.id = $1",
+					   1, &argtype, &arg, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read sync.collections: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)

@@ -12,12 +12,25 @@
  * asking for exactly it adopts the transfer instead of sending another. Any
  * other request discards it first: one transfer in flight at a time keeps
  * the loop below simple, and a stale answer is never served.
+ *
+ * The prefetch runs on a thread of its own (curl_easy_perform), so that
+ * receiving and decompressing the next page takes the other CPU while this
+ * one writes. The thread runs libcurl and our write callbacks only (malloc,
+ * never palloc, no Postgres call, every signal blocked); the process joins
+ * it before it reads the answer, and tells it to stop (a progress callback)
+ * when the answer is no longer wanted. Without threads it falls back to the
+ * multi handle.
  */
 #include "sync.h"
 
 #include <curl/curl.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
 
 #include "miscadmin.h"
+#include "storage/ipc.h"
 #include "utils/timestamp.h"
 
 #define SYNC_HTTP_POLL_MS 100
@@ -59,7 +72,19 @@ typedef struct HttpTransfer
 	int			timeout_ms;
 	TimestampTz started_at;
 	bool		claimed;		/* promised to the next request: no longer expires */
+
+	/* a prefetch on its own thread (see above) */
+	bool		threaded;		/* a thread performs it and must be joined */
+	pthread_t	thread;
+	bool		thread_done;	/* atomic: the thread wrote result and is ending */
+	bool		thread_stop;	/* atomic: the answer is not wanted, stop */
 } HttpTransfer;
+
+static void transfer_end(HttpTransfer *t);
+
+/* The thread's "finished" byte wakes the process's wait (see wait_thread). */
+static int	thread_pipe[2] = {-1, -1};
+static bool thread_exit_hook = false;
 
 static CURLM *multi = NULL;
 static bool curl_ready = false;
@@ -169,10 +194,135 @@ free_header_list(struct curl_slist *list)
 	curl_slist_free_all(list);
 }
 
+/* The prefetch thread: libcurl and the write callbacks, nothing else. */
+static void *
+thread_perform(void *arg)
+{
+	HttpTransfer *t = (HttpTransfer *) arg;
+	char		byte = 1;
+
+	t->result = curl_easy_perform(t->easy);
+	__atomic_store_n(&t->thread_done, true, __ATOMIC_RELEASE);
+	if (write(thread_pipe[1], &byte, 1) < 0)
+	{
+		/* the pipe is full of earlier bytes: the process wakes anyway */
+	}
+	return NULL;
+}
+
+static int
+thread_progress(void *userdata, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
+{
+	HttpTransfer *t = (HttpTransfer *) userdata;
+
+	return __atomic_load_n(&t->thread_stop, __ATOMIC_ACQUIRE) ? 1 : 0;
+}
+
+static void
+drain_thread_pipe(void)
+{
+	char		bytes[64];
+
+	while (read(thread_pipe[0], bytes, sizeof(bytes)) > 0)
+		;
+}
+
+/* Stop the thread of t (libcurl calls the progress callback often) and join it. */
+static void
+thread_stop(HttpTransfer *t)
+{
+	if (!t->threaded)
+		return;
+	__atomic_store_n(&t->thread_stop, true, __ATOMIC_RELEASE);
+	pthread_join(t->thread, NULL);
+	t->threaded = false;
+	t->done = true;
+	drain_thread_pipe();
+}
+
+static void
+stop_threads_at_exit(int code, Datum arg)
+{
+	for (int i = 0; i < lengthof(transfers); i++)
+		thread_stop(&transfers[i]);
+}
+
+/* Perform t on a new thread; false when the process cannot start one. */
+static bool
+thread_start(HttpTransfer *t)
+{
+	sigset_t	all;
+	sigset_t	old;
+	int			rc;
+
+	if (thread_pipe[0] < 0)
+	{
+		if (pipe(thread_pipe) != 0)
+			return false;
+		fcntl(thread_pipe[0], F_SETFL, O_NONBLOCK);
+		fcntl(thread_pipe[1], F_SETFL, O_NONBLOCK);
+		fcntl(thread_pipe[0], F_SETFD, FD_CLOEXEC);
+		fcntl(thread_pipe[1], F_SETFD, FD_CLOEXEC);
+	}
+	if (!thread_exit_hook)
+	{
+		on_proc_exit(stop_threads_at_exit, (Datum) 0);
+		thread_exit_hook = true;
+	}
+	curl_easy_setopt(t->easy, CURLOPT_NOPROGRESS, 0L);
+	curl_easy_setopt(t->easy, CURLOPT_XFERINFOFUNCTION, thread_progress);
+	curl_easy_setopt(t->easy, CURLOPT_XFERINFODATA, t);
+	t->thread_done = false;
+	t->thread_stop = false;
+	/* Postgres's signal handlers must run on the process's own thread only */
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	rc = pthread_create(&t->thread, NULL, thread_perform, t);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (rc != 0)
+		return false;
+	t->threaded = true;
+	return true;
+}
+
+/* Wait for t's thread to finish, interruptibly, and join it. */
+static void
+thread_wait(HttpTransfer *t, const char *url)
+{
+	PG_TRY();
+	{
+		while (!__atomic_load_n(&t->thread_done, __ATOMIC_ACQUIRE))
+		{
+			CHECK_FOR_INTERRUPTS();
+			if (sync_is_worker && sync_worker_extension_dropped())
+				ereport(ERROR,
+						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						 errmsg("request to \"%s\" given up: the sync extension was dropped",
+								sync_http_host_of(url))));
+			/* not the latch: a wakeup meant for the worker's loop must stay set */
+			(void) WaitLatchOrSocket(NULL, WL_SOCKET_READABLE | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+									 thread_pipe[0], SYNC_HTTP_POLL_MS, PG_WAIT_EXTENSION);
+			drain_thread_pipe();
+		}
+	}
+	PG_CATCH();
+	{
+		thread_stop(t);
+		transfer_end(t);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	pthread_join(t->thread, NULL);
+	t->threaded = false;
+	t->done = true;
+	transfer_end(t);
+}
+
 /* Take the transfer off the multi handle; its response stays readable. */
 static void
 transfer_end(HttpTransfer *t)
 {
+	thread_stop(t);				/* it reads the URL and headers freed below */
 	if (t->in_multi)
 		curl_multi_remove_handle(multi, t->easy);
 	t->in_multi = false;
@@ -222,12 +372,22 @@ list_append(HttpTransfer *t, const char *line)
 	t->list = grown;
 }
 
-/* Set a transfer up and add it to the multi handle; nothing is sent yet. */
+static void
+transfer_add_to_multi(HttpTransfer *t)
+{
+	if (curl_multi_add_handle(multi, t->easy) != CURLM_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not start an HTTP request")));
+	t->in_multi = true;
+}
+
+/* Set a transfer up and (on_multi) add it to the multi handle; nothing is sent yet. */
 static void
 transfer_start(HttpTransfer *t, const char *method, const char *url,
 			   const SyncHttpHeader *headers, int nheaders,
 			   const char *body, const char *content_type,
-			   bool verify_tls, int timeout_ms)
+			   bool verify_tls, int timeout_ms, bool on_multi)
 {
 	char		line[8192];
 
@@ -282,6 +442,7 @@ transfer_start(HttpTransfer *t, const char *method, const char *url,
 	curl_easy_setopt(t->easy, CURLOPT_HEADERFUNCTION, write_header);
 	curl_easy_setopt(t->easy, CURLOPT_HEADERDATA, t);
 	curl_easy_setopt(t->easy, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) sync_max_response_bytes);
+	curl_easy_setopt(t->easy, CURLOPT_NOPROGRESS, 1L);
 	if (strcmp(method, "GET") != 0)
 		curl_easy_setopt(t->easy, CURLOPT_CUSTOMREQUEST, method);
 	if (body)
@@ -290,12 +451,9 @@ transfer_start(HttpTransfer *t, const char *method, const char *url,
 		curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE, (long) strlen(body));
 	}
 
-	if (curl_multi_add_handle(multi, t->easy) != CURLM_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("could not start an HTTP request")));
-	t->in_multi = true;
 	t->started_at = GetCurrentTimestamp();
+	if (on_multi)
+		transfer_add_to_multi(t);
 }
 
 /* Move every transfer on as far as it goes without waiting, and note the finished. */
@@ -470,9 +628,12 @@ sync_http_request_timeout(const char *method, const char *url,
 	{
 		prefetch_discard();
 		transfer_start(current, method, url, headers, nheaders, body, content_type,
-					   verify_tls, timeout_ms);
+					   verify_tls, timeout_ms, true);
 	}
-	transfer_finish(current, url);
+	if (current->threaded)
+		thread_wait(current, url);
+	else
+		transfer_finish(current, url);
 	transfer_response(current, url, resp);
 }
 
@@ -495,8 +656,11 @@ sync_http_prefetch(const char *url, const SyncHttpHeader *headers, int nheaders,
 		return;
 	ensure_multi();
 	transfer_start(t, "GET", url, headers, nheaders, NULL, NULL,
-				   effective_verify_tls(verify_tls), sync_http_timeout_ms);
+				   effective_verify_tls(verify_tls), sync_http_timeout_ms, false);
 	prefetched = t;
+	if (thread_start(t))
+		return;
+	transfer_add_to_multi(t);
 	for (int i = 0; i < PREFETCH_KICKS && !t->done; i++)
 		multi_progress();
 }
@@ -526,6 +690,6 @@ sync_http_prefetch_claim(const char *url, const SyncHttpHeader *headers, int nhe
 void
 sync_http_pump(void)
 {
-	if (prefetched && !prefetched->done)
+	if (prefetched && !prefetched->done && !prefetched->threaded)
 		multi_progress();
 }

@@ -186,6 +186,54 @@ read_string(Scanner *s)
 	}
 }
 
+/*
+ * A string (at its opening quote) as *data and *len: the input's own bytes
+ * when the string is plain ASCII without escapes (most are), else its
+ * unescaped text in s->text. Eight bytes are checked at a time for a quote,
+ * a backslash, a control character or a byte of a multibyte character.
+ */
+#define BYTES_OF(c) (UINT64CONST(0x0101010101010101) * (c))
+#define HAS_ZERO_BYTE(v) (((v) - BYTES_OF(0x01)) & ~(v) & BYTES_OF(0x80))
+
+static bool
+read_string_span(Scanner *s, const char **data, int *len)
+{
+	const char *start = s->p + 1;
+	const char *p = start;
+
+	if (s->p >= s->end || *s->p != '"')
+		return false;
+	while (s->end - p >= 8)
+	{
+		uint64		v;
+
+		memcpy(&v, p, 8);
+		if ((v & BYTES_OF(0x80)) || HAS_ZERO_BYTE(v ^ BYTES_OF('"')) ||
+			HAS_ZERO_BYTE(v ^ BYTES_OF('\\')) || ((v - BYTES_OF(0x20)) & ~v & BYTES_OF(0x80)))
+			break;
+		p += 8;
+	}
+	for (; p < s->end; p++)
+	{
+		unsigned char c = (unsigned char) *p;
+
+		if (c == '"')
+		{
+			*data = start;
+			*len = p - start;
+			s->p = p + 1;
+			return true;
+		}
+		if (c == '\\' || c < 0x20 || c >= 0x80)
+			break;
+	}
+	if (!read_string(s))
+		return false;
+	*data = s->text.data;
+	*len = s->text.len;
+	return true;
+}
+
 static bool
 read_digits(Scanner *s)
 {
@@ -234,6 +282,16 @@ read_literal(Scanner *s, const char *word)
 	return true;
 }
 
+/* A string passed over: checked, and copied only when it has escapes. */
+static bool
+skip_string(Scanner *s)
+{
+	const char *data;
+	int			len;
+
+	return read_string_span(s, &data, &len);
+}
+
 /* Any value, checked and passed over. */
 static bool
 skip_value(Scanner *s, int depth)
@@ -244,7 +302,7 @@ skip_value(Scanner *s, int depth)
 	switch (*s->p)
 	{
 		case '"':
-			return read_string(s);
+			return skip_string(s);
 		case '{':
 			s->p++;
 			if (take_char(s, '}'))
@@ -252,7 +310,7 @@ skip_value(Scanner *s, int depth)
 			do
 			{
 				skip_ws(s);
-				if (!read_string(s) || !take_char(s, ':') || !skip_value(s, depth + 1))
+				if (!skip_string(s) || !take_char(s, ':') || !skip_value(s, depth + 1))
 					return false;
 			} while (take_char(s, ','));
 			return take_char(s, '}');
@@ -277,14 +335,14 @@ skip_value(Scanner *s, int depth)
 	}
 }
 
-/* The field named by s->text: the one after the last found first (APIs keep their order). */
+/* The field named name[0..len): the one after the last found first (APIs keep their order). */
 static int
-find_field(const char **names, int nfields, int *expected, const char *name)
+find_field(const char **names, const int *lengths, int nfields, int *expected, const char *name, int len)
 {
-	if (*expected < nfields && strcmp(names[*expected], name) == 0)
+	if (*expected < nfields && lengths[*expected] == len && memcmp(names[*expected], name, len) == 0)
 		return (*expected)++;
 	for (int f = 0; f < nfields; f++)
-		if (strcmp(names[f], name) == 0)
+		if (lengths[f] == len && memcmp(names[f], name, len) == 0)
 		{
 			*expected = f + 1;
 			return f;
@@ -458,9 +516,12 @@ read_field_value(Scanner *s, SyncBatch *b, int f, int row, ValueForm form)
 	}
 	if (form == FORM_TEXT && *s->p == '"')
 	{
-		if (!read_string(s))
+		const char *data;
+		int			len;
+
+		if (!read_string_span(s, &data, &len))
 			return false;
-		b->values[f][row] = sync_batch_make_text(b, s->text.data, s->text.len);
+		b->values[f][row] = sync_batch_make_text(b, data, len);
 		b->nulls[f][row] = false;
 		return true;
 	}
@@ -503,7 +564,8 @@ read_field_value(Scanner *s, SyncBatch *b, int f, int row, ValueForm form)
 
 /* One record (an object) into a new row of b; false to give up. */
 static bool
-read_record(Scanner *s, SyncBatch *b, const char **names, const ValueForm *forms, const char *deleted_key)
+read_record(Scanner *s, SyncBatch *b, const char **names, const int *lengths, const ValueForm *forms,
+			const char *deleted_key)
 {
 	int			row = sync_batch_add(b);
 	int			expected = 0;
@@ -517,14 +579,17 @@ read_record(Scanner *s, SyncBatch *b, const char **names, const ValueForm *forms
 	do
 	{
 		int			f;
+		const char *key;
+		int			key_len;
 
 		skip_ws(s);
-		if (!read_string(s) || !take_char(s, ':'))
+		if (!read_string_span(s, &key, &key_len) || !take_char(s, ':'))
 			return false;
-		f = find_field(names, b->nfields, &expected, s->text.data);
+		f = find_field(names, lengths, b->nfields, &expected, key, key_len);
 		if (f < 0)
 		{
-			bool		deleted_flag = deleted_key && strcmp(s->text.data, deleted_key) == 0;
+			bool		deleted_flag = deleted_key && (size_t) key_len == strlen(deleted_key) &&
+				memcmp(key, deleted_key, key_len) == 0;
 
 			skip_ws(s);
 			if (deleted_flag && s->p < s->end && *s->p == 't')
@@ -554,6 +619,7 @@ sync_json_scan_page(const char *body, size_t len, const char *array_key, List *f
 	SyncBatch  *b = sync_batch_new(fields, (int) Min(Max(len / 512, 64), 8192));
 	json_t	   *env = json_object();
 	const char **names = palloc(sizeof(char *) * Max(b->nfields, 1));
+	int		   *lengths = palloc(sizeof(int) * Max(b->nfields, 1));
 	ValueForm  *forms = palloc(sizeof(ValueForm) * Max(b->nfields, 1));
 	bool		ok = false;
 	bool		seen_array = false;
@@ -568,6 +634,7 @@ sync_json_scan_page(const char *body, size_t len, const char *array_key, List *f
 		ValueForm	form = FORM_TEXT;
 
 		names[foreach_current_index(lc)] = f->api_field;
+		lengths[foreach_current_index(lc)] = strlen(f->api_field);
 		if (strcmp(f->wire_type, "json") == 0 || strcmp(f->wire_type, "jsonb") == 0)
 			form = FORM_JSON;
 		else if (len > 2 && strcmp(f->wire_type + len - 2, "[]") == 0)
@@ -602,7 +669,7 @@ sync_json_scan_page(const char *body, size_t len, const char *array_key, List *f
 				{
 					do
 					{
-						if (!read_record(&s, b, names, forms, deleted_key))
+						if (!read_record(&s, b, names, lengths, forms, deleted_key))
 							goto done;
 						if ((b->nrecords & 1023) == 0)
 							CHECK_FOR_INTERRUPTS();
@@ -634,6 +701,7 @@ done:
 	pfree(s.text.data);
 	pfree(s.json.data);
 	pfree(names);
+	pfree(lengths);
 	pfree(forms);
 	if (!ok)
 	{

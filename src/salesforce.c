@@ -604,6 +604,24 @@ sf_take_records(json_t *records, SyncPage *page, json_t *cursor, double max_ts)
 	keyset_save(cursor, best_ts, best_id_copy);
 }
 
+/* Record i's value of field f as a C string, in buf when it fits (NULL: none). */
+static char *
+batch_cstring(SyncBatch *batch, int f, int i, char *buf, size_t size)
+{
+	text	   *t;
+	size_t		len;
+
+	if (f < 0 || batch->nulls[f][i])
+		return NULL;
+	t = DatumGetTextPP(batch->values[f][i]);
+	len = VARSIZE_ANY_EXHDR(t);
+	if (len >= size)
+		return sync_batch_text(batch, f, i);
+	memcpy(buf, VARDATA_ANY(t), len);
+	buf[len] = '\0';
+	return buf;
+}
+
 /*
  * sf_take_records() for a page read straight into a batch (jsonscan.c): the
  * same checks and keyset; the scanner gave up on pages with deletions.
@@ -629,12 +647,16 @@ sf_take_batch(SyncCollection *c, SyncBatch *batch, SyncPage *page, json_t *curso
 	}
 	for (int i = 0; i < batch->nrecords; i++)
 	{
-		char	   *id = id_field >= 0 ? sync_batch_text(batch, id_field, i) : NULL;
-		char	   *stamp = stamp_field >= 0 ? sync_batch_text(batch, stamp_field, i) : NULL;
+		char		id_buf[64];
+		char		stamp_buf[64];
+		char	   *id = batch_cstring(batch, id_field, i, id_buf, sizeof(id_buf));
+		char	   *stamp = batch_cstring(batch, stamp_field, i, stamp_buf, sizeof(stamp_buf));
 
 		keyset_note(id, stamp, i, max_ts, &best_ts, &best_id_copy);
-		pfree(id);
-		pfree(stamp);
+		if (id != id_buf)
+			pfree(id);
+		if (stamp != stamp_buf)
+			pfree(stamp);
 	}
 	keyset_save(cursor, best_ts, best_id_copy);
 	page->batch = batch;

@@ -3,7 +3,9 @@
  * its indexes, the way COPY writes them (batched heap inserts, constraints
  * checked, indexes updated per tuple) but without rendering the values as
  * COPY text for COPY to split again: each value goes from the batch to its
- * column's input function.
+ * column's input function. The encoding check COPY makes is not repeated:
+ * every value of a batch is valid UTF-8 already (the JSON and CSV readers
+ * check it, and fuzzing checks them), as the upsert path relies on too.
  *
  * Taken only for tables where COPY would do nothing more than that: a plain
  * table without triggers (user triggers, foreign keys), row security,
@@ -18,7 +20,6 @@
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/executor.h"
-#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
 #include "parser/parse_relation.h"
@@ -195,8 +196,6 @@ sync_tuple_load(Relation rel, SyncBatch *b, const int *rows, int nrows, const bo
 				append_split_literal(&value, VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
 			else
 				appendBinaryStringInfo(&value, VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
-			/* as COPY checks its input: the text must be valid in the database's encoding */
-			pg_verify_mbstr(GetDatabaseEncoding(), value.data, value.len, false);
 			slot->tts_values[a] = InputFunctionCall(&in_funcs[f], value.data, in_params[f],
 													TupleDescAttr(desc, a)->atttypmod);
 			slot->tts_isnull[a] = false;
