@@ -357,8 +357,9 @@ class WebhookSender:
 
     # -- queueing ----------------------------------------------------------------
 
-    def submit(self, build, ids, on_result=None, url=None, delay=0.0):
-        """Queue a delivery; when held it is logged as dropped instead (returns False)."""
+    def submit(self, build, ids, on_result=None, url=None, delay=0.0, retry=None):
+        """Queue a delivery; when held it is logged as dropped instead (returns False).
+        retry(status) -> False stops retrying after that answer (default: retry every failure)."""
         with self.cond:
             if self.held:
                 held = True
@@ -367,7 +368,7 @@ class WebhookSender:
                 self.seq += 1
                 heapq.heappush(self.heap, (time.monotonic() + delay, self.seq,
                                            {"build": build, "ids": ids, "on_result": on_result,
-                                            "attempt": 1, "url": url}))
+                                            "attempt": 1, "url": url, "retry": retry}))
                 self.cond.notify()
         if held:
             self.record(ids, url, 1, "dropped")
@@ -416,7 +417,7 @@ class WebhookSender:
         except Exception as e:         # refused, reset, timeout, bad URL
             status = "error: %s" % (str(e) or type(e).__name__)
         ok = isinstance(status, int) and 200 <= status < 300
-        final = ok or attempt > len(delays)
+        final = ok or attempt > len(delays) or (job.get("retry") is not None and not job["retry"](status))
         self.record(job["ids"], url, attempt, status, time.monotonic() - started)
         if job["on_result"]:
             job["on_result"](attempt, status, ok, final)
