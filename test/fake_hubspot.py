@@ -18,7 +18,12 @@ Imitates one HubSpot account (portal) as strictly as we know how:
   * associations v4 (read one record's, batch read) with typeId/category/label;
   * rate limits: per-10-second burst per app, daily per account (private app only),
     search 5 req/s per account; X-HubSpot-RateLimit-* headers (none on search responses);
-  * HubSpot error bodies {status, message, correlationId, category[, context, errors]}.
+  * HubSpot error bodies {status, message, correlationId, category[, context, errors]};
+  * classic webhooks (POST /__admin/webhook_target): contact/company/deal creation,
+    propertyChange, deletion, restore, merge and privacyDeletion events, batched (50 ms,
+    <= 100 per POST), signed with X-HubSpot-Signature-v3, sent from a background thread and
+    retried after 0.2/0.5/1 s (HubSpot: up to 10 times over 24 h; never after a 4xx but 429);
+    deliveries can be held (dropped), are logged and can be crafted (/__admin/webhooks/*).
 
 Every property value on the wire is a string or null (numbers "12.5", bools "true",
 dates "2024-05-01", datetimes as Java's Instant.toString() prints them:

@@ -38,6 +38,12 @@ Imitates one Stripe account in test mode, read-only over /v1 (writes go through
     endpoint-rate, global-concurrency); no Retry-After (the docs name none).
   * Every /v1 response carries Request-Id and Stripe-Version; the Date header
     follows the server clock (shiftable or freezable via /__admin/clock).
+  * Webhooks: endpoints (POST /__admin/webhook_endpoints, or the real /v1/webhook_endpoints,
+    the only /v1 writes) get every event as Stripe POSTs it, signed with Stripe-Signature,
+    from a background thread (never delaying the write), retried after 0.2/0.5/1 s on a
+    non-2xx or a failed connection (Stripe itself retries for up to 3 days). Deliveries can be
+    held (dropped), are logged (GET /__admin/webhook_deliveries) and can be crafted
+    (POST /__admin/webhooks/send) for signature tests.
 
 Seeded data is deterministic per --seed. Seeded objects have no events (as if
 created before the 30-day event horizon); their created times end one hour before
