@@ -1,0 +1,334 @@
+# Webhooks: changes pushed by the API reach the tables at once; polling stays the truth.
+#   1. Stripe: a change made in the fake, delivered by its signed webhook to the listener
+#      (sync.webhook_listen_address), is in the table in under a second while polling is
+#      an hour apart (the fake's request log proves no poll brought it);
+#   2. tampered, wrongly signed, stale, replayed, oversized and malformed deliveries are
+#      refused with their HTTP status, recorded in sync.webhook_deliveries / sync.webhooks,
+#      and change nothing; an event older than the row is ignored;
+#   3. sync.ingest_webhook() ingests one delivery (and is for the admin only);
+#   4. a delivery that never arrives (held in the fake) is caught by the next poll;
+#   5. a flood of deliveries and idle connections on loopback does not stop polling, and
+#      the listener answers afterwards; SIGTERM stops the listener at once;
+#   6. HubSpot: signed v3 deliveries (property change, deletion, creation -> poll now),
+#      tampered and stale ones refused.
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::Bin;
+use Digest::SHA qw(hmac_sha256_hex hmac_sha256_base64);
+use HTTP::Tiny;
+use JSON::PP;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use SyncTest;
+use Test::More;
+use Time::HiRes qw(time usleep);
+
+my $json = JSON::PP->new->utf8->canonical;
+
+my $port = PostgreSQL::Test::Cluster::get_free_port();
+my $listen = "127.0.0.1:$port";
+my $hook = "http://$listen/webhooks";
+
+my $S = start_fake('stripe', 'main');
+my $KEY = admin($S, 'GET', 'keys')->[0]{key};
+my $endpoint = admin($S, 'POST', 'webhook_endpoints', { url => "$hook/st" });
+my $WHSEC = $endpoint->{secret};
+like($WHSEC, qr/^whsec_/, 'the fake made a Stripe webhook endpoint with a whsec_ secret');
+
+my $node = start_node(max_backoff => 4);
+$node->append_conf('postgresql.conf',
+	"sync.webhook_listen_address = '$listen'\nsync.webhook_max_body = '64kB'\n"
+	  . "sync.webhook_max_connections = 32\nsync.webhook_timeout = 3\n");
+$node->restart;
+
+ok( wait_sql(30, "SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'sync webhook listener'"),
+	'the listener runs when sync.webhook_listen_address is set');
+
+# A statement with a secret stays out of the server log (log_statement = all in TAP).
+sub secret_sql { return $node->safe_psql('postgres', "SET log_statement = 'none';\n$_[0]"); }
+
+secret_sql("SELECT sync.create_source('st', 'stripe', '$S->{url}', "
+	  . "'{\"secret_key\": \"$KEY\", \"webhook_secret\": \"$WHSEC\"}', '{\"poll_interval\": 3600}')");
+sql("SELECT sync.add_collection('st', 'customers')");
+ok(sql("SELECT sync.wait_for_backfill('st', 'customers', '120 s')") eq 't', 'Stripe customers backfilled');
+ok(wait_sql(60, "SELECT last_caught_up_at IS NOT NULL FROM sync.status WHERE source = 'st'"),
+	'the first poll after the backfill ran; the next is an hour away');
+
+my $ua = HTTP::Tiny->new(timeout => 30, keep_alive => 0);
+
+sub post
+{
+	my ($url, $body, $headers) = @_;
+	my $r = $ua->request('POST', $url, { content => $body, headers => $headers // {} });
+	my $answer = eval { $json->decode($r->{content}) } // {};
+	return ($r->{status}, $answer);
+}
+
+sub stripe_headers
+{
+	my ($body, %o) = @_;
+	my $t = $o{t} // time;
+	$t = int($t);
+	my $sig = hmac_sha256_hex("$t.$body", $o{secret} // $WHSEC);
+	return { 'Content-Type' => 'application/json', 'Stripe-Signature' => "t=$t,v1=$sig" };
+}
+
+my $evt_n = 0;
+
+sub stripe_event
+{
+	my ($type, $object, $created) = @_;
+	$evt_n++;
+	return $json->encode(
+		{
+			id => sprintf('evt_test%06d', $evt_n), object => 'event', type => $type,
+			created => $created // int(time), livemode => JSON::PP::false,
+			data => { object => $object }
+		});
+}
+
+sub customer_row
+{
+	my ($id) = @_;
+	return row("SELECT id, name, email, extract(epoch FROM _updated_at) AS v FROM st.customers WHERE id = " . lit($id));
+}
+
+sub deliveries_count
+{
+	my ($where) = @_;
+	return sql("SELECT coalesce(sum(repeats), 0) FROM sync.webhook_deliveries d JOIN sync.sources s ON s.id = d.source_id "
+		  . "WHERE s.name = 'st' AND $where");
+}
+
+# ---------------------------------------------------------------------------
+# 1. a signed change in under a second, with polling an hour apart
+# ---------------------------------------------------------------------------
+
+my @latencies;
+my $t_first = time;
+for my $i (1 .. 5)
+{
+	my $t0 = time;
+	my $c = admin($S, 'POST', 'objects/customers', { name => "Hooked $i", email => "hook$i\@example.com" });
+	my $seen;
+	wait_until(10, sub { my $n = sql("SELECT count(*) FROM st.customers WHERE id = " . lit($c->{id})); $seen = time; $n eq '1' }, 0.01)
+	  or next;
+	push @latencies, $seen - $t0;
+	last if @latencies >= 3 && (sort { $a <=> $b } @latencies)[0] < 0.5;
+}
+my ($best) = sort { $a <=> $b } @latencies;
+note(sprintf('webhook latency, admin write to visible row: %s s (best %.3f s)',
+	join(', ', map { sprintf('%.3f', $_) } @latencies), $best // -1));
+ok(defined $best && $best < 1.0, sprintf('a signed Stripe change is in the table in %.3f s (< 1 s; best of %d tries)',
+	$best // -1, scalar @latencies));
+my @polls = grep { $_->{path} eq '/v1/events' && $_->{t} >= $t_first } @{ admin($S, 'GET', 'requests') };
+is(scalar(@polls), 0, 'no poll of /v1/events happened meanwhile: the webhook alone brought the changes');
+
+my $C = admin($S, 'POST', 'objects/customers', { name => 'Target', email => 'target@example.com' })->{id};
+ok(wait_sql(10, "SELECT count(*) = 1 FROM st.customers WHERE id = " . lit($C), 0.05), 'created by webhook');
+admin($S, 'PATCH', "objects/customers/$C", { name => 'Target renamed' });
+ok(wait_sql(10, "SELECT name = 'Target renamed' FROM st.customers WHERE id = " . lit($C), 0.05),
+	'an update arrives by webhook');
+my $D = admin($S, 'POST', 'objects/customers', { name => 'Doomed' })->{id};
+ok(wait_sql(10, "SELECT count(*) = 1 FROM st.customers WHERE id = " . lit($D), 0.05), 'created by webhook');
+admin($S, 'DELETE', "objects/customers/$D");
+ok(wait_sql(10, "SELECT count(*) = 0 FROM st.customers WHERE id = " . lit($D), 0.05),
+	'customer.deleted arrives by webhook and deletes the row');
+ok(wait_until(10, sub { !grep { $_->{status} ne '200' } @{ admin($S, 'GET', 'webhook_deliveries') } }),
+	'the listener answered every delivery of the fake with 200');
+my $fake_ok = grep { $_->{status} eq '200' } @{ admin($S, 'GET', 'webhook_deliveries') };
+is(sql("SELECT accepted || '/' || rejected FROM sync.webhooks WHERE source = 'st'"), "$fake_ok/0",
+	"sync.webhooks counts the fake's $fake_ok deliveries as accepted");
+
+# ---------------------------------------------------------------------------
+# 2. refused deliveries change nothing
+# ---------------------------------------------------------------------------
+
+my $before = customer_row($C);
+my $obj = { id => $C, object => 'customer', name => 'Evil', email => 'evil@example.com', livemode => JSON::PP::false };
+my $evil = stripe_event('customer.updated', $obj);
+
+my ($st, $ans) = post("$hook/st", $evil, stripe_headers('{"tampered": true}'));
+is($st, 401, 'a tampered body (signature over another body) is refused with 401');
+like($ans->{reason} // '', qr/bad signature/, '... as a bad signature');
+
+($st, $ans) = post("$hook/st", $evil, stripe_headers($evil, secret => 'whsec_wrong'));
+is($st, 401, 'a signature with another secret is refused with 401');
+
+($st, $ans) = post("$hook/st", $evil, { 'Content-Type' => 'application/json' });
+is($st, 401, 'a delivery without Stripe-Signature is refused with 401');
+
+($st, $ans) = post("$hook/st", $evil, stripe_headers($evil, t => time - 600));
+is($st, 401, 'a correctly signed delivery 10 minutes old is refused with 401');
+like($ans->{reason} // '', qr/stale/, '... as stale');
+
+($st, $ans) = post("$hook/st", $evil, stripe_headers($evil, t => time + 600));
+is($st, 401, 'a delivery signed 10 minutes in the future is refused with 401');
+
+my $bad_json = '{"id": "evt_broken", "type": "customer.updated", ';
+($st, $ans) = post("$hook/st", $bad_json, stripe_headers($bad_json));
+is($st, 400, 'a signed but malformed body is refused with 400');
+
+my $big = '{"pad": "' . ('x' x (100 * 1024)) . '"}';
+($st, $ans) = post("$hook/st", $big, stripe_headers($big));
+is($st, 413, 'a body over sync.webhook_max_body is refused with 413');
+
+($st, $ans) = post("$hook/nosuchsource", $evil, stripe_headers($evil));
+is($st, 404, 'an unknown source is 404');
+my $r = $ua->request('GET', "$hook/st");
+is($r->{status}, 405, 'a GET is 405');
+
+is_deeply(customer_row($C), $before, 'none of them changed the row');
+is(deliveries_count("outcome = 'rejected' AND http_status = 401"), 5, 'the five 401s are recorded');
+is(deliveries_count("outcome = 'rejected' AND http_status = 400"), 1, 'the 400 is recorded');
+is(deliveries_count("outcome = 'rejected' AND http_status = 413"), 1, 'the 413 is recorded');
+is(sql("SELECT sum(repeats) FROM sync.webhook_deliveries WHERE source_id IS NULL AND http_status = 404"), '1',
+	'the unknown source is recorded');
+like(sql("SELECT last_error FROM sync.webhooks WHERE source = 'st'"), qr/^HTTP 413/, 'sync.webhooks shows the last error');
+unlike(sql("SELECT string_agg(coalesce(reason, ''), ' ') FROM sync.webhook_deliveries"), qr/whsec_|sk_test|Evil/,
+	'no secret and no body in the recorded reasons');
+
+# a replay: the same delivery again is acknowledged (so the API stops retrying) but not applied
+my $good = stripe_event('customer.updated', { %$obj, name => 'Good', email => 'good@example.com' });
+my $h = stripe_headers($good);
+($st, $ans) = post("$hook/st", $good, $h);
+is($st, 200, 'a valid crafted delivery is 200');
+is($ans->{outcome}, 'applied', '... and applied');
+is(customer_row($C)->{name}, 'Good', '... to the row');
+sql("UPDATE st.customers SET name = 'changed by hand' WHERE id = " . lit($C));
+($st, $ans) = post("$hook/st", $good, $h);
+is($st, 200, 'the same delivery again is answered 200 (so the API stops retrying)');
+is($ans->{outcome}, 'replayed', '... as a replay');
+is(customer_row($C)->{name}, 'changed by hand', '... and not applied again');
+is(deliveries_count("outcome = 'replayed'"), 1, 'the replay is recorded');
+
+# an event older than the row is ignored: a webhook never moves a row backwards
+my $row = customer_row($C);
+my $old = stripe_event('customer.updated', { %$obj, name => 'Old news' }, int($row->{v}) - 100);
+($st, $ans) = post("$hook/st", $old, stripe_headers($old));
+is($st, 200, 'a valid event older than the row is answered 200');
+is($ans->{outcome}, 'ignored', '... and ignored');
+is(customer_row($C)->{name}, 'changed by hand', '... the row keeps its newer values');
+my $old_del = stripe_event('customer.deleted', { %$obj }, int($row->{v}) - 100);
+($st, $ans) = post("$hook/st", $old_del, stripe_headers($old_del));
+is($ans->{outcome}, 'ignored', 'a deletion older than the row is ignored');
+is(sql("SELECT count(*) FROM st.customers WHERE id = " . lit($C)), '1', '... the row stays');
+
+# ---------------------------------------------------------------------------
+# 3. sync.ingest_webhook()
+# ---------------------------------------------------------------------------
+
+my $via_sql = stripe_event('customer.updated', { %$obj, name => 'Via SQL' });
+my $hdr = $json->encode(stripe_headers($via_sql));
+my $res = $json->decode(secret_sql("SELECT sync.ingest_webhook('st', " . lit($hdr) . ", " . lit($via_sql) . ")"));
+is_deeply([ @$res{qw(http_status outcome applied)} ], [ 200, 'applied', 1 ], 'sync.ingest_webhook applies a delivery');
+is(customer_row($C)->{name}, 'Via SQL', '... to the row');
+$res = $json->decode(secret_sql("SELECT sync.ingest_webhook('st', " . lit($hdr) . ", " . lit($via_sql) . ")"));
+is($res->{outcome}, 'replayed', '... and recognises its replay');
+my $tampered = $via_sql =~ s/Via SQL/Via SQL!/r;
+$res = $json->decode(secret_sql("SELECT sync.ingest_webhook('st', " . lit($hdr) . ", " . lit($tampered) . ")"));
+is_deeply([ @$res{qw(http_status outcome)} ], [ 401, 'rejected' ], '... and refuses a tampered one');
+is(sql("SELECT count(*) FROM sync.webhook_deliveries WHERE via = 'sql'"), '3', 'its deliveries are recorded');
+sql("CREATE ROLE someone LOGIN");
+my ($ret, $out, $err) = $node->psql('postgres',
+	"SELECT sync.ingest_webhook('st', '{}', '{}')", extra_params => [ '-U', 'someone' ]);
+like($err, qr/permission denied/, 'a role without admin rights may not call sync.ingest_webhook');
+is(sql("SET ROLE someone; SELECT count(*) > 0 FROM sync.webhooks"), 't', 'sync.webhooks is readable by everyone');
+($ret, $out, $err) = $node->psql('postgres', "SELECT count(*) FROM sync.webhook_deliveries",
+	extra_params => [ '-U', 'someone' ]);
+like($err, qr/permission denied/, 'sync.webhook_deliveries is not');
+
+# ---------------------------------------------------------------------------
+# 4. a delivery that never arrives is caught by the next poll
+# ---------------------------------------------------------------------------
+
+admin($S, 'POST', 'webhooks/hold', { hold => JSON::PP::true });
+my $H = admin($S, 'POST', 'objects/customers', { name => 'Never delivered' })->{id};
+sleep 2;
+is(sql("SELECT count(*) FROM st.customers WHERE id = " . lit($H)), '0', 'a held delivery does not arrive');
+sql(q{SELECT sync.alter_source('st', options => '{"poll_interval": 2}')});
+ok(wait_sql(60, "SELECT count(*) = 1 FROM st.customers WHERE id = " . lit($H)), 'the next poll brings it');
+my $t_poll = time;
+my $H2 = admin($S, 'POST', 'objects/customers', { name => 'Also never delivered' })->{id};
+ok(wait_sql(60, "SELECT count(*) = 1 FROM st.customers WHERE id = " . lit($H2)),
+	sprintf('a second held change comes with the regular polling (%.1f s, poll_interval 2 s)', time - $t_poll));
+ok((grep { $_->{event_id} && $_->{status} eq 'dropped' } @{ admin($S, 'GET', 'webhook_deliveries') }) >= 2,
+	'the fake dropped those deliveries');
+admin($S, 'POST', 'webhooks/hold', { hold => JSON::PP::false });
+
+# ---------------------------------------------------------------------------
+# 5. a flood on loopback does not stop polling; SIGTERM
+# ---------------------------------------------------------------------------
+
+my $flood_py = <<'PY';
+import socket, sys, threading, time, http.client
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+stop = time.time() + seconds
+counts = {"sent": 0, "answered": 0, "refused": 0}
+lock = threading.Lock()
+def idle():
+    # connections that say nothing, or half a request, and hold their slot
+    while time.time() < stop:
+        try:
+            s = socket.create_connection((host, port), timeout=5)
+            s.sendall(b"POST /webhooks/st HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(min(5, max(0, stop - time.time())))
+            s.close()
+        except OSError:
+            time.sleep(0.05)
+def blast():
+    body = b'{"id": "evt_flood", "type": "customer.updated"}'
+    while time.time() < stop:
+        try:
+            c = http.client.HTTPConnection(host, port, timeout=5)
+            for _ in range(50):
+                c.request("POST", "/webhooks/st", body, {"Stripe-Signature": "t=1,v1=00"})
+                c.getresponse().read()
+                with lock: counts["answered"] += 1
+            c.close()
+        except (OSError, http.client.HTTPException):
+            with lock: counts["refused"] += 1
+            time.sleep(0.01)
+threads = [threading.Thread(target=idle) for _ in range(10)] + [threading.Thread(target=blast) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("answered=%d refused=%d" % (counts["answered"], counts["refused"]))
+PY
+my $flood_file = "$PostgreSQL::Test::Utils::tmp_check/flood.py";
+open(my $fh, '>', $flood_file) or die;
+print $fh $flood_py;
+close $fh;
+admin($S, 'POST', 'webhooks/hold', { hold => JSON::PP::true });
+my $flood_out = '';
+my $flood = IPC::Run::start([ '/usr/bin/python3', $flood_file, '127.0.0.1', $port, 20 ], '>', \$flood_out, '2>', \$flood_out);
+sleep 3;
+my $t_flood = time;
+my $F = admin($S, 'POST', 'objects/customers', { name => 'Made during the flood' })->{id};
+ok(wait_sql(60, "SELECT count(*) = 1 FROM st.customers WHERE id = " . lit($F)),
+	sprintf('a change made during the flood is polled in (%.1f s)', time - $t_flood));
+$flood->finish;
+note("flood: $flood_out");
+my ($answered) = $flood_out =~ /answered=(\d+)/;
+ok(($answered // 0) > 200, "the listener kept answering during the flood ($flood_out)");
+my $flood_rows = sql("SELECT count(*) || ' rows for ' || sum(repeats) FROM sync.webhook_deliveries "
+	  . "WHERE reason LIKE 'bad signature%' OR reason LIKE 'stale%'");
+note("refusals recorded: $flood_rows");
+my ($rows, $refusals) = $flood_rows =~ /^(\d+) rows for (\d+)/;
+ok($refusals >= $answered && $rows < 20, "the flood's refusals are counted, not stored one by one ($flood_rows)");
+admin($S, 'POST', 'webhooks/hold', { hold => JSON::PP::false });
+my $after = stripe_event('customer.updated', { %$obj, name => 'After the flood' });
+ok( wait_until(30, sub { (post("$hook/st", $after, stripe_headers($after)))[0] == 200 }),
+	'the listener answers after the flood');
+is(customer_row($C)->{name}, 'After the flood', '... and applies');
+
+my $lpid = sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'sync webhook listener'");
+my $t_kill = time;
+kill 'TERM', $lpid;
+ok(wait_until(10, sub { !kill(0, $lpid) }, 0.02), sprintf('SIGTERM stops the listener in %.2f s', time - $t_kill));
+ok(time - $t_kill < 2, 'promptly (< 2 s)');
+ok(wait_until(60, sub { (post("$hook/st", $after, stripe_headers($after)))[0] == 200 }),
+	'the postmaster restarts the listener, which answers again');
+
+done_testing();
