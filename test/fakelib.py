@@ -271,7 +271,8 @@ WEBHOOK_LOG_MAX = 5000
 WEBHOOK_ADMIN_HELP = {
     "GET /__admin/webhooks":
         "-> {held, pending, timeout, retry_delays}: pending = deliveries queued, waiting for a retry, being "
-        "sent or still being batched (0 = nothing more will arrive)",
+        "sent or still being batched (0 = nothing more will arrive). Also GET /__admin/webhooks/status "
+        "(the only spelling in fake_airtable, whose GET /__admin/webhooks lists its webhooks)",
     "POST /__admin/webhooks/hold":
         "body {hold: true|false} -> {held}. While held, every delivery (of a change made while held, or a "
         "retry falling due while held) is dropped: never sent, logged with status 'dropped', not retried",
@@ -506,7 +507,7 @@ def webhook_admin(sender, method, parts, payload, error):
         raise error(405, "webhook_deliveries: GET or DELETE")
     if head != "webhooks":
         return None
-    if len(parts) == 1 and method == "GET":
+    if (len(parts) == 1 or parts[1:] == ["status"]) and method == "GET":
         return 200, sender.status()
     if parts[1:] == ["hold"] and method == "POST":
         if not isinstance(payload, dict) or not isinstance(payload.get("hold"), bool):
