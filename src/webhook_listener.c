@@ -68,7 +68,8 @@ sync_register_webhook_listener(void)
 }
 
 static enum MHD_Result
-wl_answer(struct MHD_Connection *conn, int status, const char *outcome, const char *reason)
+wl_answer_counts(struct MHD_Connection *conn, int status, const char *outcome, const char *reason,
+				 const SyncWebhookResult *counts)
 {
 	json_t	   *o = json_pack("{s:s}", "outcome", outcome);
 	char	   *text;
@@ -76,6 +77,13 @@ wl_answer(struct MHD_Connection *conn, int status, const char *outcome, const ch
 	enum MHD_Result ret;
 
 	json_object_set_new(o, "reason", reason ? json_string(reason) : json_null());
+	if (counts)
+	{
+		json_object_set_new(o, "events", json_integer(counts->events));
+		json_object_set_new(o, "applied", json_integer(counts->applied));
+		json_object_set_new(o, "ignored", json_integer(counts->ignored));
+		json_object_set_new(o, "replayed", json_integer(counts->replayed));
+	}
 	text = json_dumps(o, JSON_COMPACT);
 	json_decref(o);
 	resp = MHD_create_response_from_buffer(strlen(text), text, MHD_RESPMEM_MUST_FREE);
@@ -88,6 +96,12 @@ wl_answer(struct MHD_Connection *conn, int status, const char *outcome, const ch
 	ret = MHD_queue_response(conn, (unsigned int) status, resp);
 	MHD_destroy_response(resp);
 	return ret;
+}
+
+static enum MHD_Result
+wl_answer(struct MHD_Connection *conn, int status, const char *outcome, const char *reason)
+{
+	return wl_answer_counts(conn, status, outcome, reason, NULL);
 }
 
 static enum MHD_Result
@@ -265,7 +279,7 @@ wl_process(struct MHD_Connection *conn, const char *path, WlRequest *r)
 		ret = wl_answer(conn, status, "failed", "the delivery could not be applied; see the server log");
 	}
 	else
-		ret = wl_answer(conn, result.http_status, result.outcome, result.reason);
+		ret = wl_answer_counts(conn, result.http_status, result.outcome, result.reason, &result);
 	MemoryContextSwitchTo(old);
 	MemoryContextReset(wl_request_ctx);
 	return ret;

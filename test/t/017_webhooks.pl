@@ -259,6 +259,102 @@ ok((grep { $_->{event_id} && $_->{status} eq 'dropped' } @{ admin($S, 'GET', 'we
 admin($S, 'POST', 'webhooks/hold', { hold => JSON::PP::false });
 
 # ---------------------------------------------------------------------------
+# 6. HubSpot: X-HubSpot-Signature-v3
+# ---------------------------------------------------------------------------
+
+my $HS_SECRET = 'hs-app-client-secret';
+# search lag 0: a creation makes the collection poll at once, and HubSpot's own search lag would
+# hide the new record from that poll (it then comes with the next one, an hour away here)
+my $HF = start_fake('hubspot', 'h', { timeout => 120 }, '--contacts', 20, '--companies', 3, '--deals', 3,
+	'--cars', 1, '--archived', 0, '--search-lag', 0, '--client-secret', $HS_SECRET);
+my $PAT = 'pat-na1-11111111-2222-3333-4444-555555555555';
+secret_sql("SELECT sync.create_source('hs', 'hubspot', '$HF->{url}', "
+	  . "'{\"access_token\": \"$PAT\", \"client_secret\": \"$HS_SECRET\"}', '{\"poll_interval\": 3600}')");
+sql("SELECT sync.add_collection('hs', 'contacts')");
+ok(sql("SELECT sync.wait_for_backfill('hs', 'contacts', '120 s')") eq 't', 'HubSpot contacts backfilled');
+ok(wait_sql(60, "SELECT last_caught_up_at IS NOT NULL FROM sync.status WHERE source = 'hs'"),
+	'HubSpot: the first poll ran; the next is an hour away');
+admin($HF, 'POST', 'webhook_target', { url => "$hook/hs", client_secret => $HS_SECRET });
+
+my $hs_contact = admin($HF, 'GET', 'records/contacts')->[0];
+my $HC = $hs_contact->{id};
+my $t_hs = time;
+admin($HF, 'PATCH', "records/contacts/$HC", { properties => { firstname => 'Pushed', email => 'pushed@example.com' } });
+ok(wait_sql(10, "SELECT firstname = 'Pushed' AND email = 'pushed\@example.com' FROM hs.contacts WHERE id = $HC", 0.02),
+	sprintf('a HubSpot property change arrives by webhook (%.3f s)', time - $t_hs));
+is(sql("SELECT lastmodifieddate = " . lit(admin($HF, 'GET', "records/contacts/$HC")->{properties}{lastmodifieddate})
+	  . "::timestamptz FROM hs.contacts WHERE id = $HC"), 't', '... with the new lastmodifieddate');
+
+my $t_create = time;
+my $NEW = admin($HF, 'POST', 'records/contacts', { properties => { firstname => 'Created', email => 'created@example.com' } })->{id};
+ok(wait_sql(20, "SELECT firstname = 'Created' FROM hs.contacts WHERE id = $NEW", 0.05),
+	sprintf('a contact.creation makes the collection poll at once (%.2f s)', time - $t_create));
+
+admin($HF, 'DELETE', "records/contacts/$NEW");
+ok(wait_sql(10, "SELECT count(*) = 0 FROM hs.contacts WHERE id = $NEW", 0.05), 'a contact.deletion deletes the row');
+my @hs_polls = grep { $_->{path} =~ m{/search$} && $_->{t} >= $t_hs } @{ admin($HF, 'GET', 'requests') };
+ok(@hs_polls <= 2, 'only the creation asked for a poll (' . scalar(@hs_polls) . ' searches)');
+ok(wait_until(10, sub { !grep { $_->{status} ne '200' } @{ admin($HF, 'GET', 'webhook_deliveries') } }),
+	'the listener answered every HubSpot delivery with 200');
+
+sub hs_post
+{
+	my ($events, %o) = @_;
+	my $body = ref $events ? $json->encode($events) : $events;
+	my $ts = $o{ts} // int(time * 1000);
+	my $uri = $o{uri} // "$hook/hs";
+	my $sig = hmac_sha256_base64('POST' . $uri . ($o{signed_body} // $body) . $ts, $o{secret} // $HS_SECRET);
+	$sig .= '=' while length($sig) % 4;
+	return post("$hook/hs", $body,
+		{ 'Content-Type' => 'application/json', 'X-HubSpot-Signature-v3' => $sig, 'X-HubSpot-Request-Timestamp' => $ts });
+}
+
+my $hs_ms = int(1000 * sql("SELECT extract(epoch FROM lastmodifieddate) FROM hs.contacts WHERE id = $HC"));
+my $hs_n = 900000;
+sub hs_event
+{
+	my (%e) = @_;
+	return { eventId => ++$hs_n, subscriptionId => 7, portalId => 62515, appId => 54321, attemptNumber => 0,
+		objectId => $HC + 0, changeSource => 'CRM', subscriptionType => 'contact.propertyChange', %e };
+}
+my $ev = [ hs_event(occurredAt => $hs_ms + 1000, propertyName => 'firstname', propertyValue => 'Crafted') ];
+($st, $ans) = hs_post($ev, signed_body => '[]');
+is($st, 401, 'HubSpot: a tampered body is refused with 401');
+($st, $ans) = hs_post($ev, secret => 'another secret');
+is($st, 401, 'HubSpot: another secret is refused with 401');
+($st, $ans) = hs_post($ev, ts => int(time * 1000) - 6 * 60 * 1000);
+is($st, 401, 'HubSpot: a timestamp 6 minutes old is refused with 401');
+like($ans->{reason} // '', qr/stale/, '... as stale');
+($st, $ans) = hs_post('[{"eventId": 1}');
+is($st, 400, 'HubSpot: a malformed body is refused with 400');
+is(sql("SELECT firstname FROM hs.contacts WHERE id = $HC"), 'Pushed', '... none changed the row');
+($st, $ans) = hs_post($ev);
+is_deeply([ $st, $ans->{outcome} ], [ 200, 'applied' ], 'HubSpot: a correctly signed crafted event is applied');
+is(sql("SELECT firstname FROM hs.contacts WHERE id = $HC"), 'Crafted', '... to the row');
+sql("UPDATE hs.contacts SET firstname = 'by hand' WHERE id = $HC");
+($st, $ans) = hs_post($ev);
+is_deeply([ $st, $ans->{outcome} ], [ 200, 'replayed' ], 'HubSpot: its replay is acknowledged as a replay');
+is(sql("SELECT firstname FROM hs.contacts WHERE id = $HC"), 'by hand', '... and not applied');
+($st, $ans) = hs_post([ hs_event(occurredAt => $hs_ms - 60000, propertyName => 'firstname', propertyValue => 'Stale') ]);
+is_deeply([ $st, $ans->{outcome} ], [ 200, 'ignored' ], 'HubSpot: a change older than the row is ignored');
+($st, $ans) = hs_post([ hs_event(occurredAt => $hs_ms - 60000, subscriptionType => 'contact.deletion') ]);
+is($ans->{outcome}, 'ignored', 'HubSpot: a deletion older than the row is ignored');
+is(sql("SELECT firstname FROM hs.contacts WHERE id = $HC"), 'by hand', '... the row stays as it was');
+my $mixed = [ hs_event(occurredAt => $hs_ms + 2000, propertyName => 'lastname', propertyValue => 'Mixed'), $ev->[0] ];
+($st, $ans) = hs_post($mixed);
+is_deeply([ $ans->{outcome}, $ans->{applied}, $ans->{replayed} ], [ 'applied', 1, 1 ],
+	'HubSpot: of a batch with one event seen before, only the new one is applied');
+is(sql("SELECT firstname || ' ' || lastname FROM hs.contacts WHERE id = $HC"), 'by hand Mixed', '... to the row');
+
+admin($HF, 'POST', 'webhooks/hold', { hold => JSON::PP::true });
+admin($HF, 'PATCH', "records/contacts/$HC", { properties => { firstname => 'Held back' } });
+sleep 2;
+is(sql("SELECT firstname FROM hs.contacts WHERE id = $HC"), 'by hand', 'HubSpot: a held delivery does not arrive');
+sql("SELECT sync.run_now('hs', 'contacts')");
+ok(wait_sql(60, "SELECT firstname = 'Held back' FROM hs.contacts WHERE id = $HC"), '... the next poll brings it');
+admin($HF, 'POST', 'webhooks/hold', { hold => JSON::PP::false });
+
+# ---------------------------------------------------------------------------
 # 5. a flood on loopback does not stop polling; SIGTERM
 # ---------------------------------------------------------------------------
 
