@@ -963,6 +963,14 @@ sync_save_token(SyncSource *source, json_t *token, json_t *rotated_credentials)
 	}
 }
 
+/* webhook.c: the secret of a webhook the provider made (Airtable) is kept; here, checked only. */
+void
+sync_save_webhook_secret(SyncSource *source, const char *webhook_id, const char *secret)
+{
+	if (webhook_id == NULL || secret == NULL)
+		fail("page", "a webhook secret saved without its id or value");
+}
+
 void
 sync_save_refreshed_token(SyncSource *source, json_t *token, const char *new_refresh_token)
 {

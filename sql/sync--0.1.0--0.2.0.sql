@@ -105,6 +105,16 @@ CREATE TABLE sync.webhook_events (
 CREATE INDEX ON sync.webhook_events (received_at);
 REVOKE ALL ON sync.webhook_events FROM PUBLIC;
 
+-- Secrets of webhooks sync created itself (Airtable's macSecretBase64), by webhook id.
+CREATE TABLE sync.webhook_secrets (
+    source_id   integer NOT NULL REFERENCES sync.sources ON DELETE CASCADE,
+    webhook_id  text NOT NULL,
+    secret      text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source_id, webhook_id)
+);
+REVOKE ALL ON sync.webhook_secrets FROM PUBLIC;
+
 -- Every delivery and what became of it (kept 7 days); never a body or a secret.
 CREATE TABLE sync.webhook_deliveries (
     id          bigserial PRIMARY KEY,

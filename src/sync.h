@@ -209,6 +209,7 @@ typedef struct SyncSource
 	json_t	   *token;			/* owned; provider-defined (access token, instance url) */
 	bool		verify_tls;
 	const struct SyncProvider *provider;
+	json_t	   *webhook_secrets;	/* owned; webhook id -> secret, loaded by webhook.c only */
 } SyncSource;
 
 typedef struct SyncCollection
@@ -303,7 +304,7 @@ typedef enum SyncWebhookAction
 typedef struct SyncWebhookChange
 {
 	char	   *event_id;		/* the API's id of the event: a replay is recognised by it */
-	char	   *collection;		/* the collection it concerns, as the API names it */
+	char	   *collection;		/* the collection it concerns, as the API names it; NULL: all of the source's */
 	SyncWebhookAction action;
 	json_t	   *record;			/* UPSERT: keyed by api field (owned) */
 	char	   *record_id;		/* DELETE, SET_FIELD */
@@ -518,6 +519,7 @@ extern void sync_webhook_ingest(const char *source_name, const SyncWebhookReques
 								SyncWebhookResult *result);
 extern void sync_webhook_record(int32 source_id, const char *source_name, const char *via,
 								const char *event_id, const SyncWebhookResult *result);
+extern void sync_save_webhook_secret(SyncSource *source, const char *webhook_id, const char *secret);
 extern void sync_register_webhook_listener(void);
 extern PGDLLEXPORT void sync_webhook_listener_main(Datum arg) pg_attribute_noreturn();
 

@@ -20,6 +20,7 @@
 #include "storage/lmgr.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 PG_FUNCTION_INFO_V1(sync_ingest_webhook);
@@ -123,6 +124,82 @@ webhook_collection(SyncSource *source, const char *name, List **open)
 	return oc->collection;
 }
 
+/* Every active collection of the source polls at once (an event naming none: Airtable's ping). */
+static int
+webhook_request_source_poll(SyncSource *source)
+{
+	Oid			type = INT4OID;
+	Datum		arg = Int32GetDatum(source->id);
+
+	if (SPI_execute_with_args("UPDATE sync.collection_state st SET run_requested = true "
+							  "FROM sync.collections c JOIN sync.sources s ON s.id = c.source_id "
+							  "WHERE st.collection_id = c.id AND c.source_id = $1 AND NOT c.paused AND NOT s.paused",
+							  1, &type, &arg, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "could not ask for a poll");
+	if (SPI_processed > 0)
+		sync_wake_worker_at_commit();
+	return (int) SPI_processed;
+}
+
+/* The secrets of webhooks sync created for the source, for verify_webhook. */
+static void
+webhook_load_secrets(SyncSource *source)
+{
+	Oid			type = INT4OID;
+	Datum		arg = Int32GetDatum(source->id);
+	char	   *text;
+
+	if (SPI_execute_with_args("SELECT coalesce(jsonb_object_agg(webhook_id, secret), '{}') "
+							  "FROM sync.webhook_secrets WHERE source_id = $1",
+							  1, &type, &arg, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not read sync.webhook_secrets");
+	text = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	source->webhook_secrets = sync_json_parse(text, strlen(text), "webhook secrets");
+}
+
+/*
+ * Keep the secret of a webhook sync created (Airtable's macSecretBase64),
+ * like a token: in its own transaction when none is open (a worker's step
+ * between requests), so it is there before the API's first notification.
+ */
+void
+sync_save_webhook_secret(SyncSource *source, const char *webhook_id, const char *secret)
+{
+	bool		own_xact = !IsTransactionState();
+	Oid			types[3] = {INT4OID, TEXTOID, TEXTOID};
+	Datum		args[3];
+
+	if (own_xact)
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		sync_lock_extension();
+		PushActiveSnapshot(GetTransactionSnapshot());
+	}
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	args[0] = Int32GetDatum(source->id);
+	args[1] = CStringGetTextDatum(webhook_id);
+	args[2] = CStringGetTextDatum(secret);
+	if (SPI_execute_with_args("INSERT INTO sync.webhook_secrets (source_id, webhook_id, secret) VALUES ($1, $2, $3) "
+							  "ON CONFLICT (source_id, webhook_id) DO UPDATE SET secret = EXCLUDED.secret",
+							  3, types, args, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not save a webhook secret");
+	/* webhooks of the source that no collection's cursor names any more are gone */
+	if (SPI_execute_with_args("DELETE FROM sync.webhook_secrets w WHERE w.source_id = $1 AND w.webhook_id <> $2 "
+							  "AND NOT EXISTS (SELECT 1 FROM sync.collection_state st JOIN sync.collections c "
+							  "  ON c.id = st.collection_id WHERE c.source_id = $1 "
+							  "  AND st.cursor->'hook'->>'id' = w.webhook_id)",
+							  2, types, args, NULL, false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "could not forget old webhook secrets");
+	SPI_finish();
+	if (own_xact)
+	{
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+}
+
 /* The collection polls at once (the event lacks the record's data). */
 static void
 webhook_request_poll(SyncCollection *c)
@@ -222,7 +299,7 @@ sync_webhook_ingest(const char *source_name, const SyncWebhookRequest *req, cons
 					psprintf("%s sources take no webhooks: they are kept in sync by polling",
 							 source->kind));
 	}
-	else if ((reason = source->provider->verify_webhook(source, req)) != NULL)
+	else if ((webhook_load_secrets(source), reason = source->provider->verify_webhook(source, req)) != NULL)
 	{
 		source_id = source->id;
 		webhook_set(result, 401, "rejected", reason);
@@ -244,6 +321,14 @@ sync_webhook_ingest(const char *source_name, const SyncWebhookRequest *req, cons
 				first_event = change->event_id;
 			if (webhook_replayed(source->id, change->event_id, &seen))
 				continue;
+			if (change->collection == NULL && change->action == SYNC_WEBHOOK_POLL)
+			{
+				if (webhook_request_source_poll(source) > 0)
+					result->applied++;
+				else
+					result->ignored++;
+				continue;
+			}
 			c = change->action == SYNC_WEBHOOK_NONE ? NULL : webhook_collection(source, change->collection, &open);
 			if (c != NULL && webhook_apply(c, change))
 				result->applied++;
@@ -270,7 +355,11 @@ sync_webhook_ingest(const char *source_name, const SyncWebhookRequest *req, cons
 			sync_free_collection(oc->collection);
 	}
 	if (source)
+	{
+		json_decref(source->webhook_secrets);
+		source->webhook_secrets = NULL;
 		sync_free_source(source);
+	}
 	if (first_event)
 		first_event = MemoryContextStrdup(webhook_result_ctx, first_event);
 	SPI_finish();

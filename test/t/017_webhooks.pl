@@ -19,6 +19,7 @@ use lib $FindBin::Bin;
 use Digest::SHA qw(hmac_sha256_hex hmac_sha256_base64);
 use HTTP::Tiny;
 use JSON::PP;
+use MIME::Base64 ();
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use SyncTest;
@@ -353,6 +354,68 @@ is(sql("SELECT firstname FROM hs.contacts WHERE id = $HC"), 'by hand', 'HubSpot:
 sql("SELECT sync.run_now('hs', 'contacts')");
 ok(wait_sql(60, "SELECT firstname = 'Held back' FROM hs.contacts WHERE id = $HC"), '... the next poll brings it');
 admin($HF, 'POST', 'webhooks/hold', { hold => JSON::PP::false });
+
+# ---------------------------------------------------------------------------
+# 7. Airtable: a webhook per table, pings with X-Airtable-Content-MAC, payloads for deletes
+# ---------------------------------------------------------------------------
+
+# webhooks live a day and 20 s here: 20 s after its creation one is within a day of expiring
+my $AF = start_fake('airtable', 'at', '--rate-limit', 0, '--token-rate-limit', 0, '--tables', 1, '--records', 30,
+	'--webhook-ttl', 86400 + 20);
+my $at_admin = admin($AF, 'GET', '');
+my $base = $at_admin->{bases}[0];
+my $at_table = admin($AF, 'GET', "schema/$base")->{tables}[0];
+my $rec_path = "records/$base/$at_table->{id}";
+secret_sql("SELECT sync.create_source('at', 'airtable', '$AF->{url}', '{\"access_token\": \"$at_admin->{pat}\"}', "
+	  . "'{\"base_id\": \"$base\", \"poll_interval\": 3600, \"sweep_interval\": 3600, "
+	  . "\"webhook_notification_url\": \"$hook/at\"}')");
+sql("SELECT sync.add_collection('at', " . lit($at_table->{name}) . ")");
+my $at_rel = sql("SELECT target_table FROM sync.status WHERE source = 'at'");
+ok(sql("SELECT sync.wait_for_backfill('at', " . lit($at_table->{name}) . ", '120 s')") eq 't', 'Airtable table backfilled');
+ok(wait_until(60, sub { my $c = cursor_of('at', $at_table->{name}); $c->{hook} && $c->{hook}{id} && !$c->{hook_turn} }),
+	'sync made a webhook for the table and read its payloads');
+my $at_hooks = admin($AF, 'GET', 'webhooks');
+is(scalar(@$at_hooks), 1, 'the base has one webhook');
+is($at_hooks->[0]{notificationUrl}, "$hook/at", '... notifying the listener');
+is(sql("SELECT count(*) FROM sync.webhook_secrets w JOIN sync.sources s ON s.id = w.source_id WHERE s.name = 'at'"),
+	'1', 'its macSecretBase64 is kept in sync.webhook_secrets');
+unlike(sql("SELECT cursor::text FROM sync.collection_state"), qr/\Q$at_hooks->[0]{macSecretBase64}\E/,
+	'... and not in the readable cursor');
+ok(wait_sql(60, "SELECT last_caught_up_at IS NOT NULL AND activity = 'polling for changes' FROM sync.status WHERE source = 'at'"),
+	'Airtable: the poll ran; the next is an hour away, and so is the next sweep');
+
+my $victim = admin($AF, 'GET', $rec_path)->[0]{id};
+ok(sql("SELECT count(*) FROM $at_rel WHERE id = " . lit($victim)) eq '1', 'a record to delete is in the table');
+my $t_del = time;
+admin($AF, 'DELETE', "$rec_path/$victim");
+ok(wait_sql(20, "SELECT count(*) = 0 FROM $at_rel WHERE id = " . lit($victim), 0.05),
+	sprintf('an Airtable delete arrives through the ping and the payloads (%.2f s, sweeps an hour apart)', time - $t_del));
+my $t_new = time;
+my $born = admin($AF, 'POST', $rec_path, { fields => { Name => 'Pinged in' } })->{id};
+ok(wait_sql(20, "SELECT count(*) = 1 FROM $at_rel WHERE id = " . lit($born), 0.05),
+	sprintf('an Airtable create comes with the poll the ping asks for (%.2f s)', time - $t_new));
+ok(wait_until(10, sub { !grep { $_->{status} ne '200' } @{ admin($AF, 'GET', 'webhook_deliveries') } }),
+	'the listener answered every Airtable ping with 200');
+
+my $ping = '{"base":{"id":"' . $base . '"},"webhook":{"id":"' . $at_hooks->[0]{id} . '"},"timestamp":"2030-01-01T00:00:00.000Z"}';
+($st, $ans) = post("$hook/at", $ping, { 'X-Airtable-Content-MAC' => 'hmac-sha256=' . ('0' x 64) });
+is($st, 401, 'Airtable: a ping with a wrong MAC is refused with 401');
+($st, $ans) = post("$hook/at", $ping, {});
+is($st, 401, 'Airtable: a ping without a MAC is refused with 401');
+my $mac = 'hmac-sha256=' . hmac_sha256_hex($ping, MIME::Base64::decode_base64($at_hooks->[0]{macSecretBase64}));
+($st, $ans) = post("$hook/at", $ping, { 'X-Airtable-Content-MAC' => $mac });
+is_deeply([ $st, $ans->{outcome} ], [ 200, 'applied' ], 'Airtable: a ping with the right MAC is applied (a poll asked for)');
+($st, $ans) = post("$hook/at", $ping, { 'X-Airtable-Content-MAC' => $mac });
+is($ans->{outcome}, 'replayed', 'Airtable: the same ping again is a replay');
+
+# the webhook expires in less than a day by now: the next step refreshes it
+my $expires = cursor_of('at', $at_table->{name})->{hook}{expires};
+sleep 1 while time - $t_del < 21;
+sql("SELECT sync.run_now('at')");
+ok(wait_until(60, sub { (cursor_of('at', $at_table->{name})->{hook}{expires} // 0) > $expires + 10 }),
+	'a webhook within a day of expiring is refreshed');
+ok((grep { $_->{method} eq 'POST' && $_->{path} =~ m{/webhooks/[^/]+/refresh$} } @{ admin($AF, 'GET', 'requests') }) >= 1,
+	'... with POST .../refresh');
 
 # ---------------------------------------------------------------------------
 # 5. a flood on loopback does not stop polling; SIGTERM
