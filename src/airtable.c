@@ -69,6 +69,12 @@ at_validate_source(SyncSource *source)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid token_url \"%s\": %s", token_url, why)));
+	if (sync_json_string(source->options, "webhook_notification_url") &&
+		!sync_url_is_valid(sync_json_string(source->options, "webhook_notification_url"), &why))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid webhook_notification_url: %s", why),
+				 errhint("Give the public http(s) URL that reaches the webhook listener, ending in /webhooks/<source name>.")));
 }
 
 /* ---------- requests ---------- */

@@ -86,6 +86,7 @@ hs_validate_source(SyncSource *source)
 {
 	const char *version = sync_json_string(source->options, "api_version");
 	bool		has_token = sync_json_string(source->credentials, "access_token") != NULL;
+	char	   *why;
 	bool		has_oauth = sync_json_string(source->credentials, "client_id") &&
 		sync_json_string(source->credentials, "client_secret") &&
 		sync_json_string(source->credentials, "refresh_token");
@@ -95,6 +96,12 @@ hs_validate_source(SyncSource *source)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("credentials of a hubspot source need \"access_token\", or \"client_id\", \"client_secret\" and \"refresh_token\""),
 				 errhint("Give a private app or service key token as {\"access_token\": \"pat-...\"}, or an OAuth app's client and refresh token.")));
+	if (sync_json_string(source->options, "webhook_url") &&
+		!sync_url_is_valid(sync_json_string(source->options, "webhook_url"), &why))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid webhook_url: %s", why),
+				 errhint("Give the target URL registered with HubSpot, exactly.")));
 	if (version && strcmp(version, "v3") != 0)
 	{
 		int			year,
