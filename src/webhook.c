@@ -441,16 +441,25 @@ webhook_result_jsonb(const SyncWebhookResult *r)
 Datum
 sync_ingest_webhook(PG_FUNCTION_ARGS)
 {
-	char	   *source_name = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	Jsonb	   *headers_jb = PG_GETARG_JSONB_P(1);
-	text	   *body = PG_GETARG_TEXT_PP(2);
-	char	   *headers_text = JsonbToCString(NULL, &headers_jb->root, VARSIZE(headers_jb));
-	json_t	   *given = sync_json_parse(headers_text, strlen(headers_text), "headers");
+	char	   *source_name;
+	Jsonb	   *headers_jb;
+	text	   *body;
+	char	   *headers_text;
+	json_t	   *given;
 	SyncWebhookRequest req;
 	SyncWebhookResult result;
 	const char *name;
 	json_t	   *value;
 
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("source, headers and body must not be null")));
+	source_name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	headers_jb = PG_GETARG_JSONB_P(1);
+	body = PG_GETARG_TEXT_PP(2);
+	headers_text = JsonbToCString(NULL, &headers_jb->root, VARSIZE(headers_jb));
+	given = sync_json_parse(headers_text, strlen(headers_text), "headers");
 	if (!json_is_object(given))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
