@@ -1091,11 +1091,12 @@ static void
 fuzz_webhook(const FuzzTarget *t, SyncSource *source)
 {
 	SyncWebhookRequest req;
-	const Response *r = &responses[nresponses - 1];
+	const Response *r;
 	char	   *body;
 
 	if (t->provider->webhook_changes == NULL || nresponses == 0)
 		return;
+	r = &responses[nresponses - 1];
 	MemoryContextSwitchTo(fuzz_step_arena());
 	body = palloc(r->len + 1);
 	memcpy(body, r->data, r->len);

@@ -95,6 +95,9 @@ END $$;
 -- Webhooks: changes pushed by the API, applied at once; polling stays the truth
 -------------------------------------------------------------------------------
 
+-- A webhook asks the worker to poll a collection now (an event without the record's data).
+ALTER TABLE sync.collection_state ADD COLUMN poll_requested_at timestamptz;
+
 -- Event ids received, for recognising a replayed delivery (kept 7 days).
 CREATE TABLE sync.webhook_events (
     source_id   integer NOT NULL REFERENCES sync.sources ON DELETE CASCADE,

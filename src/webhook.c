@@ -131,7 +131,7 @@ webhook_request_source_poll(SyncSource *source)
 	Oid			type = INT4OID;
 	Datum		arg = Int32GetDatum(source->id);
 
-	if (SPI_execute_with_args("UPDATE sync.collection_state st SET run_requested = true "
+	if (SPI_execute_with_args("UPDATE sync.collection_state st SET poll_requested_at = clock_timestamp() "
 							  "FROM sync.collections c JOIN sync.sources s ON s.id = c.source_id "
 							  "WHERE st.collection_id = c.id AND c.source_id = $1 AND NOT c.paused AND NOT s.paused",
 							  1, &type, &arg, NULL, false, 0) != SPI_OK_UPDATE)
@@ -207,7 +207,8 @@ webhook_request_poll(SyncCollection *c)
 	Oid			type = INT4OID;
 	Datum		arg = Int32GetDatum(c->id);
 
-	if (SPI_execute_with_args("UPDATE sync.collection_state SET run_requested = true WHERE collection_id = $1",
+	if (SPI_execute_with_args("UPDATE sync.collection_state SET poll_requested_at = clock_timestamp() "
+							  "WHERE collection_id = $1",
 							  1, &type, &arg, NULL, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "could not ask for a poll");
 	sync_wake_worker_at_commit();
