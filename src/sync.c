@@ -157,14 +157,20 @@ sync_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyT
 		Oid			dboid = get_database_oid(stmt->dbname, true);
 
 		if (OidIsValid(dboid))
+		{
 			sync_stop_database_worker(dboid, 10000);
+			sync_stop_webhook_listener(dboid, 10000);
+		}
 	}
 	else if (IsA(parsetree, RenameStmt) && ((RenameStmt *) parsetree)->renameType == OBJECT_DATABASE)
 	{
 		Oid			dboid = get_database_oid(((RenameStmt *) parsetree)->subname, true);
 
 		if (OidIsValid(dboid))
+		{
 			sync_stop_database_worker(dboid, 10000);
+			sync_stop_webhook_listener(dboid, 10000);
+		}
 	}
 
 	if (prev_process_utility_hook)

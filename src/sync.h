@@ -106,6 +106,8 @@ typedef struct SyncShared
 {
 	pid_t		launcher_pid;
 	Latch	   *launcher_latch;
+	pid_t		webhook_listener_pid;	/* the webhook listener, connected to webhook_listener_db */
+	Oid			webhook_listener_db;
 	int			nslots;
 	SyncDatabaseSlot slots[FLEXIBLE_ARRAY_MEMBER];
 } SyncShared;
@@ -521,6 +523,7 @@ extern void sync_webhook_record(int32 source_id, const char *source_name, const 
 								const char *event_id, const SyncWebhookResult *result);
 extern void sync_save_webhook_secret(SyncSource *source, const char *webhook_id, const char *secret);
 extern void sync_register_webhook_listener(void);
+extern void sync_stop_webhook_listener(Oid dboid, int wait_ms);
 extern PGDLLEXPORT void sync_webhook_listener_main(Datum arg) pg_attribute_noreturn();
 
 extern bool sync_hmac_sha256(const void *key, size_t key_len, const void *msg, size_t msg_len,

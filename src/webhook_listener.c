@@ -49,6 +49,53 @@ typedef struct WlRequest
 
 static MemoryContext wl_request_ctx = NULL;
 
+static void
+wl_detach(int code, Datum arg)
+{
+	LWLockAcquire(sync_shared_lock, LW_EXCLUSIVE);
+	if (sync_shared->webhook_listener_pid == MyProcPid)
+	{
+		sync_shared->webhook_listener_pid = 0;
+		sync_shared->webhook_listener_db = InvalidOid;
+	}
+	LWLockRelease(sync_shared_lock);
+}
+
+/*
+ * DROP DATABASE (or a rename) of the listener's database would fail while
+ * it is connected: stop it first. It is started again after 5 s; while its
+ * database is gone it logs that, and serves nothing.
+ */
+void
+sync_stop_webhook_listener(Oid dboid, int wait_ms)
+{
+	pid_t		pid = 0;
+
+	if (sync_shared == NULL)
+		return;
+	LWLockAcquire(sync_shared_lock, LW_SHARED);
+	if (sync_shared->webhook_listener_db == dboid)
+		pid = sync_shared->webhook_listener_pid;
+	LWLockRelease(sync_shared_lock);
+	if (pid == 0)
+		return;
+	kill(pid, SIGTERM);
+	for (int waited = 0; waited < wait_ms; waited += 20)
+	{
+		bool		gone;
+
+		LWLockAcquire(sync_shared_lock, LW_SHARED);
+		gone = sync_shared->webhook_listener_pid != pid;
+		LWLockRelease(sync_shared_lock);
+		if (gone)
+			return;
+		CHECK_FOR_INTERRUPTS();
+		pg_usleep(20 * 1000L);
+	}
+	ereport(WARNING,
+			(errmsg("sync webhook listener with PID %d did not exit within %d ms", (int) pid, wait_ms)));
+}
+
 void
 sync_register_webhook_listener(void)
 {
@@ -421,6 +468,11 @@ sync_webhook_listener_main(Datum arg)
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(sync_webhook_database, NULL, 0);
 	pgstat_report_appname("sync webhook listener");
+	LWLockAcquire(sync_shared_lock, LW_EXCLUSIVE);
+	sync_shared->webhook_listener_pid = MyProcPid;
+	sync_shared->webhook_listener_db = MyDatabaseId;
+	LWLockRelease(sync_shared_lock);
+	before_shmem_exit(wl_detach, 0);
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("TimeZone", "UTC", PGC_SUSET, PGC_S_OVERRIDE);
 	{

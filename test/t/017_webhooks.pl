@@ -490,4 +490,18 @@ ok(time - $t_kill < 2, 'promptly (< 2 s)');
 ok(wait_until(60, sub { (post("$hook/st", $after, stripe_headers($after)))[0] == 200 }),
 	'the postmaster restarts the listener, which answers again');
 
+# DROP DATABASE of the listener's database is not blocked by its connection
+sql('CREATE DATABASE scratch');
+$node->append_conf('postgresql.conf', "sync.webhook_database = 'scratch'\n");
+$node->restart;
+ok( wait_sql(30, "SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'sync webhook listener' "
+		  . "AND datname = 'scratch'"),
+	'the listener serves the database sync.webhook_database names');
+($st, $ans) = post("$hook/st", $after, stripe_headers($after));
+is($st, 503, 'a database without the extension: deliveries are answered 503');
+my $t_drop = time;
+my ($drop_ret, $drop_out, $drop_err) = $node->psql('postgres', 'DROP DATABASE scratch');
+is($drop_ret, 0, sprintf('DROP DATABASE of the listener\'s database succeeds (%.1f s)', time - $t_drop)) or diag($drop_err);
+ok(time - $t_drop < 5, '... without waiting out the 5 s DROP DATABASE gives other sessions');
+
 done_testing();
