@@ -257,6 +257,7 @@ wl_process(struct MHD_Connection *conn, const char *path, WlRequest *r)
 	volatile bool ready = true;
 	volatile int status = 0;
 	char	   *volatile failure = NULL;
+	char	   *volatile failure_reason = NULL;
 	StringInfoData url;
 	const char *host;
 	enum MHD_Result ret;
@@ -311,6 +312,9 @@ wl_process(struct MHD_Connection *conn, const char *path, WlRequest *r)
 		/* a user's lock on the table: the API retries later */
 		status = edata->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE ? 503 : 500;
 		failure = pstrdup(edata->message ? edata->message : "error");
+		/* the message may quote the API's data: everyone reads sync.webhooks, so it stays in the log */
+		failure_reason = psprintf("the delivery could not be applied (SQLSTATE %s); see the server log",
+								  unpack_sql_state(edata->sqlerrcode));
 		ereport(LOG,
 				(errmsg("sync: a webhook delivery for source \"%.63s\" failed: %s", source_name, failure)));
 	}
@@ -322,7 +326,7 @@ wl_process(struct MHD_Connection *conn, const char *path, WlRequest *r)
 		ret = wl_answer(conn, 503, "failed", "the sync extension is not installed in this database at this version");
 	else if (failure)
 	{
-		wl_record(source_name, status, "failed", failure);
+		wl_record(source_name, status, "failed", failure_reason);
 		ret = wl_answer(conn, status, "failed", "the delivery could not be applied; see the server log");
 	}
 	else

@@ -241,6 +241,21 @@ is(sql("SET ROLE someone; SELECT count(*) > 0 FROM sync.webhooks"), 't', 'sync.w
 	extra_params => [ '-U', 'someone' ]);
 like($err, qr/permission denied/, 'sync.webhook_deliveries is not');
 
+# a user's lock on the table: the delivery fails (503, the API retries), nothing of it is kept
+my $locker = $node->background_psql('postgres', on_error_stop => 1);
+$locker->query_safe('BEGIN; LOCK TABLE st.customers IN ACCESS EXCLUSIVE MODE');
+my $locked = stripe_event('customer.updated', { %$obj, name => 'Behind a lock' });
+($st, $ans) = post("$hook/st", $locked, stripe_headers($locked));
+is($st, 503, 'a delivery for a table a user holds locked is answered 503 after sync.lock_timeout');
+$locker->query_safe('COMMIT');
+$locker->quit;
+is(deliveries_count("outcome = 'failed' AND http_status = 503"), 1, '... recorded as failed');
+like(sql("SELECT last_error FROM sync.webhooks WHERE source = 'st'"), qr/^HTTP 503: .*SQLSTATE 55P03/,
+	'... sync.webhooks shows its SQLSTATE (the message, which may quote data, stays in the server log)');
+($st, $ans) = post("$hook/st", $locked, stripe_headers($locked));
+is_deeply([ $st, $ans->{outcome} ], [ 200, 'applied' ], 'the API\'s retry after the lock is applied (no event id was kept)');
+is(customer_row($C)->{name}, 'Behind a lock', '... to the row');
+
 # ---------------------------------------------------------------------------
 # 4. a delivery that never arrives is caught by the next poll
 # ---------------------------------------------------------------------------
