@@ -45,6 +45,8 @@ typedef struct WlRequest
 	size_t		len;
 	size_t		cap;
 	bool		answered;		/* a response was queued before the body was read */
+	bool		too_large;		/* the body grew over the limit: the rest is read and dropped */
+	size_t		dropped;
 } WlRequest;
 
 static MemoryContext wl_request_ctx = NULL;
@@ -386,10 +388,16 @@ wl_access(void *cls, struct MHD_Connection *conn, const char *url, const char *m
 		*upload_data_size = 0;
 		if (r->answered)
 			return MHD_YES;
-		if (r->len + n > (size_t) sync_webhook_max_body)
+		if (r->too_large || r->len + n > (size_t) sync_webhook_max_body)
 		{
-			/* chunked, or a Content-Length that lied: stop reading now */
-			return wl_too_large(conn, url, r);
+			/*
+			 * Chunked: read on without keeping it, so the client gets its 413
+			 * (closing on unread data would reset the connection and lose the
+			 * answer); a body beyond 4 times the limit is cut off.
+			 */
+			r->too_large = true;
+			r->dropped += n;
+			return r->dropped > 4 * (size_t) sync_webhook_max_body ? MHD_NO : MHD_YES;
 		}
 		if (r->len + n + 1 > r->cap)
 		{
@@ -408,6 +416,8 @@ wl_access(void *cls, struct MHD_Connection *conn, const char *url, const char *m
 	}
 	if (r->answered)
 		return MHD_YES;
+	if (r->too_large)
+		return wl_too_large(conn, url, r);
 	r->answered = true;
 	return wl_process(conn, url, r);
 }

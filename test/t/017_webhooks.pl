@@ -18,6 +18,7 @@ use FindBin;
 use lib $FindBin::Bin;
 use Digest::SHA qw(hmac_sha256_hex hmac_sha256_base64);
 use HTTP::Tiny;
+use IO::Socket::INET;
 use JSON::PP;
 use MIME::Base64 ();
 use PostgreSQL::Test::Cluster;
@@ -176,6 +177,20 @@ my $big = '{"pad": "' . ('x' x (100 * 1024)) . '"}';
 ($st, $ans) = post("$hook/st", $big, stripe_headers($big));
 is($st, 413, 'a body over sync.webhook_max_body is refused with 413');
 
+{
+	# no Content-Length: a chunked body is refused as soon as it grows over the limit
+	local $SIG{PIPE} = 'IGNORE';
+	my $sock = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port, Timeout => 10) or die "connect: $!";
+	print $sock "POST /webhooks/st HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+	  . "Content-Type: application/json\r\n\r\n";
+	my $chunk = 'x' x 16384;
+	printf $sock "%x\r\n%s\r\n", length $chunk, $chunk for 1 .. 8;
+	print $sock "0\r\n\r\n";
+	my $resp = '';
+	while (sysread($sock, my $buf, 4096)) { $resp .= $buf; }
+	like($resp, qr{^HTTP/1\.1 413}, 'a chunked body that grows over sync.webhook_max_body is refused with 413');
+	close $sock;
+}
 ($st, $ans) = post("$hook/nosuchsource", $evil, stripe_headers($evil));
 is($st, 404, 'an unknown source is 404');
 my $r = $ua->request('GET', "$hook/st");
@@ -184,7 +199,7 @@ is($r->{status}, 405, 'a GET is 405');
 is_deeply(customer_row($C), $before, 'none of them changed the row');
 is(deliveries_count("outcome = 'rejected' AND http_status = 401"), 5, 'the five 401s are recorded');
 is(deliveries_count("outcome = 'rejected' AND http_status = 400"), 1, 'the 400 is recorded');
-is(deliveries_count("outcome = 'rejected' AND http_status = 413"), 1, 'the 413 is recorded');
+is(deliveries_count("outcome = 'rejected' AND http_status = 413"), 2, 'the 413s are recorded');
 is(sql("SELECT sum(repeats) FROM sync.webhook_deliveries WHERE source_id IS NULL AND http_status = 404"), '1',
 	'the unknown source is recorded');
 like(sql("SELECT last_error FROM sync.webhooks WHERE source = 'st'"), qr/^HTTP 413/, 'sync.webhooks shows the last error');
