@@ -4,7 +4,7 @@ MODULE_big   = sync
 OBJS         = $(patsubst %.c,%.o,$(wildcard src/*.c))
 DATA         = $(wildcard sql/sync--*.sql)
 PG_CPPFLAGS  = -Isrc -DSYNC_VERSION=\"$(EXTVERSION)\" -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare -Wno-missing-field-initializers -Werror
-SHLIB_LINK   = -lcurl -ljansson
+SHLIB_LINK   = -lcurl -ljansson -lmicrohttpd
 
 REGRESS      = api errors
 REGRESS_OPTS = --temp-config=test/regress.conf --temp-instance=tmp_regress

@@ -4,7 +4,7 @@ set -euo pipefail
 PKGS=(
   build-essential make
   postgresql-15 postgresql-server-dev-15 postgresql-contrib
-  libcurl4-openssl-dev libjansson-dev
+  libcurl4-openssl-dev libjansson-dev libmicrohttpd-dev
   libipc-run-perl perl
   python3 curl ca-certificates openssl
   clang libclang-rt-14-dev

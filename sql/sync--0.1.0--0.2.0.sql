@@ -90,3 +90,90 @@ BEGIN
         EXECUTE format('DROP TABLE %s', rel::regclass);
     END IF;
 END $$;
+
+-------------------------------------------------------------------------------
+-- Webhooks: changes pushed by the API, applied at once; polling stays the truth
+-------------------------------------------------------------------------------
+
+-- A webhook asks the worker to poll a collection now (an event without the record's data).
+ALTER TABLE sync.collection_state ADD COLUMN poll_requested_at timestamptz;
+
+-- Event ids received, for recognising a replayed delivery (kept 7 days).
+CREATE TABLE sync.webhook_events (
+    source_id   integer NOT NULL REFERENCES sync.sources ON DELETE CASCADE,
+    event_id    text NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source_id, event_id)
+);
+CREATE INDEX ON sync.webhook_events (received_at);
+REVOKE ALL ON sync.webhook_events FROM PUBLIC;
+
+-- Secrets of webhooks sync created itself (Airtable's macSecretBase64), by webhook id.
+CREATE TABLE sync.webhook_secrets (
+    source_id   integer NOT NULL REFERENCES sync.sources ON DELETE CASCADE,
+    webhook_id  text NOT NULL,
+    secret      text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source_id, webhook_id)
+);
+REVOKE ALL ON sync.webhook_secrets FROM PUBLIC;
+
+-- Every delivery and what became of it (kept 7 days); never a body or a secret.
+CREATE TABLE sync.webhook_deliveries (
+    id          bigserial PRIMARY KEY,
+    source_id   integer REFERENCES sync.sources ON DELETE CASCADE,   -- null: no such source
+    received_at timestamptz NOT NULL DEFAULT now(),
+    via         text NOT NULL CHECK (via IN ('listener', 'sql')),
+    event_id    text,               -- the delivery's (first) event id
+    events      integer NOT NULL DEFAULT 0,
+    applied     integer NOT NULL DEFAULT 0,  -- events that changed a row or asked for a poll
+    ignored     integer NOT NULL DEFAULT 0,  -- events older than the row, or for no synced collection
+    outcome     text NOT NULL CHECK (outcome IN ('applied', 'ignored', 'replayed', 'rejected', 'failed')),
+    http_status integer NOT NULL,
+    reason      text,
+    repeats     integer NOT NULL DEFAULT 1,  -- the same refusal again within a minute counts here
+    last_received_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX ON sync.webhook_deliveries (last_received_at);
+CREATE INDEX ON sync.webhook_deliveries (source_id, id);
+REVOKE ALL ON sync.webhook_deliveries FROM PUBLIC;
+
+CREATE VIEW sync.webhooks AS
+SELECT s.name                                                   AS source,
+       s.kind,
+       coalesce(sum(d.repeats) FILTER (WHERE d.outcome IN ('applied', 'ignored')), 0) AS accepted,
+       coalesce(sum(d.repeats) FILTER (WHERE d.outcome = 'applied'), 0)  AS applied,
+       coalesce(sum(d.repeats) FILTER (WHERE d.outcome = 'ignored'), 0)  AS ignored,
+       coalesce(sum(d.repeats) FILTER (WHERE d.outcome = 'replayed'), 0) AS replayed,
+       coalesce(sum(d.repeats) FILTER (WHERE d.outcome = 'rejected'), 0) AS rejected,
+       coalesce(sum(d.repeats) FILTER (WHERE d.outcome = 'failed'), 0)   AS failed,
+       max(d.last_received_at)                                  AS last_delivery_at,
+       max(d.received_at) FILTER (WHERE d.outcome = 'applied') AS last_applied_at,
+       (SELECT format('HTTP %s: %s', e.http_status, e.reason) FROM sync.webhook_deliveries e
+         WHERE e.source_id = s.id AND e.outcome IN ('rejected', 'failed')
+         ORDER BY e.id DESC LIMIT 1)                            AS last_error,
+       max(d.last_received_at) FILTER (WHERE d.outcome IN ('rejected', 'failed')) AS last_error_at
+FROM sync.sources s
+LEFT JOIN sync.webhook_deliveries d ON d.source_id = s.id
+GROUP BY s.id, s.name, s.kind;
+COMMENT ON VIEW sync.webhooks IS 'webhook deliveries of the last 7 days per source: accepted, replayed, rejected, and the last error';
+GRANT SELECT ON sync.webhooks TO PUBLIC;
+
+CREATE FUNCTION sync._ingest_webhook(source text, headers jsonb, body text, url text, method text)
+RETURNS jsonb LANGUAGE c CALLED ON NULL INPUT SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'sync_ingest_webhook';
+
+CREATE FUNCTION sync.ingest_webhook(source text, headers jsonb, body text, url text DEFAULT NULL,
+                                    method text DEFAULT 'POST')
+RETURNS jsonb LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM sync._require_admin();
+    IF source IS NULL OR headers IS NULL OR body IS NULL THEN
+        RAISE EXCEPTION 'source, headers and body must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    RETURN sync._ingest_webhook(source, headers, body, url, method);
+END $$;
+COMMENT ON FUNCTION sync.ingest_webhook(text, jsonb, text, text, text) IS 'verify and apply one webhook delivery (body: the raw body as received); returns its outcome and the HTTP status to answer';
+REVOKE EXECUTE ON FUNCTION sync.ingest_webhook(text, jsonb, text, text, text),
+                           sync._ingest_webhook(text, jsonb, text, text, text) FROM PUBLIC;

@@ -18,6 +18,8 @@
  *   safe_from   lower bound of the next poll: started - overlap
  *   sweep       a delete sweep in progress: {offset}
  *   sweep_at    local time the last sweep began
+ *   hook        the collection's webhook, with option webhook_notification_url (see below)
+ *   hook_turn   the next incremental step reads the webhook's payloads
  */
 #include "sync.h"
 
@@ -67,6 +69,12 @@ at_validate_source(SyncSource *source)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid token_url \"%s\": %s", token_url, why)));
+	if (sync_json_string(source->options, "webhook_notification_url") &&
+		!sync_url_is_valid(sync_json_string(source->options, "webhook_notification_url"), &why))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid webhook_notification_url: %s", why),
+				 errhint("Give the public http(s) URL that reaches the webhook listener, ending in /webhooks/<source name>.")));
 }
 
 /* ---------- requests ---------- */
@@ -536,6 +544,313 @@ at_sweep_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cur
 	json_decref(body);
 }
 
+/* ---------- webhooks ---------- */
+
+/*
+ * With the source option webhook_notification_url, each collection keeps a
+ * webhook of its own (scoped to its table) in its cursor:
+ *   hook        {id, table, expires, next}: next is the payload cursor
+ *   hook_turn   the next incremental step reads payloads first
+ * Airtable pings that URL when the table changes; the listener makes the
+ * collection poll at once, and its walk reads the webhook's payloads first:
+ * their destroyedRecordIds are the only delete feed Airtable has (deletes
+ * are otherwise found by sweeps), applied with the payload cursor in one
+ * transaction. Created and changed records are left to the poll that
+ * follows at once: payload cells are in another format than records.
+ * Webhooks expire after 7 days: one is refreshed when less than a day is
+ * left, and made again when it is gone.
+ */
+#define AT_HOOK_REFRESH_MARGIN_S 86400.0
+
+/* A request with a JSON body (or none); the parsed answer, or NULL for a 404 when missing_ok. */
+static json_t *
+at_send(SyncSource *source, SyncPage *page, const char *method, const char *path, json_t *body,
+		const char *what, bool missing_ok, SyncHttpResponse *resp)
+{
+	char	   *text = body ? sync_json_dump(body) : NULL;
+
+	for (int attempt = 0;; attempt++)
+	{
+		SyncHttpHeader header;
+
+		header.name = "Authorization";
+		header.value = psprintf("Bearer %s", at_access_token(source, page));
+		sync_api_request(source, page, method, psprintf("%s%s", source->base_url, path), &header, 1,
+						 text, text ? "application/json" : NULL, resp);
+		memset((char *) header.value, 0, strlen(header.value));
+		if (resp->status == 401 && attempt == 0 && at_uses_oauth(source))
+		{
+			json_decref(source->token);
+			source->token = NULL;
+			continue;
+		}
+		if (resp->status == 404 && missing_ok)
+			return NULL;
+		if (resp->status < 200 || resp->status >= 300)
+			at_raise(resp, what);
+		return sync_json_parse(resp->body, resp->body_len, psprintf("Airtable %s response", what));
+	}
+}
+
+static double
+at_hook_expires(json_t *body)
+{
+	const char *at = sync_json_string(body, "expirationTime");
+	double		t = at ? sync_parse_iso8601(at) : -1;
+
+	/* unknown: assume the documented 7 days */
+	return t > 0 ? t : (double) time(NULL) + 7 * 86400.0;
+}
+
+/* The id of the collection's table (webhooks are scoped by table id). */
+static char *
+at_table_id(SyncSource *source, SyncCollection *c, SyncPage *page)
+{
+	SyncHttpResponse resp = {0};
+	json_t	   *body = at_send(source, page, "GET",
+							   psprintf("/v0/meta/bases/%s/tables", sync_http_urlencode(at_base_id(source))),
+							   NULL, "schema", false, &resp);
+	json_t	   *t;
+	size_t		i;
+	char	   *id = NULL;
+
+	json_array_foreach(json_object_get(body, "tables"), i, t)
+	{
+		const char *tid = sync_json_string(t, "id");
+		const char *name = sync_json_string(t, "name");
+
+		if (tid && ((name && pg_strcasecmp(name, c->name) == 0) || strcmp(tid, c->name) == 0))
+			id = pstrdup(tid);
+	}
+	json_decref(body);
+	if (id == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("Airtable base \"%s\" has no table \"%s\" any more", at_base_id(source), c->name)));
+	return id;
+}
+
+/*
+ * Make the collection's webhook. One we made before whose id never reached
+ * a committed cursor (a step that failed after creating it) is deleted
+ * first: a base holds at most 10 webhooks.
+ */
+static void
+at_create_hook(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor, const char *url)
+{
+	const char *base = sync_http_urlencode(at_base_id(source));
+	char	   *table = at_table_id(source, c, page);
+	SyncHttpResponse resp = {0};
+	json_t	   *list = at_send(source, page, "GET", psprintf("/v0/bases/%s/webhooks", base), NULL,
+							   "webhook list", false, &resp);
+	json_t	   *hook;
+	json_t	   *spec;
+	json_t	   *created;
+	size_t		i;
+	const char *id;
+	const char *secret;
+
+	json_array_foreach(json_object_get(list, "webhooks"), i, hook)
+	{
+		json_t	   *filters = json_object_get(json_object_get(json_object_get(hook, "specification"), "options"),
+											  "filters");
+		const char *hook_url = sync_json_string(hook, "notificationUrl");
+		const char *scope = sync_json_string(filters, "recordChangeScope");
+
+		if (hook_url && strcmp(hook_url, url) == 0 && scope && strcmp(scope, table) == 0 &&
+			sync_json_string(hook, "id"))
+		{
+			SyncHttpResponse del = {0};
+
+			json_decref(at_send(source, page, "DELETE",
+								psprintf("/v0/bases/%s/webhooks/%s", base,
+										 sync_http_urlencode(sync_json_string(hook, "id"))),
+								NULL, "webhook delete", true, &del));
+		}
+	}
+	json_decref(list);
+
+	spec = json_pack("{s:s, s:{s:{s:{s:[s], s:s}}}}", "notificationUrl", url, "specification", "options",
+					 "filters", "dataTypes", "tableData", "recordChangeScope", table);
+	created = at_send(source, page, "POST", psprintf("/v0/bases/%s/webhooks", base), spec, "webhook creation",
+					  false, &resp);
+	json_decref(spec);
+	id = sync_json_string(created, "id");
+	secret = sync_json_string(created, "macSecretBase64");
+	if (id == NULL || secret == NULL)
+	{
+		json_decref(created);
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("Airtable webhook creation answered without an id or macSecretBase64")));
+	}
+	/* the secret is committed now: the first ping may come before this page commits */
+	sync_save_webhook_secret(source, id, secret);
+	json_object_set_new(cursor, "hook", json_pack("{s:s, s:s, s:f, s:i}", "id", id, "table", table,
+												  "expires", at_hook_expires(created), "next", 1));
+	json_object_set_new(cursor, "hook_turn", json_true());
+	json_decref(created);
+	page->activity = "creating a webhook";
+}
+
+/* Read the webhook's payloads from its cursor: the table's destroyed records are deletions. */
+static void
+at_read_payloads(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor, json_t *hook)
+{
+	SyncHttpResponse resp = {0};
+	const char *table = sync_json_string(hook, "table");
+	json_t	   *body = at_send(source, page, "GET",
+							   psprintf("/v0/bases/%s/webhooks/%s/payloads?cursor=%lld",
+										sync_http_urlencode(at_base_id(source)),
+										sync_http_urlencode(sync_json_string(hook, "id")),
+										(long long) sync_json_int(hook, "next", 1)),
+							   NULL, "webhook payloads", true, &resp);
+	json_t	   *payload;
+	size_t		i;
+
+	page->activity = "reading webhook payloads";
+	if (body == NULL || !json_is_array(json_object_get(body, "payloads")) ||
+		!json_is_integer(json_object_get(body, "cursor")))
+	{
+		/* gone (expired, deleted): make a new one; deletes meanwhile are found by the next sweep */
+		json_decref(body);
+		ereport(LOG,
+				(errmsg("the Airtable webhook of collection \"%s\" is gone; making a new one", c->name)));
+		json_object_del(cursor, "hook");
+		json_object_set_new(cursor, "sweep_at", json_real(0));
+		return;
+	}
+	json_array_foreach(json_object_get(body, "payloads"), i, payload)
+	{
+		json_t	   *changed = json_object_get(json_object_get(payload, "changedTablesById"), table ? table : "");
+		json_t	   *id;
+		size_t		k;
+
+		if (sync_json_bool(payload, "error", false))
+		{
+			/* Airtable could not keep the payloads: only a sweep can tell what was deleted */
+			json_object_set_new(cursor, "sweep_at", json_real(0));
+			continue;
+		}
+		json_array_foreach(json_object_get(changed, "destroyedRecordIds"), k, id)
+			if (json_is_string(id))
+			json_array_append_new(page->deletions, json_pack("{s:O, s:n}", "id", id, "at"));
+	}
+	json_object_set_new(hook, "next", json_integer(json_integer_value(json_object_get(body, "cursor"))));
+	json_decref(body);
+}
+
+/*
+ * The webhook's part of an incremental step, when it makes a request: true
+ * when it did (the step ends there; the poll follows at once).
+ */
+static bool
+at_hook_step(SyncSource *source, SyncCollection *c, SyncPage *page, json_t *cursor)
+{
+	const char *url = sync_json_string(source->options, "webhook_notification_url");
+	json_t	   *hook = json_object_get(cursor, "hook");
+	const char *hook_url = sync_json_string(hook, "url");
+	SyncHttpResponse resp = {0};
+
+	if (url == NULL || json_object_get(cursor, "offset"))
+		return false;			/* no webhooks, or a poll walk in progress */
+	page->phase = "incremental";
+	page->more = true;
+	if (hook && hook_url && strcmp(hook_url, url) != 0)
+	{
+		/* the URL changed: the old webhook goes */
+		json_decref(at_send(source, page, "DELETE",
+							psprintf("/v0/bases/%s/webhooks/%s", sync_http_urlencode(at_base_id(source)),
+									 sync_http_urlencode(sync_json_string(hook, "id"))),
+							NULL, "webhook delete", true, &resp));
+		json_object_del(cursor, "hook");
+		page->activity = "deleting the old webhook";
+		return true;
+	}
+	if (hook == NULL)
+	{
+		at_create_hook(source, c, page, cursor, url);
+		json_object_set_new(json_object_get(cursor, "hook"), "url", json_string(url));
+		return true;
+	}
+	if (sync_json_number(hook, "expires", 0) - (double) time(NULL) < AT_HOOK_REFRESH_MARGIN_S)
+	{
+		json_t	   *body = at_send(source, page, "POST",
+								   psprintf("/v0/bases/%s/webhooks/%s/refresh",
+											sync_http_urlencode(at_base_id(source)),
+											sync_http_urlencode(sync_json_string(hook, "id"))),
+								   NULL, "webhook refresh", true, &resp);
+
+		page->activity = "refreshing the webhook";
+		if (body == NULL)
+			json_object_del(cursor, "hook");	/* expired already: made again next step */
+		else
+			json_object_set_new(hook, "expires", json_real(at_hook_expires(body)));
+		json_decref(body);
+		return true;
+	}
+	if (sync_json_bool(cursor, "hook_turn", true))
+	{
+		at_read_payloads(source, c, page, cursor, hook);
+		json_object_set_new(cursor, "hook_turn", json_false());
+		return true;
+	}
+	/* the payloads were read: now the poll (whose end makes it their turn again) */
+	return false;
+}
+
+/*
+ * X-Airtable-Content-MAC: hmac-sha256=<hex of HMAC-SHA256(base64-decoded
+ * macSecretBase64, raw body)>, under the secret of one of the webhooks sync
+ * made for the source (each collection has its own).
+ */
+static const char *
+at_verify_webhook(SyncSource *source, const SyncWebhookRequest *req)
+{
+	const char *mac = sync_webhook_header(req, "x-airtable-content-mac");
+	const char *webhook_id;
+	json_t	   *secret;
+	bool		match = false;
+
+	if (json_object_size(source->webhook_secrets) == 0)
+		return "the source has made no Airtable webhook (set its option webhook_notification_url)";
+	if (mac == NULL || strncmp(mac, "hmac-sha256=", 12) != 0)
+		return "no X-Airtable-Content-MAC header";
+	json_object_foreach(source->webhook_secrets, webhook_id, secret)
+	{
+		size_t		key_len;
+		uint8	   *key = json_is_string(secret) ?
+			sync_base64_decode(json_string_value(secret), json_string_length(secret), &key_len) : NULL;
+		uint8		digest[SYNC_HMAC_SHA256_LEN];
+
+		if (key && sync_hmac_sha256(key, key_len, req->body, req->body_len, digest))
+			match |= sync_equal_secret(sync_hex(digest, sizeof(digest)), mac + 12);
+	}
+	return match ? NULL : "bad signature: X-Airtable-Content-MAC does not match";
+}
+
+/* A ping carries no data: every collection of the source polls (and reads its payloads) now. */
+static List *
+at_webhook_changes(SyncSource *source, const SyncWebhookRequest *req, const char **malformed)
+{
+	json_t	   *ping = json_loadb(req->body, req->body_len, 0, NULL);
+	const char *hook = sync_json_string(json_object_get(ping, "webhook"), "id");
+	const char *timestamp = sync_json_string(ping, "timestamp");
+	SyncWebhookChange *change;
+
+	if (hook == NULL || timestamp == NULL)
+	{
+		json_decref(ping);
+		*malformed = "the body is not an Airtable notification (webhook.id, timestamp)";
+		return NIL;
+	}
+	change = palloc0(sizeof(SyncWebhookChange));
+	change->event_id = psprintf("%s:%s", hook, timestamp);
+	change->action = SYNC_WEBHOOK_POLL;
+	json_decref(ping);
+	return list_make1(change);
+}
+
 static void
 at_step(SyncSource *source, SyncCollection *c, SyncPage *page)
 {
@@ -555,6 +870,8 @@ at_step(SyncSource *source, SyncCollection *c, SyncPage *page)
 		at_walk_step(source, c, page, cursor, true);
 		return;
 	}
+	if (at_hook_step(source, c, page, cursor))
+		return;
 	if (!json_object_get(cursor, "sweep") &&
 		(c->reconcile_requested || (double) time(NULL) - sync_json_number(cursor, "sweep_at", 0) >= interval))
 	{
@@ -571,6 +888,8 @@ at_step(SyncSource *source, SyncCollection *c, SyncPage *page)
 	{
 		at_walk_step(source, c, page, cursor, false);
 		json_object_set_new(cursor, "sweep_turn", json_true());
+		if (page->caught_up && json_object_get(cursor, "hook"))
+			json_object_set_new(cursor, "hook_turn", json_true());
 	}
 }
 
@@ -608,4 +927,6 @@ const SyncProvider sync_airtable_provider = {
 	.describe = at_describe,
 	.refresh_token = at_refresh_token,
 	.step = at_step,
+	.verify_webhook = at_verify_webhook,
+	.webhook_changes = at_webhook_changes,
 };

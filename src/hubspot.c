@@ -30,6 +30,7 @@
  */
 #include "sync.h"
 
+#include <math.h>
 #include <time.h>
 
 #define HS_DEFAULT_OVERLAP_S 120
@@ -85,6 +86,7 @@ hs_validate_source(SyncSource *source)
 {
 	const char *version = sync_json_string(source->options, "api_version");
 	bool		has_token = sync_json_string(source->credentials, "access_token") != NULL;
+	char	   *why;
 	bool		has_oauth = sync_json_string(source->credentials, "client_id") &&
 		sync_json_string(source->credentials, "client_secret") &&
 		sync_json_string(source->credentials, "refresh_token");
@@ -94,6 +96,12 @@ hs_validate_source(SyncSource *source)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("credentials of a hubspot source need \"access_token\", or \"client_id\", \"client_secret\" and \"refresh_token\""),
 				 errhint("Give a private app or service key token as {\"access_token\": \"pat-...\"}, or an OAuth app's client and refresh token.")));
+	if (sync_json_string(source->options, "webhook_url") &&
+		!sync_url_is_valid(sync_json_string(source->options, "webhook_url"), &why))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid webhook_url: %s", why),
+				 errhint("Give the target URL registered with HubSpot, exactly.")));
 	if (version && strcmp(version, "v3") != 0)
 	{
 		int			year,
@@ -1035,6 +1043,184 @@ hs_is_search(const char *method, const char *url)
 	return strcmp(method, "POST") == 0 && strstr(url, "/search") != NULL;
 }
 
+/* ---------- webhooks ---------- */
+
+#define HS_WEBHOOK_MAX_AGE_MS (5 * 60 * 1000)
+
+/*
+ * The URI as HubSpot signs it: the URL it called, with the escapes of
+ * : / ? @ ! $ ' ( ) * , ; decoded (HubSpot's v3 signature documentation).
+ */
+static char *
+hs_signed_uri(const char *url)
+{
+	static const char *const decoded[][2] = {
+		{"%3A", ":"}, {"%2F", "/"}, {"%3F", "?"}, {"%40", "@"}, {"%21", "!"}, {"%24", "$"},
+		{"%27", "'"}, {"%28", "("}, {"%29", ")"}, {"%2A", "*"}, {"%2C", ","}, {"%3B", ";"},
+	};
+	StringInfoData out;
+
+	initStringInfo(&out);
+	for (const char *p = url; *p;)
+	{
+		bool		done = false;
+
+		if (*p == '%')
+			for (size_t i = 0; i < lengthof(decoded) && !done; i++)
+				if (pg_strncasecmp(p, decoded[i][0], 3) == 0)
+				{
+					appendStringInfoString(&out, decoded[i][1]);
+					p += 3;
+					done = true;
+				}
+		if (!done)
+			appendStringInfoChar(&out, *p++);
+	}
+	return out.data;
+}
+
+/*
+ * X-HubSpot-Signature-v3 = base64(HMAC-SHA256(app client secret, method +
+ * URI + body + X-HubSpot-Request-Timestamp)); a timestamp over 5 minutes
+ * old is refused (HubSpot's advice), as is one as far in the future. The
+ * URI is the public URL registered with HubSpot (option webhook_url) when a
+ * proxy stands between, else the one the listener was called at.
+ */
+static const char *
+hs_verify_webhook(SyncSource *source, const SyncWebhookRequest *req)
+{
+	const char *secret = sync_json_string(source->credentials, "webhook_secret");
+	const char *signature = sync_webhook_header(req, "x-hubspot-signature-v3");
+	const char *timestamp = sync_webhook_header(req, "x-hubspot-request-timestamp");
+	const char *url = sync_json_string(source->options, "webhook_url");
+	StringInfoData msg;
+	uint8		digest[SYNC_HMAC_SHA256_LEN];
+	char	   *expected;
+	char	   *end;
+	double		ms;
+
+	if (secret == NULL)
+		secret = sync_json_string(source->credentials, "client_secret");
+	if (secret == NULL || secret[0] == '\0')
+		return "the source has no client_secret or webhook_secret in its credentials";
+	if (signature == NULL || timestamp == NULL)
+		return "no X-HubSpot-Signature-v3 or X-HubSpot-Request-Timestamp header";
+	if (url == NULL)
+		url = req->url;
+	if (url == NULL)
+		return "no URL to check the signature against: set the source's webhook_url option";
+	ms = strtod(timestamp, &end);
+	if (end == timestamp || *end != '\0' || ms <= 0)
+		return "X-HubSpot-Request-Timestamp is not a number";
+
+	initStringInfo(&msg);
+	appendStringInfo(&msg, "%s%s", req->method ? req->method : "POST", hs_signed_uri(url));
+	appendBinaryStringInfo(&msg, req->body, (int) req->body_len);
+	appendStringInfoString(&msg, timestamp);
+	if (!sync_hmac_sha256(secret, strlen(secret), msg.data, msg.len, digest))
+		return "could not compute the signature";
+	expected = sync_base64_encode(digest, sizeof(digest));
+	if (expected == NULL || !sync_equal_secret(expected, signature))
+		return "bad signature: X-HubSpot-Signature-v3 does not match";
+	if (req->now * 1000.0 - ms > HS_WEBHOOK_MAX_AGE_MS)
+		return "stale delivery: X-HubSpot-Request-Timestamp is more than 5 minutes old";
+	if (ms - req->now * 1000.0 > HS_WEBHOOK_MAX_AGE_MS)
+		return "delivery from the future: X-HubSpot-Request-Timestamp is more than 5 minutes ahead";
+	return NULL;
+}
+
+/* contact -> contacts, company -> companies, line_item -> line_items */
+static char *
+hs_collection_of(const char *object, size_t len)
+{
+	if (len > 1 && object[len - 1] == 'y')
+		return psprintf("%.*sies", (int) len - 1, object);
+	return psprintf("%.*ss", (int) len, object);
+}
+
+/* An integer field of an event as text, or NULL. */
+static char *
+hs_event_number(json_t *event, const char *key)
+{
+	json_t	   *v = json_object_get(event, key);
+
+	if (json_is_integer(v))
+		return psprintf("%lld", (long long) json_integer_value(v));
+	if (json_is_string(v) && json_string_length(v) > 0 && json_string_length(v) < 32)
+		return pstrdup(json_string_value(v));
+	return NULL;
+}
+
+/*
+ * A delivery is a JSON array of events. A property change sets that one
+ * column unless the row is newer; a deletion deletes unless the row is
+ * newer (both by occurredAt against the modification stamp); a creation,
+ * restore or merge carries no properties: the collection polls now.
+ */
+static List *
+hs_webhook_changes(SyncSource *source, const SyncWebhookRequest *req, const char **malformed)
+{
+	json_t	   *events = json_loadb(req->body, req->body_len, 0, NULL);
+	json_t	   *event;
+	size_t		i;
+	List	   *changes = NIL;
+
+	if (!json_is_array(events) || json_array_size(events) == 0)
+	{
+		json_decref(events);
+		*malformed = "the body is not a JSON array of HubSpot events";
+		return NIL;
+	}
+	json_array_foreach(events, i, event)
+	{
+		const char *type = sync_json_string(event, "subscriptionType");
+		char	   *event_id = hs_event_number(event, "eventId");
+		char	   *object_id = hs_event_number(event, "objectId");
+		json_t	   *occurred = json_object_get(event, "occurredAt");
+		const char *dot = type ? strchr(type, '.') : NULL;
+		SyncWebhookChange *change;
+		const char *what;
+		char	   *at;
+
+		if (event_id == NULL || object_id == NULL || dot == NULL || dot == type || !json_is_number(occurred))
+		{
+			json_decref(events);
+			*malformed = "a HubSpot event lacks eventId, objectId, subscriptionType or occurredAt";
+			return NIL;
+		}
+		change = palloc0(sizeof(SyncWebhookChange));
+		{
+			char	   *subscription = hs_event_number(event, "subscriptionId");
+
+			change->event_id = psprintf("%s:%s", subscription ? subscription : "0", event_id);
+		}
+		change->collection = hs_collection_of(type, dot - type);
+		change->record_id = object_id;
+		what = dot + 1;
+		/* the stamp columns are timestamptz read from ISO text: the event's time in the same form */
+		at = psprintf("%s.%03dZ", sync_format_utc(json_number_value(occurred) / 1000.0, "%Y-%m-%dT%H:%M:%S"),
+					  (int) fmod(json_number_value(occurred), 1000.0));
+		if (strcmp(what, "propertyChange") == 0 && sync_json_string(event, "propertyName"))
+		{
+			change->action = SYNC_WEBHOOK_SET_FIELD;
+			change->field = pstrdup(sync_json_string(event, "propertyName"));
+			change->value = json_incref(json_object_get(event, "propertyValue"));
+			change->at = json_string(at);
+		}
+		else if (strcmp(what, "deletion") == 0 || strcmp(what, "privacyDeletion") == 0)
+		{
+			change->action = SYNC_WEBHOOK_DELETE;
+			change->at = json_string(at);
+		}
+		else if (strcmp(what, "creation") == 0 || strcmp(what, "restore") == 0 ||
+				 strcmp(what, "merge") == 0 || strcmp(what, "associationChange") == 0)
+			change->action = SYNC_WEBHOOK_POLL;
+		changes = lappend(changes, change);
+	}
+	json_decref(events);
+	return changes;
+}
+
 const SyncProvider sync_hubspot_provider = {
 	.kind = "hubspot",
 	.required_credentials = NULL,
@@ -1047,4 +1233,6 @@ const SyncProvider sync_hubspot_provider = {
 	.describe = hs_describe,
 	.refresh_token = hs_refresh_token,
 	.step = hs_step,
+	.verify_webhook = hs_verify_webhook,
+	.webhook_changes = hs_webhook_changes,
 };

@@ -772,3 +772,93 @@ sync_save_api_fields(SyncCollection *c, List *fields)
 							  1, (Oid[]) {INT4OID}, (Datum[]) {Int32GetDatum(c->id)}, NULL, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "could not update sync.collection_state");
 }
+
+/* ---------- webhooks ---------- */
+
+/*
+ * Apply the upserts and deletions a webhook delivery carries (page->records,
+ * page->deletions) through the collection's own statements, so the version
+ * guard holds as for polled pages: an event older than the row changes
+ * nothing. Unlike sync_apply_page, the collection's cursor, phase and
+ * counters stay as they are: polling remains the source of truth and reads
+ * the same changes again. Returns the rows written or deleted.
+ */
+int64
+sync_apply_webhook_changes(SyncCollection *c, SyncPage *page)
+{
+	CollectionPlans *plans = plans_for(c);
+	SyncBatch  *batch = page_batch(page, c->fields);
+	int64		changed = 0;
+
+	if (batch && batch->nrecords > 0)
+		changed += store_records(c, batch, plans->upsert, NULL, SPI_OK_INSERT);
+	if (page->deletions && json_array_size(page->deletions) > 0)
+		changed += (int64) run_with_json(plans->delete, page->deletions, SPI_OK_DELETE);
+	return changed;
+}
+
+/*
+ * Set one field of one row (an event naming a changed property, not the
+ * whole record), unless the row is newer than the event (at: the event's
+ * time as the version field's wire value). The version column is left
+ * alone: the next poll brings the record's own stamp and every other field.
+ * Returns rows updated; *known_field is false when the collection does not
+ * sync that field (nothing is done).
+ */
+int64
+sync_apply_webhook_field(SyncCollection *c, const char *record_id, const char *api_field, json_t *value,
+						 json_t *at, bool *known_field)
+{
+	const SyncField *key = find_field(c->fields, true);
+	const SyncField *version = find_field(c->fields, false);
+	const SyncField *field = NULL;
+	StringInfoData sql;
+	ListCell   *lc;
+	Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
+	Datum		args[3];
+	char		nulls[3] = "   ";
+	int			ret;
+
+	foreach(lc, c->fields)
+	{
+		SyncField  *f = lfirst(lc);
+
+		if (strcmp(f->api_field, api_field) == 0 && !f->is_key)
+			field = f;
+	}
+	*known_field = field != NULL;
+	if (field == NULL || key == NULL)
+		return 0;
+
+	initStringInfo(&sql);
+	appendStringInfo(&sql, "UPDATE %s AS t SET %s = ", qualified_table(c), quote_identifier(field->column_name));
+	append_converted(&sql, field, psprintf("$2::%s", field->wire_type));
+	appendStringInfo(&sql, ", _synced_at = now() WHERE t.%s = ", quote_identifier(key->column_name));
+	append_converted(&sql, key, psprintf("$1::%s", key->wire_type));
+	if (version)
+	{
+		const char *v = quote_identifier(version->column_name);
+
+		appendStringInfo(&sql, " AND (t.%s IS NULL OR $3 IS NULL OR t.%s <= ", v, v);
+		append_converted(&sql, version, psprintf("$3::%s", version->wire_type));
+		appendStringInfoChar(&sql, ')');
+	}
+
+	args[0] = CStringGetTextDatum(record_id);
+	if (value == NULL || json_is_null(value))
+		nulls[1] = 'n';
+	else if (json_is_string(value))
+		args[1] = CStringGetTextDatum(json_string_value(value));
+	else
+		args[1] = CStringGetTextDatum(sync_json_dump(value));
+	if (at == NULL || json_is_null(at))
+		nulls[2] = 'n';
+	else if (json_is_string(at))
+		args[2] = CStringGetTextDatum(json_string_value(at));
+	else
+		args[2] = CStringGetTextDatum(sync_json_dump(at));
+	ret = SPI_execute_with_args(sql.data, 3, types, args, nulls, false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "could not apply a webhook event: %s", SPI_result_code_string(ret));
+	return (int64) SPI_processed;
+}

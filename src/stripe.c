@@ -574,6 +574,133 @@ stripe_rate_limit_wait(SyncHttpResponse *resp, const char **reason)
 	return 1;
 }
 
+/* ---------- webhooks ---------- */
+
+#define STRIPE_WEBHOOK_TOLERANCE_S 300
+
+/*
+ * Stripe-Signature: t=<unix time>,v1=<hex>[,v1=<hex>...][,v0=...]; v1 is
+ * HMAC-SHA256 of "<t>.<raw body>" under the endpoint's secret (whsec_...,
+ * used as it is). Any v1 may match (Stripe signs with old and new secrets
+ * while one is rolled). The signature is checked before the time, so a
+ * forged delivery is called forged whatever its time says.
+ */
+static const char *
+stripe_verify_webhook(SyncSource *source, const SyncWebhookRequest *req)
+{
+	const char *secret = sync_json_string(source->credentials, "webhook_secret");
+	const char *header = sync_webhook_header(req, "stripe-signature");
+	double		tolerance = sync_json_number(source->options, "webhook_tolerance", STRIPE_WEBHOOK_TOLERANCE_S);
+	char	   *copy;
+	char	   *save = NULL;
+	const char *t = NULL;
+	List	   *signatures = NIL;
+	StringInfoData signed_payload;
+	uint8		digest[SYNC_HMAC_SHA256_LEN];
+	char	   *expected;
+	bool		match = false;
+	ListCell   *lc;
+	char	   *end;
+	double		at;
+
+	if (secret == NULL || secret[0] == '\0')
+		return "the source has no webhook_secret in its credentials";
+	if (header == NULL)
+		return "no Stripe-Signature header";
+	copy = pstrdup(header);
+	for (char *part = strtok_r(copy, ",", &save); part; part = strtok_r(NULL, ",", &save))
+	{
+		while (*part == ' ')
+			part++;
+		if (strncmp(part, "t=", 2) == 0)
+			t = part + 2;
+		else if (strncmp(part, "v1=", 3) == 0)
+			signatures = lappend(signatures, part + 3);
+	}
+	if (t == NULL || signatures == NIL)
+		return "the Stripe-Signature header has no timestamp or no v1 signature";
+	at = strtod(t, &end);
+	if (end == t || *end != '\0' || at <= 0)
+		return "the Stripe-Signature timestamp is not a number";
+
+	initStringInfo(&signed_payload);
+	appendStringInfo(&signed_payload, "%s.", t);
+	appendBinaryStringInfo(&signed_payload, req->body, (int) req->body_len);
+	if (!sync_hmac_sha256(secret, strlen(secret), signed_payload.data, signed_payload.len, digest))
+		return "could not compute the signature";
+	expected = sync_hex(digest, sizeof(digest));
+	foreach(lc, signatures)
+		match |= sync_equal_secret(expected, lfirst(lc));
+	if (!match)
+		return "bad signature: no v1 signature of the Stripe-Signature header matches";
+	if (req->now - at > tolerance)
+		return "stale delivery: its signed timestamp is older than the tolerance";
+	if (at - req->now > tolerance)
+		return "delivery from the future: its signed timestamp is beyond the tolerance";
+	return NULL;
+}
+
+/*
+ * A Stripe event carries the whole object as of the event: an upsert at the
+ * event's time (the version every row of a Stripe table has), or a delete
+ * for <prefix>.deleted, for each collection whose events it is.
+ */
+static List *
+stripe_webhook_changes(SyncSource *source, const SyncWebhookRequest *req, const char **malformed)
+{
+	json_t	   *event = json_loadb(req->body, req->body_len, 0, NULL);
+	const char *id = sync_json_string(event, "id");
+	List	   *changes = NIL;
+
+	if (!json_is_object(event) || id == NULL || sync_json_string(event, "type") == NULL ||
+		!json_is_number(json_object_get(event, "created")) ||
+		!json_is_object(json_object_get(json_object_get(event, "data"), "object")))
+	{
+		json_decref(event);
+		*malformed = "the body is not a Stripe event (id, type, created, data.object)";
+		return NIL;
+	}
+	for (size_t i = 0; i < lengthof(stripe_collections); i++)
+	{
+		SyncPage	page;
+		SyncWebhookChange *change = palloc0(sizeof(SyncWebhookChange));
+
+		memset(&page, 0, sizeof(page));
+		page.records = json_array();
+		page.deletions = json_array();
+		stripe_take_event(&stripe_collections[i], &page, event);
+		change->event_id = pstrdup(id);
+		change->collection = pstrdup(stripe_collections[i].name);
+		if (json_array_size(page.records) > 0)
+		{
+			change->action = SYNC_WEBHOOK_UPSERT;
+			change->record = json_incref(json_array_get(page.records, 0));
+		}
+		else if (json_array_size(page.deletions) > 0)
+		{
+			json_t	   *deletion = json_array_get(page.deletions, 0);
+
+			change->action = SYNC_WEBHOOK_DELETE;
+			change->record_id = pstrdup(sync_json_string(deletion, "id"));
+			change->at = json_incref(json_object_get(deletion, "at"));
+		}
+		json_decref(page.records);
+		json_decref(page.deletions);
+		if (change->action != SYNC_WEBHOOK_NONE)
+			changes = lappend(changes, change);
+	}
+	if (changes == NIL)
+	{
+		/* an event of a type sync does not store: accepted, nothing to do */
+		SyncWebhookChange *none = palloc0(sizeof(SyncWebhookChange));
+
+		none->event_id = pstrdup(id);
+		changes = lappend(changes, none);
+	}
+	json_decref(event);
+	return changes;
+}
+
 const SyncProvider sync_stripe_provider = {
 	.kind = "stripe",
 	.required_credentials = stripe_required_credentials,
@@ -583,4 +710,6 @@ const SyncProvider sync_stripe_provider = {
 	.validate_source = stripe_validate_source,
 	.describe = stripe_describe,
 	.step = stripe_step,
+	.verify_webhook = stripe_verify_webhook,
+	.webhook_changes = stripe_webhook_changes,
 };

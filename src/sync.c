@@ -28,6 +28,11 @@ int			sync_max_backoff_s = 300;
 int			sync_lock_timeout_ms = 1000;
 char	   *sync_user_agent = NULL;
 bool		sync_allow_insecure_tls = false;
+char	   *sync_webhook_listen_address = NULL;
+char	   *sync_webhook_database = NULL;
+int			sync_webhook_max_body = 1024 * 1024;
+int			sync_webhook_max_connections = 64;
+int			sync_webhook_timeout_s = 10;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -91,6 +96,30 @@ sync_define_settings(void)
 							 "Sources still verify unless their options say verify_tls=false.",
 							 &sync_allow_insecure_tls, false, PGC_SUSET, GUC_SUPERUSER_ONLY,
 							 NULL, NULL, NULL);
+	DefineCustomStringVariable("sync.webhook_listen_address",
+							   "Address (host:port) the webhook listener serves deliveries on.",
+							   "Empty: no listener. 127.0.0.1:8787 takes deliveries from this host only.",
+							   &sync_webhook_listen_address, "",
+							   PGC_POSTMASTER, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("sync.webhook_database",
+							   "Database whose sources the webhook listener serves.",
+							   NULL, &sync_webhook_database, "postgres",
+							   PGC_POSTMASTER, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomIntVariable("sync.webhook_max_body",
+							"Largest webhook delivery body the listener accepts.",
+							"Larger ones are answered 413 before they are read.",
+							&sync_webhook_max_body, 1024 * 1024, 1024, 64 * 1024 * 1024,
+							PGC_SIGHUP, GUC_UNIT_BYTE, NULL, NULL, NULL);
+	DefineCustomIntVariable("sync.webhook_max_connections",
+							"Most connections the webhook listener serves at once.",
+							"One client address may hold at most half of them.",
+							&sync_webhook_max_connections, 64, 1, 1000,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("sync.webhook_timeout",
+							"Longest a webhook connection may stay idle.",
+							"A client that sends nothing for this long is disconnected.",
+							&sync_webhook_timeout_s, 10, 1, 3600,
+							PGC_POSTMASTER, GUC_UNIT_S, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("sync");
 }
 
@@ -128,14 +157,20 @@ sync_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyT
 		Oid			dboid = get_database_oid(stmt->dbname, true);
 
 		if (OidIsValid(dboid))
+		{
 			sync_stop_database_worker(dboid, 10000);
+			sync_stop_webhook_listener(dboid, 10000);
+		}
 	}
 	else if (IsA(parsetree, RenameStmt) && ((RenameStmt *) parsetree)->renameType == OBJECT_DATABASE)
 	{
 		Oid			dboid = get_database_oid(((RenameStmt *) parsetree)->subname, true);
 
 		if (OidIsValid(dboid))
+		{
 			sync_stop_database_worker(dboid, 10000);
+			sync_stop_webhook_listener(dboid, 10000);
+		}
 	}
 
 	if (prev_process_utility_hook)
@@ -176,4 +211,5 @@ _PG_init(void)
 	ProcessUtility_hook = sync_process_utility;
 
 	sync_register_launcher();
+	sync_register_webhook_listener();
 }

@@ -21,6 +21,9 @@
  *   smtp.c        sending one e-mail through an SMTP server
  *   api.c         SQL-callable functions
  *   naming.c      API names to Postgres identifiers
+ *   webhook.c     ingesting one webhook delivery (provider-neutral)
+ *   webhook_verify.c  HMAC-SHA256, hex, base64, constant-time comparison
+ *   webhook_listener.c  the background worker serving webhook deliveries over HTTP
  */
 #ifndef PG_SYNC_EXTENSION_H
 #define PG_SYNC_EXTENSION_H
@@ -68,6 +71,11 @@ extern int	sync_max_sources;
 extern int	sync_notify_after_failures;
 extern char *sync_user_agent;
 extern bool sync_allow_insecure_tls;
+extern char *sync_webhook_listen_address;
+extern char *sync_webhook_database;
+extern int	sync_webhook_max_body;
+extern int	sync_webhook_max_connections;
+extern int	sync_webhook_timeout_s;
 
 /* ---------- shared memory (shmem.c) ---------- */
 typedef enum SyncSlotState
@@ -100,6 +108,8 @@ typedef struct SyncShared
 {
 	pid_t		launcher_pid;
 	Latch	   *launcher_latch;
+	pid_t		webhook_listener_pid;	/* the webhook listener, connected to webhook_listener_db */
+	Oid			webhook_listener_db;
 	int			nslots;
 	SyncDatabaseSlot slots[FLEXIBLE_ARRAY_MEMBER];
 } SyncShared;
@@ -203,6 +213,7 @@ typedef struct SyncSource
 	json_t	   *token;			/* owned; provider-defined (access token, instance url) */
 	bool		verify_tls;
 	const struct SyncProvider *provider;
+	json_t	   *webhook_secrets;	/* owned; webhook id -> secret, loaded by webhook.c only */
 } SyncSource;
 
 typedef struct SyncCollection
@@ -273,6 +284,39 @@ typedef struct SyncLimits
 	const char *basis;			/* e.g. "5 requests/s per base", for sync.budgets */
 } SyncLimits;
 
+/* One webhook delivery as received: what a provider verifies and reads. */
+typedef struct SyncWebhookRequest
+{
+	const char *method;
+	const char *url;			/* the URL the API called (scheme://host/path?query) */
+	json_t	   *headers;		/* lower-case header names -> string values */
+	const char *body;			/* the raw body, NUL-terminated */
+	size_t		body_len;
+	double		now;			/* unix time of receipt */
+} SyncWebhookRequest;
+
+typedef enum SyncWebhookAction
+{
+	SYNC_WEBHOOK_NONE,			/* nothing for sync (an event type it does not store) */
+	SYNC_WEBHOOK_UPSERT,		/* record: the whole record, with its version field */
+	SYNC_WEBHOOK_DELETE,		/* record_id deleted at `at` */
+	SYNC_WEBHOOK_SET_FIELD,		/* field of record_id set to value at `at` */
+	SYNC_WEBHOOK_POLL			/* the event lacks the data: the collection polls now */
+} SyncWebhookAction;
+
+/* What one event of a delivery asks of one collection. */
+typedef struct SyncWebhookChange
+{
+	char	   *event_id;		/* the API's id of the event: a replay is recognised by it */
+	char	   *collection;		/* the collection it concerns, as the API names it; NULL: all of the source's */
+	SyncWebhookAction action;
+	json_t	   *record;			/* UPSERT: keyed by api field (owned) */
+	char	   *record_id;		/* DELETE, SET_FIELD */
+	json_t	   *at;				/* DELETE, SET_FIELD: the event's time as the version field's wire value (owned) */
+	char	   *field;			/* SET_FIELD: api field */
+	json_t	   *value;			/* SET_FIELD: its value (owned; null: SQL NULL) */
+} SyncWebhookChange;
+
 typedef struct SyncProvider
 {
 	const char *kind;
@@ -318,6 +362,18 @@ typedef struct SyncProvider
 	 */
 	void		(*step) (SyncSource *source, SyncCollection *collection,
 						 SyncPage *page);
+
+	/*
+	 * Webhooks; NULL when the provider takes none (its sources reject every
+	 * delivery). verify_webhook: NULL when the delivery's signature and
+	 * timestamp prove it genuine and fresh, else why not (never quoting a
+	 * secret). webhook_changes: the changes (SyncWebhookChange *) a verified
+	 * delivery carries, or NULL with *malformed saying what is wrong with it.
+	 * Neither makes requests or raises errors for bad input.
+	 */
+	const char *(*verify_webhook) (SyncSource *source, const SyncWebhookRequest *req);
+	List	   *(*webhook_changes) (SyncSource *source, const SyncWebhookRequest *req,
+									const char **malformed);
 } SyncProvider;
 
 extern const SyncProvider *sync_find_provider(const char *kind);
@@ -443,6 +499,9 @@ struct _SPI_plan;
 extern ErrorData *sync_try_with_records(struct _SPI_plan *plan, const char *sql, SyncBatch *batch,
 										int expected, int64 *processed);
 extern bool sync_apply_column_page(SyncCollection *collection, SyncCollection *columns, SyncPage *page);
+extern int64 sync_apply_webhook_changes(SyncCollection *collection, SyncPage *page);
+extern int64 sync_apply_webhook_field(SyncCollection *collection, const char *record_id, const char *api_field,
+									  json_t *value, json_t *at, bool *known_field);
 
 /* ---------- the COPY path of new records (copyload.c) ---------- */
 extern char *sync_existing_keys_sql(SyncCollection *c, const char *table);
@@ -454,6 +513,37 @@ extern uint64 sync_tuple_load(Relation rel, SyncBatch *b, const int *rows, int n
 extern int64 sync_copy_new_records(SyncCollection *c, SyncBatch *batch, struct _SPI_plan *existing,
 								   bool *optimistic, SyncBatch **rest);
 extern void sync_save_api_fields(SyncCollection *collection, List *fields);
+
+/* ---------- webhooks (webhook.c, webhook_verify.c, webhook_listener.c) ---------- */
+#define SYNC_HMAC_SHA256_LEN 32
+
+typedef struct SyncWebhookResult
+{
+	int			http_status;	/* the answer to the API */
+	const char *outcome;		/* applied | ignored | replayed | rejected | failed */
+	char	   *reason;			/* why rejected or ignored, or NULL */
+	int			events;			/* events in the delivery */
+	int			applied;		/* rows written or deleted, and polls asked for */
+	int			ignored;		/* events older than the row, or for no synced collection */
+	int			replayed;		/* events seen before */
+} SyncWebhookResult;
+
+extern void sync_webhook_ingest(const char *source_name, const SyncWebhookRequest *req, const char *via,
+								SyncWebhookResult *result);
+extern void sync_webhook_record(int32 source_id, const char *source_name, const char *via,
+								const char *event_id, const SyncWebhookResult *result);
+extern void sync_save_webhook_secret(SyncSource *source, const char *webhook_id, const char *secret);
+extern void sync_register_webhook_listener(void);
+extern void sync_stop_webhook_listener(Oid dboid, int wait_ms);
+extern PGDLLEXPORT void sync_webhook_listener_main(Datum arg) pg_attribute_noreturn();
+
+extern bool sync_hmac_sha256(const void *key, size_t key_len, const void *msg, size_t msg_len,
+							 uint8 *digest);
+extern char *sync_hex(const uint8 *bytes, size_t len);
+extern char *sync_base64_encode(const uint8 *bytes, size_t len);
+extern uint8 *sync_base64_decode(const char *text, size_t len, size_t *out_len);
+extern bool sync_equal_secret(const char *a, const char *b);
+extern const char *sync_webhook_header(const SyncWebhookRequest *req, const char *name);
 
 /* ---------- json helpers (jsonutil.c) ---------- */
 extern json_t *sync_json_parse(const char *text, size_t len, const char *what);

@@ -42,6 +42,7 @@ typedef struct ScheduleEntry
 	bool		column_turn;	/* the next step is the column backfill's */
 	int			walk_steps;		/* steps of the unfinished walk */
 	int			lock_waits;		/* consecutive steps a user's lock put back */
+	TimestampTz poll_seen;		/* the last webhook's request to poll now that was acted on */
 	bool		seen;			/* still configured in this round */
 } ScheduleEntry;
 
@@ -52,6 +53,7 @@ typedef struct DueCollection
 	bool		run_requested;
 	int			failures;
 	double		poll_interval_s;
+	TimestampTz poll_requested_at;	/* a webhook asked for a poll now (webhook.c), or 0 */
 } DueCollection;
 
 static Oid	extension_oid = InvalidOid;
@@ -215,7 +217,8 @@ worker_load_active(void)
 
 	worker_begin("sync: reading configuration", loop_ctx);
 	ret = SPI_execute("SELECT c.id, c.source_id, st.run_requested, st.consecutive_failures, "
-					  "       coalesce(c.options->>'poll_interval', s.options->>'poll_interval') "
+					  "       coalesce(c.options->>'poll_interval', s.options->>'poll_interval'), "
+					  "       st.poll_requested_at "
 					  "FROM sync.collections c "
 					  "JOIN sync.sources s ON s.id = c.source_id "
 					  "JOIN sync.collection_state st ON st.collection_id = c.id "
@@ -234,6 +237,9 @@ worker_load_active(void)
 		d->run_requested = DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull));
 		d->failures = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
 		d->poll_interval_s = option_number(SPI_getvalue(tup, desc, 5), 0.0);
+		d->poll_requested_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 6, &isnull));
+		if (isnull)
+			d->poll_requested_at = 0;
 		result = lappend(result, d);
 	}
 	worker_commit();
@@ -605,11 +611,22 @@ worker_round(void)
 			entry->walk_started_at = 0;
 			entry->retrying = false;
 			entry->column_turn = false;
+			entry->poll_seen = d->poll_requested_at;
 		}
 		entry->seen = true;
 		entry->source_id = d->source_id;
 		if (d->run_requested)
 			entry->next_due = Min(entry->next_due, now);
+		/*
+		 * A webhook's request to poll is acted on once, and never lost: one
+		 * made while a step runs (whose commit clears run_requested) is newer
+		 * than the one seen when that step was chosen.
+		 */
+		if (d->poll_requested_at > entry->poll_seen)
+		{
+			entry->poll_seen = d->poll_requested_at;
+			entry->next_due = Min(entry->next_due, now);
+		}
 
 		wait_ms = Max(sync_budget_wait_ms(d->source_id),
 					  entry->next_due > now ? (long) ((entry->next_due - now) / 1000) + 1 : 0);

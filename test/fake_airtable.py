@@ -44,6 +44,11 @@ Behaviour worth knowing:
     {valuesByLinkedRecordId, linkedRecordIds}); a transaction over 100 records is split into
     several payloads sharing one baseTransactionNumber. Changes a write causes in *other*
     records (lookups, rollups, inverse links) produce no payload here.
+  * Notification pings (webhooks with a notificationUrl) go out from a background thread, one
+    per webhook per 50 ms burst of payloads, MAC'd with X-Airtable-Content-MAC, retried after
+    0.2/0.5/1 s on failure (Airtable's own retry schedule is not documented; it is slower);
+    POST /__admin/webhooks/hold drops pings (payloads are still recorded: polling them is the
+    truth). Every attempt is in GET /__admin/webhook_deliveries.
   * Not implemented: the record write endpoints of /v0 (use /__admin), comments, views other
     than "Grid view", GET /v0/meta/bases paging.
 
@@ -74,7 +79,8 @@ from datetime import date, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
-from fakelib import FAULT_HELP, FaultDelivery, fault_on_real_answer, fault_pick, make_fault
+from fakelib import (FAULT_HELP, WEBHOOK_ADMIN_HELP, Debouncer, FaultDelivery, WebhookSender,
+                     fault_on_real_answer, fault_pick, make_fault, webhook_admin)
 
 UTC = timezone.utc
 JSON_TYPE = "application/json; charset=utf-8"
@@ -85,6 +91,7 @@ MAX_PAYLOADS_PER_REQUEST = 50
 RECORDS_PER_PAYLOAD = 100              # big transactions are split over several payloads
 AUTH_CODE_LIFETIME = timedelta(minutes=10)
 DISABLED_WEBHOOK_GRACE = timedelta(days=7)   # metadata + payloads readable 7 days after expiry
+PING_DEBOUNCE = 0.05                   # seconds: one notification ping per burst of payloads
 ALL_SCOPES = ["data.records:read", "data.records:write", "schema.bases:read",
               "schema.bases:write", "webhook:manage", "user.email:read"]
 BURST = 150                            # seeded records sharing one last-modified second
@@ -128,9 +135,28 @@ ADMIN_HELP = {
     "DELETE /__admin/pats/{token}": "-> {removed: token}",
     "POST /__admin/rate_limits": "body {per_base?, per_token?, penalty?, penalty_extends?, monthly_limit?, "
                                  "monthly_used?, clear_penalties?} -> current settings",
-    "GET /__admin/webhooks": "-> [{id, base, enabled, expirationTime, cursorForNextPayload, payloads}]",
-    "POST /__admin/webhooks/expire": "body {id?} -> {expired: [ids]} (expirationTime moved to now)",
-    "POST /__admin/webhooks/purge_payloads": "body {id?, before?: ISO} -> {purged: N}",
+    "GET /__admin/webhooks": "-> [{id, base, enabled, expirationTime, cursorForNextPayload, payloads, "
+                             "notificationUrl, lastNotificationResult, macSecretBase64}] (the delivery "
+                             "queue's state is GET /__admin/webhooks/status here)",
+    "POST /__admin/webhooks/expire": "body {id? | webhook_id?} -> {expired: [ids]} (expirationTime moved to now: "
+                                     "isHookEnabled false, no payloads, no pings; /__admin/clock advance "
+                                     "past expirationTime does the same)",
+    "POST /__admin/webhooks/purge_payloads": "body {id? | webhook_id?, before?: ISO} -> {purged: N} (payloads are "
+                                             "also dropped --payload-retention after they were made; the "
+                                             "cursor numbers never restart)",
+    "(notification pings)":
+        "after a change that gives a webhook with a notificationUrl (and notifications enabled) new payloads, "
+        "one ping per webhook per burst (50 ms debounce) is POSTed: body {\"base\":{\"id\":\"app...\"},"
+        "\"webhook\":{\"id\":\"ach...\"},\"timestamp\":\"<ISO, fake clock>\"} (compact JSON), headers "
+        "Content-Type: application/json, X-Airtable-Content-MAC: hmac-sha256=<hex HMAC-SHA256(key = "
+        "base64-decoded macSecretBase64, msg = body)>. Failed pings are retried (/__admin/webhooks/config); "
+        "lastNotificationResult {success, error?: {message}, completionTimestamp, durationMs, retryNumber, "
+        "willBeRetried?} and lastSuccessfulNotificationTime follow each attempt. Payloads are recorded "
+        "whatever happens to pings (hold included). Log ids: webhook_id, base_id",
+    "POST /__admin/webhooks/send":
+        "body {webhook_id? (default: the newest webhook with a notificationUrl), url?, body?: raw string, "
+        "secret_base64?, mac?: whole X-Airtable-Content-MAC value} -> {status, response_body, headers, body}: "
+        "one crafted ping sent now (not retried, logged with crafted: true)",
     "POST /__admin/faults": FAULT_HELP,
     "GET /__admin/faults": "-> [fault, ...]",
     "DELETE /__admin/faults": "-> {cleared: N}",
@@ -138,8 +164,11 @@ ADMIN_HELP = {
     "DELETE /__admin/requests": "-> {cleared: N}",
     "GET /__admin/stats": "-> {requests: {endpoint: n}, total_requests, rate_limited, offsets, ...}",
     "POST /__admin/clock": "body {offset: seconds} | {now: ISO} | {advance: seconds} -> {now, offset}",
-    "POST /__admin/reset": "body {bases?, tables?, records?, seed?} -> {bases: [...]}",
+    "POST /__admin/reset": "body {bases?, tables?, records?, seed?} -> {bases: [...]} (webhooks go with the "
+                           "bases; also releases a hold and clears the delivery log)",
 }
+ADMIN_HELP.update({k: v for k, v in WEBHOOK_ADMIN_HELP.items() if k != "GET /__admin/webhooks"})
+ADMIN_HELP["GET /__admin/webhooks/status"] = WEBHOOK_ADMIN_HELP["GET /__admin/webhooks"]
 
 
 # ----------------------------------------------------------------------------
@@ -1011,6 +1040,7 @@ class World:
         self.add_pat(cfg.pat, ALL_SCOPES, None)
         self.token_rng = random.Random(secrets.randbits(64))
         self.reset_oauth()
+        self.webhook_sender = WebhookSender("fake_airtable")
         self.seed_world(cfg.bases, cfg.tables, cfg.records, cfg.seed)
 
     # -- clock ---------------------------------------------------------------
@@ -1979,6 +2009,8 @@ class Webhook:
         self.next_cursor = 1
         self.last_result = None
         self.last_success = None
+        self.world = world
+        self.pinger = Debouncer(world.webhook_sender, PING_DEBOUNCE, lambda items: send_ping(world, self))
 
     def enabled(self, now):
         return not self.disabled and now < self.expires
@@ -1999,7 +2031,11 @@ class Webhook:
         self.payloads.append((self.next_cursor, world.now(), body))
         self.next_cursor += 1
         if self.notification_url and self.notifications_enabled:
-            send_ping(world, self)
+            if world.webhook_sender.held:
+                world.webhook_sender.record({"webhook_id": self.id, "base_id": self.base.id},
+                                           self.notification_url, 1, "dropped")
+            else:
+                self.pinger.add(self.next_cursor - 1)
 
     def prune(self, world):
         cutoff = world.now() - timedelta(seconds=world.cfg.payload_retention)
@@ -2119,31 +2155,50 @@ class Webhook:
         return items
 
 
-def send_ping(world, hook):
-    """POST the notification ping in the background; remember the outcome like Airtable."""
-    body = json.dumps({"base": {"id": hook.base.id}, "webhook": {"id": hook.id},
+def ping_body(world, hook):
+    return json.dumps({"base": {"id": hook.base.id}, "webhook": {"id": hook.id},
                        "timestamp": fmt_ts(world.now())}, separators=(",", ":")).encode()
-    mac = hmac.new(hook.mac_secret, body, hashlib.sha256).hexdigest()
-    url = hook.notification_url
 
-    def run():
-        started = time.time()
-        try:
-            req = urllib.request.Request(url, data=body, method="POST", headers={
-                "Content-Type": "application/json", "X-Airtable-Content-MAC": "hmac-sha256=" + mac})
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                resp.read()
-            result = {"success": True}
-        except Exception as e:           # any failure is recorded, never raised
-            result = {"success": False, "error": {"message": str(e)}, "willBeRetried": False}
+
+def ping_headers(secret, body, mac=None):
+    if mac is None:
+        mac = "hmac-sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+    return {"Content-Type": "application/json", "X-Airtable-Content-MAC": mac}
+
+
+def send_ping(world, hook):
+    """Queue one notification ping (the sender's thread POSTs it, retrying failures); remember each
+    attempt's outcome in lastNotificationResult like Airtable."""
+    started = [0.0]
+
+    def build(attempt):
+        with world.lock:
+            if (hook.base not in world.bases or hook.base.webhooks.get(hook.id) is not hook
+                    or not hook.notification_url or not hook.notifications_enabled
+                    or not hook.enabled(world.now())):
+                return None             # deleted, expired or notifications switched off meanwhile
+            body = ping_body(world, hook)
+            url = hook.notification_url
+        started[0] = time.time()
+        return url, body, ping_headers(hook.mac_secret, body)
+
+    def on_result(attempt, status, ok, final):
+        if status in ("dropped", "cancelled"):
+            return
+        result = {"success": ok}
+        if not ok:
+            result["error"] = {"message": status if isinstance(status, str) else "HTTP status %d" % status}
         with world.lock:
             result.update({"completionTimestamp": fmt_ts(world.now()),
-                           "durationMs": int((time.time() - started) * 1000), "retryNumber": 0})
+                           "durationMs": int((time.time() - started[0]) * 1000), "retryNumber": attempt - 1})
+            if not ok:
+                result["willBeRetried"] = not final
             hook.last_result = result
-            if result["success"]:
+            if ok:
                 hook.last_success = result["completionTimestamp"]
 
-    threading.Thread(target=run, daemon=True).start()
+    world.webhook_sender.submit(build, {"webhook_id": hook.id, "base_id": hook.base.id}, on_result,
+                                url=hook.notification_url)
 
 
 # ----------------------------------------------------------------------------
@@ -2829,7 +2884,8 @@ class Handler(FaultDelivery, BaseHTTPRequestHandler):
         now = w.now()
         live = [h for h in base.webhooks.values() if not h.gone(now)]
         if len(live) >= MAX_WEBHOOKS_PER_BASE:
-            raise invalid_request("This base already has the maximum of %d webhooks." % MAX_WEBHOOKS_PER_BASE)
+            raise api_error(422, "TOO_MANY_WEBHOOKS_IN_BASE",
+                            "This base already has the maximum of %d webhooks." % MAX_WEBHOOKS_PER_BASE)
         secret = secrets.token_bytes(32)
         hook = Webhook(w, w.ids.new("ach"), base, spec, payload.get("notificationUrl"), secret)
         base.webhooks[hook.id] = hook
@@ -2839,6 +2895,7 @@ class Handler(FaultDelivery, BaseHTTPRequestHandler):
     def api_delete_webhook(self, principal, base, args, query, body):
         hook = self.hook_or_404(base, args["webhook"])
         del base.webhooks[hook.id]
+        hook.pinger.discard()
         return 200, {}
 
     def api_refresh_webhook(self, principal, base, args, query, body):
@@ -2890,8 +2947,12 @@ class Handler(FaultDelivery, BaseHTTPRequestHandler):
         params = dict(parse_qsl(query, keep_blank_values=True))
         parts = [unquote(p) for p in path.rstrip("/").split("/")[2:]]
         try:
-            with self.world.lock:
-                status, result = admin_route(self.world, method, parts, params, payload)
+            if (method, parts) == ("POST", ["webhooks", "send"]):
+                # Not under the lock: the receiver may call the API while it answers the ping.
+                status, result = 200, admin_webhook_send(self.world, payload)
+            else:
+                with self.world.lock:
+                    status, result = admin_route(self.world, method, parts, params, payload)
         except AdminError as e:
             status, result = e.status, {"error": str(e)}
         except Exception as e:
@@ -3065,7 +3126,7 @@ def admin_route(w, method, parts, params, payload):
         return 200, {"expired": count}
     if (method, head) == ("POST", "rate_limits"):
         return 200, admin_rate_limits(w, payload)
-    if head == "webhooks":
+    if head in ("webhooks", "webhook_deliveries"):
         return admin_webhooks(w, method, parts, payload)
     if head == "faults":
         return admin_faults(w, method, payload)
@@ -3099,6 +3160,7 @@ def admin_route(w, method, parts, params, payload):
         w.rate = {"per_base": cfg.rate_limit, "per_token": cfg.token_rate_limit, "penalty": cfg.penalty,
                   "penalty_extends": cfg.penalty_extends, "monthly_limit": cfg.monthly_limit}
         w.reset_oauth()
+        w.webhook_sender.reset()
         return 200, {"bases": admin_bases_summary(w)}
     raise AdminError(404, "no admin endpoint %s /__admin/%s" % (method, "/".join(parts)))
 
@@ -3342,15 +3404,24 @@ def admin_rate_limits(w, payload):
 
 def admin_webhooks(w, method, parts, payload):
     hooks = [h for b in w.bases for h in b.webhooks.values()]
-    if method == "GET" and len(parts) == 1:
+    if method == "GET" and parts == ["webhooks"]:
         now = w.now()
         return 200, [{"id": h.id, "base": h.base.id, "enabled": h.enabled(now), "expirationTime": fmt_ts(h.expires),
                       "cursorForNextPayload": h.next_cursor, "payloads": len(h.payloads),
-                      "notificationUrl": h.notification_url, "lastNotificationResult": h.last_result}
+                      "notificationUrl": h.notification_url, "lastNotificationResult": h.last_result,
+                      "macSecretBase64": base64.b64encode(h.mac_secret).decode()}
                      for h in hooks]
-    chosen = [h for h in hooks if payload.get("id") in (None, h.id)]
-    if payload.get("id") and not chosen:
-        raise AdminError(404, "no webhook %s" % payload["id"])
+    if method == "GET" and parts[1:] == ["status"]:
+        return 200, w.webhook_sender.status()
+    shared = webhook_admin(w.webhook_sender, method, parts, payload, AdminError)
+    if shared is not None:
+        return shared
+    if not isinstance(payload, dict):
+        raise AdminError(400, "body must be a JSON object")
+    wanted = payload.get("id", payload.get("webhook_id"))
+    chosen = [h for h in hooks if wanted in (None, h.id)]
+    if wanted and not chosen:
+        raise AdminError(404, "no webhook %s" % wanted)
     if method == "POST" and parts[1:] == ["expire"]:
         for h in chosen:
             h.expires = w.now()
@@ -3364,6 +3435,48 @@ def admin_webhooks(w, method, parts, payload):
             h.payloads = keep
         return 200, {"purged": purged}
     raise AdminError(404, "no admin endpoint %s /__admin/%s" % (method, "/".join(parts)))
+
+
+def admin_webhook_send(w, payload):
+    """One crafted notification ping (tampered MAC, wrong secret...), sent now."""
+    if not isinstance(payload, dict):
+        raise AdminError(400, "body {webhook_id?, url?, body?, secret_base64?, mac?}")
+    with w.lock:
+        url, body, headers, ids = craft_ping(w, [h for b in w.bases for h in b.webhooks.values()], payload)
+    status, text = w.webhook_sender.send_now(url, body, headers, ids)
+    return {"status": status, "response_body": text, "headers": headers, "body": body.decode("utf-8", "replace")}
+
+
+def craft_ping(w, hooks, payload):
+    if payload.get("webhook_id"):
+        hook = next((h for h in hooks if h.id == payload["webhook_id"]), None)
+        if hook is None:
+            raise AdminError(404, "no webhook %s" % payload["webhook_id"])
+    else:
+        hook = next((h for h in reversed(hooks) if h.notification_url), None)
+    url = payload.get("url") or (hook.notification_url if hook else None)
+    if not url:
+        raise AdminError(400, "no url given and no webhook with a notificationUrl")
+    if isinstance(payload.get("body"), str):
+        body = payload["body"].encode()
+    elif hook is not None:
+        body = ping_body(w, hook)
+    else:
+        raise AdminError(400, "no body given and no webhook to make one for")
+    if payload.get("secret_base64") is not None:
+        try:
+            secret = base64.b64decode(payload["secret_base64"], validate=True)
+        except (TypeError, ValueError):
+            raise AdminError(400, "secret_base64 must be base64")
+    elif hook is not None:
+        secret = hook.mac_secret
+    elif payload.get("mac") is None:
+        raise AdminError(400, "no secret_base64 or mac given and no webhook to take the secret from")
+    else:
+        secret = b""
+    headers = ping_headers(secret, body, mac=payload.get("mac"))
+    ids = {"webhook_id": hook.id, "base_id": hook.base.id} if hook is not None else {}
+    return url, body, headers, ids
 
 
 def admin_faults(w, method, payload):

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from fakelib import WebhookReceiver
 from fault_wire import test_fault_kinds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -462,6 +463,169 @@ def test_ping(fk):
     fk.api("DELETE", "%s/%s" % (hooks, hook["id"]))
 
 
+def verify_airtable(req, mac_secret_b64):
+    """Airtable's rule, written here independently: hex HMAC-SHA256 of the raw body, keyed by the
+    base64-decoded macSecretBase64, in X-Airtable-Content-MAC as hmac-sha256=<hex>."""
+    want = "hmac-sha256=" + hmac.new(base64.b64decode(mac_secret_b64), req["body"], hashlib.sha256).hexdigest()
+    return hmac.compare_digest(req["headers"].get("X-Airtable-Content-MAC", ""), want)
+
+
+def at_settle(fk, timeout=10):
+    deadline = time.time() + timeout
+    while fk.admin("GET", "webhooks/status")["pending"]:
+        assert time.time() < deadline, "webhook deliveries did not settle"
+        time.sleep(0.05)
+
+
+def test_webhook_deliveries(fk):
+    contacts = fk.tables["Contacts"]
+    hooks = "/v0/bases/%s/webhooks" % fk.base
+    rec = WebhookReceiver()
+    try:
+        status, _, hook = fk.api("POST", hooks, {"notificationUrl": rec.url, "specification": {"options": {
+            "filters": {"dataTypes": ["tableData"], "recordChangeScope": contacts}}}})
+        check(status == 200 and set(hook) == {"id", "macSecretBase64", "expirationTime"}, "create webhook with a URL")
+        payloads = "%s/%s/payloads" % (hooks, hook["id"])
+        first = fk.api("GET", hooks)[2]["webhooks"]
+        meta = [h for h in first if h["id"] == hook["id"]][0]
+        check(meta["areNotificationsEnabled"] is True and meta["isHookEnabled"] is True
+              and meta["cursorForNextPayload"] == 1 and meta["lastNotificationResult"] is None
+              and meta["lastSuccessfulNotificationTime"] is None and meta["notificationUrl"] == rec.url
+              and meta["specification"]["options"]["filters"]["recordChangeScope"] == contacts,
+              "list webhooks: every field of a fresh webhook")
+
+        # One transaction of 250 records: 3 payloads, one ping.
+        ids = fk.admin("POST", "bulk_update/%s/Contacts" % fk.base, {"count": 250, "fields": {"Notes": "ping"}})["ids"]
+        (req,) = rec.wait(1)
+        at_settle(fk)
+        time.sleep(0.1)
+        ping = json.loads(req["body"])
+        check(len(rec.requests) == 1 and list(ping) == ["base", "webhook", "timestamp"]
+              and ping["base"] == {"id": fk.base} and ping["webhook"] == {"id": hook["id"]}
+              and req["headers"]["Content-Type"] == "application/json" and verify_airtable(req, hook["macSecretBase64"]),
+              "3 payloads -> one ping {base, webhook, timestamp} with a verifying X-Airtable-Content-MAC")
+        check(not verify_airtable(req, base64.b64encode(b"x" * 32).decode()), "MAC fails with another secret")
+
+        # Cursor paging.
+        fk.admin("POST", "bulk_delete/%s/Contacts" % fk.base, {"ids": ids[:2]})
+        at_settle(fk)
+        cursor, seen, more = 1, [], True
+        while more:
+            status, _, page = fk.api("GET", payloads + "?cursor=%d&limit=1" % cursor)
+            check(status == 200 and len(page["payloads"]) == 1 and page["cursor"] == cursor + 1,
+                  "limit=1 page at cursor %d -> cursor %d, mightHaveMore %s" % (cursor, page["cursor"],
+                                                                              page["mightHaveMore"]))
+            seen += page["payloads"]
+            cursor, more = page["cursor"], page["mightHaveMore"]
+        changed = sum(len(p["changedTablesById"][contacts].get("changedRecordsById", {})) for p in seen)
+        check(len(seen) == 4 and changed == 250 and seen[3]["changedTablesById"][contacts]["destroyedRecordIds"]
+              == ids[:2] and seen[3]["baseTransactionNumber"] > seen[0]["baseTransactionNumber"],
+              "4 payloads: 250 changed records over 3, then destroyedRecordIds")
+        check(fk.api("GET", payloads + "?cursor=%d" % cursor)[2] == {"payloads": [], "cursor": cursor,
+                                                                     "mightHaveMore": False},
+              "at the end: no payloads, same cursor")
+        before = [h for h in fk.api("GET", hooks)[2]["webhooks"] if h["id"] == hook["id"]][0]
+        check(before["lastNotificationResult"]["success"] is True and before["lastNotificationResult"]["retryNumber"] == 0
+              and before["lastSuccessfulNotificationTime"] and before["cursorForNextPayload"] == cursor,
+              "lastNotificationResult success, retryNumber 0; cursorForNextPayload")
+
+        # Hold: pings dropped, payloads still recorded.
+        rec.clear()
+        fk.admin("POST", "webhooks/hold", {"hold": True})
+        fk.admin("PATCH", "records/%s/Contacts/%s" % (fk.base, ids[5]), {"fields": {"Notes": "held"}})
+        time.sleep(0.3)
+        page = fk.api("GET", payloads + "?cursor=%d" % cursor)[2]
+        log = fk.admin("GET", "webhook_deliveries")
+        check(rec.requests == [] and len(page["payloads"]) == 1 and log[0]["status"] == "dropped"
+              and log[0]["webhook_id"] == hook["id"], "held: no ping (logged dropped), the payload is there")
+        cursor = page["cursor"]
+        fk.admin("POST", "webhooks/hold", {"hold": False})
+
+        # Retries.
+        rec.script.append(500)
+        fk.admin("PATCH", "records/%s/Contacts/%s" % (fk.base, ids[5]), {"fields": {"Notes": "retry"}})
+        rec.wait(2)
+        at_settle(fk)
+        meta = [h for h in fk.api("GET", hooks)[2]["webhooks"] if h["id"] == hook["id"]][0]
+        log = [d for d in fk.admin("GET", "webhook_deliveries") if d.get("webhook_id") == hook["id"]]
+        check(meta["lastNotificationResult"]["success"] is True and meta["lastNotificationResult"]["retryNumber"] == 1
+              and [(d["attempt"], d["status"]) for d in log[:2]] == [(2, 200), (1, 500)]
+              and verify_airtable(rec.requests[1], hook["macSecretBase64"]),
+              "500 -> retried: retryNumber 1, success")
+        fk.admin("POST", "webhooks/config", {"retry_delays": [0.05, 0.05]})
+        rec.clear()
+        rec.script.extend([503, 503, 503])
+        fk.admin("PATCH", "records/%s/Contacts/%s" % (fk.base, ids[5]), {"fields": {"Notes": "given up"}})
+        rec.wait(3)
+        at_settle(fk)
+        result = [h for h in fk.api("GET", hooks)[2]["webhooks"] if h["id"] == hook["id"]][0]["lastNotificationResult"]
+        check(result["success"] is False and result["retryNumber"] == 2 and result["willBeRetried"] is False
+              and "503" in result["error"]["message"] and isinstance(result["durationMs"], int),
+              "always 503: given up, lastNotificationResult {success false, error, retryNumber 2, willBeRetried false}")
+        fk.admin("POST", "webhooks/config", {"retry_delays": [0.2, 0.5, 1.0]})
+
+        # Crafted pings.
+        rec.clear()
+        r = fk.admin("POST", "webhooks/send", {"webhook_id": hook["id"]})
+        (req,) = rec.wait(1)
+        check(r["status"] == 200 and verify_airtable(req, hook["macSecretBase64"]), "send: a genuine ping")
+        r = fk.admin("POST", "webhooks/send", {"webhook_id": hook["id"], "body": '{"base":{"id":"appForged"}}'})
+        req = rec.wait(2)[1]
+        check(req["body"] == b'{"base":{"id":"appForged"}}' and verify_airtable(req, hook["macSecretBase64"]),
+              "send: a chosen body, MAC'd with the webhook's secret")
+        fk.admin("POST", "webhooks/send", {"webhook_id": hook["id"], "mac": "hmac-sha256=00"})
+        check(rec.wait(3)[2]["headers"]["X-Airtable-Content-MAC"] == "hmac-sha256=00"
+              and not verify_airtable(rec.requests[2], hook["macSecretBase64"]), "send: MAC override")
+
+        # Retention: purged payloads leave the cursor numbering alone.
+        fk.admin("POST", "webhooks/purge_payloads", {"webhook_id": hook["id"]})
+        fk.admin("PATCH", "records/%s/Contacts/%s" % (fk.base, ids[6]), {"fields": {"Notes": "after purge"}})
+        page = fk.api("GET", payloads + "?cursor=1")[2]
+        nxt = [h for h in fk.api("GET", hooks)[2]["webhooks"] if h["id"] == hook["id"]][0]["cursorForNextPayload"]
+        check(len(page["payloads"]) == 1 and page["cursor"] == nxt and nxt > 5,
+              "purged payloads are gone; cursors keep counting (cursor=1 -> only the newest)")
+
+        # Listing payloads extends the webhook; expiry stops payloads and pings.
+        fk.admin("POST", "clock", {"advance": 6 * 86400})
+        fk.api("GET", payloads + "?cursor=%d" % nxt)
+        fk.admin("POST", "clock", {"advance": 2 * 86400})
+        meta = [h for h in fk.api("GET", hooks)[2]["webhooks"] if h["id"] == hook["id"]][0]
+        check(meta["isHookEnabled"] is True, "listing payloads extended the webhook by 7 days")
+        fk.admin("POST", "clock", {"offset": 0})
+        rec.clear()
+        expired = fk.admin("POST", "webhooks/expire", {"webhook_id": hook["id"]})
+        fk.admin("PATCH", "records/%s/Contacts/%s" % (fk.base, ids[6]), {"fields": {"Notes": "expired"}})
+        time.sleep(0.3)
+        meta = [h for h in fk.api("GET", hooks)[2]["webhooks"] if h["id"] == hook["id"]][0]
+        status, _, err = fk.api("POST", "%s/%s/refresh" % (hooks, hook["id"]))
+        check(expired == {"expired": [hook["id"]]} and rec.requests == [] and meta["isHookEnabled"] is False
+              and meta["cursorForNextPayload"] == nxt and status == 422,
+              "expired: isHookEnabled false, no payload, no ping, refresh refused")
+        status, _, gone = fk.api("DELETE", "%s/%s" % (hooks, hook["id"]))
+        check(status == 200 and gone == {} and fk.api("GET", payloads)[0] == 404, "delete webhook -> {}; then 404")
+
+        # At most 10 webhooks per base.
+        live = len(fk.api("GET", hooks)[2]["webhooks"])
+        made = []
+        spec = {"notificationUrl": None, "specification": {"options": {"filters": {"dataTypes": ["tableData"]}}}}
+        for _ in range(10 - live):
+            status, _, h = fk.api("POST", hooks, spec)
+            assert status == 200, h
+            made.append(h["id"])
+        status, _, err = fk.api("POST", hooks, spec)
+        check(status == 422 and err["error"]["type"] == "TOO_MANY_WEBHOOKS_IN_BASE", "11th webhook -> 422 TOO_MANY_WEBHOOKS_IN_BASE")
+        for hid in made:
+            fk.api("DELETE", "%s/%s" % (hooks, hid))
+
+        # Webhook calls share the base's 5 req/s limit.
+        fk.admin("POST", "rate_limits", {"per_base": 5, "per_token": 0, "clear_penalties": True})
+        codes = [fk.api("GET", hooks)[0] for _ in range(6)]
+        check(codes == [200] * 5 + [429], "webhook endpoints count towards 5 req/s per base")
+        fk.admin("POST", "rate_limits", {"per_base": 0, "per_token": 0, "clear_penalties": True})
+    finally:
+        rec.stop()
+
+
 def test_schema_changes(fk):
     f = fk.admin("POST", "fields/%s/Contacts" % fk.base, {"name": "Rank", "type": "number", "options": {"precision": 0}})
     rec = fk.truth("Contacts")[0]
@@ -500,7 +664,11 @@ def test_faults_log(fk):
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError):
         dropped = True
     check(dropped, "drop fault closes the connection")
+    deadline = time.time() + 2
     log = fk.admin("GET", "requests")
+    while len(log) < 4 and time.time() < deadline:
+        time.sleep(0.05)        # the dropped request is logged after its connection closed
+        log = fk.admin("GET", "requests")
     check(len(log) == 4 and set(log[0]) == {"t", "method", "path", "query", "status"} and log[0]["status"] == 503,
           "request log entries {t, method, path, query, status}")
 
@@ -539,6 +707,7 @@ def main():
         test_rate_limits(fk)
         test_webhooks(fk)
         test_ping(fk)
+        test_webhook_deliveries(fk)
         test_schema_changes(fk)
         test_faults_log(fk)
         test_fault_kinds(fk, fk.list_path("Contacts", pageSize=20), {"Authorization": "Bearer " + PAT},

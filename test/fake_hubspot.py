@@ -18,7 +18,12 @@ Imitates one HubSpot account (portal) as strictly as we know how:
   * associations v4 (read one record's, batch read) with typeId/category/label;
   * rate limits: per-10-second burst per app, daily per account (private app only),
     search 5 req/s per account; X-HubSpot-RateLimit-* headers (none on search responses);
-  * HubSpot error bodies {status, message, correlationId, category[, context, errors]}.
+  * HubSpot error bodies {status, message, correlationId, category[, context, errors]};
+  * classic webhooks (POST /__admin/webhook_target): contact/company/deal creation,
+    propertyChange, deletion, restore, merge and privacyDeletion events, batched (50 ms,
+    <= 100 per POST), signed with X-HubSpot-Signature-v3, sent from a background thread and
+    retried after 0.2/0.5/1 s (HubSpot: up to 10 times over 24 h; never after a 4xx but 429);
+    deliveries can be held (dropped), are logged and can be crafted (/__admin/webhooks/*).
 
 Every property value on the wire is a string or null (numbers "12.5", bools "true",
 dates "2024-05-01", datetimes as Java's Instant.toString() prints them:
@@ -60,6 +65,8 @@ import collections
 import email.utils
 import functools
 import gzip
+import hashlib
+import hmac
 import json
 import random
 import re
@@ -74,7 +81,8 @@ from decimal import Decimal, InvalidOperation
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from fakelib import FAULT_HELP, FaultDelivery, fault_on_real_answer, fault_pick, make_fault
+from fakelib import (FAULT_HELP, WEBHOOK_ADMIN_HELP, Debouncer, FaultDelivery, WebhookSender,
+                     fault_on_real_answer, fault_pick, make_fault, webhook_admin)
 
 UTC = timezone.utc
 JSON_TYPE = "application/json;charset=utf-8"
@@ -89,6 +97,16 @@ RECYCLE_BIN_DAYS = 90
 MAX_URI_BYTES = 16384
 DATE_VERSIONS = ("2026-03", "2026-09")
 BURST_WINDOW = 10.0             # seconds: X-HubSpot-RateLimit-Interval-Milliseconds 10000
+WEBHOOK_OBJECTS = {"contacts": "contact", "companies": "company", "deals": "deal"}   # no custom objects
+WEBHOOK_KINDS = ("creation", "propertyChange", "deletion", "restore", "merge", "privacyDeletion")
+WEBHOOK_BATCH_WINDOW = 0.05     # seconds: changes this close together go out in one POST
+WEBHOOK_MAX_BATCH = 100         # HubSpot sends at most 100 events per request
+WEBHOOK_APP_ID = 54321
+WEBHOOK_FIRST_EVENT_ID = 1000000001
+WEBHOOK_FIRST_SUBSCRIPTION_ID = 2000001
+# Escapes HubSpot decodes in the URI it signs (v3), per "Validating requests" in its docs.
+V3_URI_DECODE = {"%3A": ":", "%2F": "/", "%3F": "?", "%40": "@", "%21": "!", "%24": "$", "%27": "'",
+                 "%28": "(", "%29": ")", "%2A": "*", "%2C": ",", "%3B": ";"}
 
 ADMIN_HELP = {
     "POST /__admin/records/{type}": "body {properties: {name: value}, at?: ISO} -> 201 record "
@@ -126,8 +144,40 @@ ADMIN_HELP = {
     "GET /__admin/requests": "-> [{t, method, path, query, status, body?}] (body: parsed JSON of API POSTs)",
     "DELETE /__admin/requests": "-> {cleared: N}",
     "POST /__admin/clock": "body {offset: seconds} or {now: ISO} -> {now, offset}",
-    "POST /__admin/reset": "body {contacts?, companies?, deals?, cars?, archived?, seed?} -> {records: {...}}",
+    "POST /__admin/reset": "body {contacts?, companies?, deals?, cars?, archived?, seed?} -> {records: {...}} "
+                           "(also removes the webhook target, releases a hold, clears the delivery log)",
+    "POST /__admin/webhook_target":
+        "body {url, client_secret? (default --client-secret), max_batch?: 1..100 (default 100), "
+        "subscription_types?: ['contact.creation', ...] (default all), property_names?: [name, ...] "
+        "(propertyChange only for these; default every property)} -> the target. One target per app",
+    "GET /__admin/webhook_target": "-> the target, or null",
+    "DELETE /__admin/webhook_target": "-> {deleted: true|false}",
+    "(deliveries)":
+        "each change of a contact, company or deal (admin or public API; the custom object has none) "
+        "becomes events: {objectType}.creation, .propertyChange (one per changed property, propertyName, "
+        "propertyValue as the API shows it, '' for a cleared value; the stamps lastmodifieddate / "
+        "hs_lastmodifieddate change too), .deletion (archive), .restore, .merge (objectId = the new "
+        "record, primaryObjectId, mergedObjectIds, newObjectId, numberOfPropertiesMoved), and for a hard "
+        "delete contact.privacyDeletion (others: .deletion). Event fields: eventId (int, unique), "
+        "subscriptionId (int per subscriptionType), portalId, appId (54321), occurredAt (ms, fake clock: "
+        "the record's new stamp / archivedAt), subscriptionType, attemptNumber (0-based), objectId (int), "
+        "changeSource ('CRM_UI' admin, 'API' public API, 'CALCULATED' admin PATCH ?bump=0), changeFlag "
+        "(creation NEW, deletion and privacyDeletion DELETED, merge MERGED). Events within 50 ms (up to max_batch) are POSTed as one "
+        "JSON array to url with Content-Type: application/json, X-HubSpot-Signature-v3: base64(HMAC-SHA256("
+        "key = client_secret, msg = 'POST' + uri + body + timestamp)), X-HubSpot-Request-Timestamp: <ms, "
+        "wall clock>, and the legacy X-HubSpot-Signature: hex SHA-256(client_secret + body) with "
+        "X-HubSpot-Signature-Version: v1 (what HubSpot sends for CRM webhooks). uri = the target url as "
+        "configured, with %3A %2F %3F %40 %21 %24 %27 %28 %29 %2A %2C %3B decoded. A failed delivery is "
+        "retried (same eventIds, attemptNumber + 1, new timestamp) unless the answer was 4xx other than "
+        "429 (HubSpot does not retry those; it retries up to 10 times over 24 h). Log ids: event_ids",
+    "POST /__admin/webhooks/send":
+        "body {url?, client_secret?, body?: raw string, events?: [event, ...], timestamp?: ms, "
+        "signature?: X-HubSpot-Signature-v3 value, method?: 'POST'} -> {status, response_body, headers, "
+        "body}: one crafted delivery sent now (not retried, logged with crafted: true); url/client_secret "
+        "default to the target's; the body to `body`, else `events` encoded, else one made-up "
+        "contact.propertyChange",
 }
+ADMIN_HELP.update(WEBHOOK_ADMIN_HELP)
 
 
 # ----------------------------------------------------------------------------
@@ -999,6 +1049,12 @@ class Account:
         self.base_url = None
         self.search_lag = cfg.search_lag
         self.search_limits = {"max_groups": 5, "max_filters_per_group": 6, "max_filters_total": 18}
+        self.webhooks = WebhookSender("fake_hubspot")
+        self.webhook_target = None
+        self.webhook_batch = None
+        self.webhook_event_seq = WEBHOOK_FIRST_EVENT_ID
+        self.change_source = threading.local()      # .value: "API" or "CRM_UI" for this thread's writes
+        self.merging = 0
         self.seed_data(cfg.contacts, cfg.companies, cfg.deals, cfg.cars, cfg.archived, cfg.seed)
 
     # -- clock -------------------------------------------------------------------
@@ -1188,8 +1244,107 @@ class Account:
     def store(self, tname, rec):
         """Replace a record and queue its new version for the search index. The lag runs
         from the moment of the write, whatever stamp the record carries."""
+        old = self.records[tname].get(rec["id"])
         self.records[tname][rec["id"]] = rec
         self.pending.append((self.now(), tname, rec["id"], rec if visible(rec) else None))
+        if self.webhook_target is not None and not self.merging:
+            self.webhook_changes(tname, old, rec)
+
+    # -- webhooks --------------------------------------------------------------------
+
+    def source(self):
+        return getattr(self.change_source, "value", None) or "CRM_UI"
+
+    def webhook_changes(self, tname, old, new):
+        """The events a write makes (caller holds the lock)."""
+        kind = WEBHOOK_OBJECTS.get(tname)
+        if kind is None:
+            return
+        if old is None:
+            self.webhook_event(kind, "creation", new["id"], new["created"], changeFlag="NEW")
+        elif not old["archived"] and new["archived"]:
+            self.webhook_event(kind, "deletion", new["id"], new["archivedAt"] or self.now(), changeFlag="DELETED")
+        elif old["archived"] and not new["archived"]:
+            self.webhook_event(kind, "restore", new["id"], self.now())
+        elif visible(old) and visible(new):
+            at = new["updated"] if new["updated"] != old["updated"] else self.now()
+            names = sorted(set(old["props"]) | set(new["props"]))
+            for name in names:
+                value = new["props"].get(name)
+                if old["props"].get(name) != value:
+                    self.webhook_event(kind, "propertyChange", new["id"], at, propertyName=name,
+                                       propertyValue="" if value is None else str(value))
+
+    def webhook_event(self, kind, what, obj_id, at, **extra):
+        target = self.webhook_target
+        stype = "%s.%s" % (kind, what)
+        if target["subscription_types"] is not None and stype not in target["subscription_types"]:
+            return
+        if (what == "propertyChange" and target["property_names"] is not None
+                and extra.get("propertyName") not in target["property_names"]):
+            return
+        self.webhook_event_seq += 1
+        event = {"eventId": self.webhook_event_seq,
+                 "subscriptionId": WEBHOOK_FIRST_SUBSCRIPTION_ID + subscription_index(stype),
+                 "portalId": self.cfg.portal_id, "appId": target["app_id"], "occurredAt": to_ms(at),
+                 "subscriptionType": stype, "attemptNumber": 0, "objectId": int(obj_id),
+                 "changeSource": self.source()}
+        event.update(extra)
+        if self.webhooks.held:
+            self.webhooks.record({"event_ids": [event["eventId"]]}, target["url"], 1, "dropped")
+            return
+        self.webhook_batch.add(event)
+
+    def webhook_flush(self, target, events):
+        """A batch of events becomes one delivery (a JSON array), signed per attempt."""
+        def build(attempt):
+            body = json.dumps([dict(e, attemptNumber=attempt - 1) for e in events],
+                              separators=(",", ":"), ensure_ascii=False).encode()
+            return target["url"], body, hubspot_webhook_headers(target["url"], body, target["client_secret"],
+                                                                int(time.time() * 1000))
+        self.webhooks.submit(build, {"event_ids": [e["eventId"] for e in events]}, url=target["url"],
+                             retry=hubspot_retries)
+
+    def set_webhook_target(self, payload):
+        if not isinstance(payload, dict) or not isinstance(payload.get("url"), str) \
+                or not re.match(r"^https?://[^/\s]+", payload["url"]):
+            raise AdminError(400, "body {url (http[s]://...), client_secret?, max_batch?, subscription_types?, "
+                                  "property_names?}")
+        unknown = set(payload) - {"url", "client_secret", "max_batch", "subscription_types", "property_names",
+                                  "app_id"}
+        if unknown:
+            raise AdminError(400, "unknown field(s): %s" % ", ".join(sorted(unknown)))
+        max_batch = payload.get("max_batch", WEBHOOK_MAX_BATCH)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= WEBHOOK_MAX_BATCH:
+            raise AdminError(400, "max_batch must be 1..%d" % WEBHOOK_MAX_BATCH)
+        types = payload.get("subscription_types")
+        if types is not None and (not isinstance(types, list) or any(
+                not isinstance(t, str) or t.split(".", 1)[0] not in WEBHOOK_OBJECTS.values()
+                or t.split(".", 1)[-1] not in WEBHOOK_KINDS for t in types)):
+            raise AdminError(400, "subscription_types: e.g. contact.creation, company.propertyChange, deal.deletion")
+        names = payload.get("property_names")
+        if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+            raise AdminError(400, "property_names must be a list of names")
+        secret = payload.get("client_secret", self.cfg.client_secret)
+        if not isinstance(secret, str) or not secret:
+            raise AdminError(400, "client_secret must be a non-empty string")
+        target = {"url": payload["url"], "client_secret": secret, "max_batch": max_batch,
+                  "subscription_types": types, "property_names": names,
+                  "app_id": int(payload.get("app_id", WEBHOOK_APP_ID))}
+        with self.lock:
+            self.drop_webhook_target()
+            self.webhook_target = target
+            self.webhook_batch = Debouncer(self.webhooks, WEBHOOK_BATCH_WINDOW,
+                                           lambda events: self.webhook_flush(target, events), max_batch)
+        return dict(target)
+
+    def drop_webhook_target(self):
+        with self.lock:
+            had = self.webhook_target is not None
+            if self.webhook_batch is not None:
+                self.webhook_batch.fire()       # events already made still go out
+            self.webhook_target = self.webhook_batch = None
+            return had
 
     def validate(self, otype, values, admin):
         """Normalize {name: raw} to wire strings; API writes may not touch read-only ones."""
@@ -1261,7 +1416,13 @@ class Account:
                 updated = now
                 props[otype.lastmod_prop] = fmt_instant(now)
             new = dict(rec, props=props, updated=updated)
-            self.store(tname, new)
+            previous = getattr(self.change_source, "value", None)
+            if not bump:
+                self.change_source.value = "CALCULATED"
+            try:
+                self.store(tname, new)
+            finally:
+                self.change_source.value = previous
             return new
 
     def bulk_update(self, tname, ids, count, values, at=None):
@@ -1302,6 +1463,9 @@ class Account:
             self.order[tname].remove(int(rec["id"]))
             self.pending.append((self.now(), tname, rec["id"], None))
             self.drop_links(tname, rec["id"])
+            if self.webhook_target is not None and tname in WEBHOOK_OBJECTS:
+                what = "privacyDeletion" if tname == "contacts" else "deletion"
+                self.webhook_event(WEBHOOK_OBJECTS[tname], what, rec["id"], self.now(), changeFlag="DELETED")
             return rec
 
     def merge(self, tname, primary_id, other_id, admin=False):
@@ -1335,11 +1499,20 @@ class Account:
                           "hs_merged_object_ids": ";".join(sorted({m for m in merged_ids if m}, key=int))})
             new = new_record(new_id, props, created, now)
             bisect.insort(self.order[tname], int(new_id))
-            self.store(tname, new)
-            for old in (a, b):
-                self.store(tname, dict(old, mergedInto=new_id))
-                self.order[tname].remove(int(old["id"]))
-                self.aliases[tname][old["id"]] = new_id
+            self.merging += 1
+            try:
+                self.store(tname, new)
+                for old in (a, b):
+                    self.store(tname, dict(old, mergedInto=new_id))
+                    self.order[tname].remove(int(old["id"]))
+                    self.aliases[tname][old["id"]] = new_id
+            finally:
+                self.merging -= 1
+            if self.webhook_target is not None and tname in WEBHOOK_OBJECTS:
+                moved = sum(1 for k, v in b["props"].items() if v is not None and a["props"].get(k) is None)
+                self.webhook_event(WEBHOOK_OBJECTS[tname], "merge", new_id, now, changeFlag="MERGED",
+                                   primaryObjectId=int(a["id"]), mergedObjectIds=[int(b["id"])],
+                                   newObjectId=int(new_id), numberOfPropertiesMoved=moved)
             for old_id, target in list(self.aliases[tname].items()):
                 if target in (a["id"], b["id"]):
                     self.aliases[tname][old_id] = new_id
@@ -1524,6 +1697,36 @@ class Account:
             if len(self.request_log) > 100000:
                 del self.request_log[:50000]
             self.endpoint_counts[endpoint] = self.endpoint_counts.get(endpoint, 0) + 1
+
+
+def subscription_index(stype):
+    kind, what = stype.split(".", 1)
+    kinds = list(WEBHOOK_OBJECTS.values())
+    return kinds.index(kind) * len(WEBHOOK_KINDS) + WEBHOOK_KINDS.index(what)
+
+
+def v3_uri(url):
+    """The URI HubSpot signs: the target URL with the escapes its docs list decoded."""
+    return re.sub(r"%[0-9A-Fa-f]{2}", lambda m: V3_URI_DECODE.get(m.group(0).upper(), m.group(0)), url)
+
+
+def v3_signature(method, url, body, timestamp_ms, secret):
+    msg = method.encode() + v3_uri(url).encode() + body + str(timestamp_ms).encode()
+    return base64.b64encode(hmac.new(secret.encode(), msg, hashlib.sha256).digest()).decode()
+
+
+def hubspot_webhook_headers(url, body, secret, timestamp_ms, signature=None, method="POST"):
+    if signature is None:
+        signature = v3_signature(method, url, body, timestamp_ms, secret)
+    return {"Content-Type": "application/json", "X-HubSpot-Signature-v3": signature,
+            "X-HubSpot-Request-Timestamp": str(timestamp_ms),
+            "X-HubSpot-Signature": hashlib.sha256(secret.encode() + body).hexdigest(),
+            "X-HubSpot-Signature-Version": "v1", "User-Agent": "HubSpot Connect 2.0 (http://dev.hubspot.com/)"}
+
+
+def hubspot_retries(status):
+    """HubSpot retries failed connections, timeouts, 5xx and 429, never another 4xx."""
+    return not (isinstance(status, int) and 400 <= status < 500 and status != 429)
 
 
 def new_record(rec_id, props, created, updated):
@@ -1728,8 +1931,10 @@ class Handler(FaultDelivery, BaseHTTPRequestHandler):
         path, query = split.path, split.query
         body = self.read_body() if method in ("POST", "PATCH", "PUT", "DELETE") else b""
         if path.startswith("/__admin"):
+            self.account.change_source.value = "CRM_UI"
             self.handle_admin(method, path, query, body)
             return
+        self.account.change_source.value = "API"
         self.log_endpoint = classify(normalize_path(path))
         self.log_entry = {"t": time.time(), "method": method, "path": path, "query": query, "status": 0}
         if method == "POST" and path.startswith("/crm"):
@@ -2357,7 +2562,55 @@ def admin_route(acct, method, parts, params, payload):
             return 200, {"now": fmt_instant(acct.now()), "offset": acct.clock_offset}
     if key == ("POST", "reset"):
         return 200, admin_reset(acct, payload)
+    if head == "webhook_target" and n == 1:
+        if method == "POST":
+            return 200, acct.set_webhook_target(payload)
+        if method == "GET":
+            with acct.lock:
+                return 200, dict(acct.webhook_target) if acct.webhook_target else None
+        if method == "DELETE":
+            return 200, {"deleted": acct.drop_webhook_target()}
+    if (method, parts) == ("POST", ["webhooks", "send"]):
+        return 200, admin_webhook_send(acct, payload)
+    shared = webhook_admin(acct.webhooks, method, parts, payload, AdminError)
+    if shared is not None:
+        return shared
     raise AdminError(404, "no admin endpoint %s /__admin/%s" % (method, "/".join(parts)))
+
+
+def admin_webhook_send(acct, payload):
+    """One crafted delivery (tampered, stale, replayed...), sent now; returns what the receiver said."""
+    if not isinstance(payload, dict):
+        raise AdminError(400, "body {url?, client_secret?, body?, events?, timestamp?, signature?, method?}")
+    with acct.lock:
+        target = acct.webhook_target or {}
+        url = payload.get("url") or target.get("url")
+        secret = payload.get("client_secret") or target.get("client_secret") or acct.cfg.client_secret
+        if not url:
+            raise AdminError(400, "no url given and no webhook target to take it from")
+        if isinstance(payload.get("body"), str):
+            body = payload["body"].encode()
+        else:
+            events = payload.get("events")
+            if events is None:
+                acct.webhook_event_seq += 1
+                events = [{"eventId": acct.webhook_event_seq, "subscriptionId": WEBHOOK_FIRST_SUBSCRIPTION_ID + 1,
+                           "portalId": acct.cfg.portal_id, "appId": target.get("app_id", WEBHOOK_APP_ID),
+                           "occurredAt": to_ms(acct.now()), "subscriptionType": "contact.propertyChange",
+                           "attemptNumber": 0, "objectId": int(acct.order["contacts"][0]) if acct.order["contacts"]
+                           else 1, "changeSource": "CRM_UI", "propertyName": "firstname",
+                           "propertyValue": "Crafted"}]
+            body = json.dumps(events, separators=(",", ":"), ensure_ascii=False).encode()
+    ts = payload.get("timestamp")
+    ts = int(time.time() * 1000) if ts is None else int(ts)
+    headers = hubspot_webhook_headers(url, body, secret, ts, signature=payload.get("signature"),
+                                      method=payload.get("method") or "POST")
+    try:
+        ids = [e["eventId"] for e in json.loads(body)]
+    except (ValueError, TypeError, KeyError):
+        ids = []
+    status, text = acct.webhooks.send_now(url, body, headers, {"event_ids": ids})
+    return {"status": status, "response_body": text, "headers": headers, "body": body.decode("utf-8", "replace")}
 
 
 def admin_records(acct, method, otype, rest, params, payload):
@@ -2491,6 +2744,8 @@ def admin_dump(acct):
 def admin_reset(acct, payload):
     cfg = acct.cfg
     with acct.lock:
+        acct.drop_webhook_target()
+        acct.webhooks.reset()
         acct.seed_data(int(payload.get("contacts", cfg.contacts)), int(payload.get("companies", cfg.companies)),
                        int(payload.get("deals", cfg.deals)), int(payload.get("cars", cfg.cars)),
                        int(payload.get("archived", cfg.archived)), int(payload.get("seed", cfg.seed)))

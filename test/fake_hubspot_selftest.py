@@ -6,7 +6,10 @@ Starts the fake on a free port, exercises the behaviours the sync test suite
 relies on, and exits non-zero on the first failure.
 """
 
+import base64
 import gzip
+import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -18,6 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from fakelib import WebhookReceiver
 from fault_wire import test_fault_kinds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -490,6 +494,181 @@ def test_associations(fk):
     check(status == 200 and any("associations" in r for r in page["results"]), "custom object list with associations")
 
 
+# The v3 rule as HubSpot's "Validating requests" page states it, written here independently of the fake.
+V3_DECODED = {"%3A": ":", "%2F": "/", "%3F": "?", "%40": "@", "%21": "!", "%24": "$", "%27": "'", "%28": "(",
+              "%29": ")", "%2A": "*", "%2C": ",", "%3B": ";"}
+
+
+def verify_hubspot(req, secret, host, max_age_ms=300000):
+    ts = req["headers"].get("X-HubSpot-Request-Timestamp", "")
+    sig = req["headers"].get("X-HubSpot-Signature-v3", "")
+    if not ts.isdigit() or abs(time.time() * 1000 - int(ts)) > max_age_ms:
+        return False
+    uri = "http://" + host + req["path"]
+    for enc, dec in V3_DECODED.items():
+        uri = uri.replace(enc, dec).replace(enc.lower(), dec)
+    msg = (req["method"] + uri).encode("utf-8") + req["body"] + ts.encode()
+    expected = base64.b64encode(hmac.new(secret.encode("utf-8"), msg, hashlib.sha256).digest()).decode()
+    return hmac.compare_digest(expected, sig)
+
+
+def hs_settle(fk, timeout=10):
+    deadline = time.time() + timeout
+    while fk.admin("GET", "webhooks")["pending"]:
+        assert time.time() < deadline, "webhook deliveries did not settle"
+        time.sleep(0.05)
+
+
+def hs_events(reqs):
+    return [e for r in reqs for e in json.loads(r["body"])]
+
+
+def test_webhooks(fk):
+    rec = WebhookReceiver()
+    host = "127.0.0.1:%d" % rec.port
+    url = rec.url + "?portal=a%3Ab%2Cc&x=%20y"
+    try:
+        check(fk.admin("GET", "webhook_target") is None, "no webhook target at first")
+        target = fk.admin("POST", "webhook_target", {"url": url, "client_secret": "shh-secret"})
+        check(target["url"] == url and target["max_batch"] == 100 and fk.admin("GET", "webhook_target") == target,
+              "webhook target set and read back")
+        t0 = time.time()
+        c = fk.admin("POST", "records/contacts", {"properties": {"email": "hook@example.com", "firstname": "Hook"}})
+        (req,) = rec.wait(1)
+        (ev,) = json.loads(req["body"])
+        check(req["method"] == "POST" and req["path"] == "/hook?portal=a%3Ab%2Cc&x=%20y"
+              and req["headers"]["Content-Type"] == "application/json", "delivery POSTs JSON to the target URL as configured")
+        check(verify_hubspot(req, "shh-secret", host) and not verify_hubspot(req, "test-secret", host)
+              and abs(int(req["headers"]["X-HubSpot-Request-Timestamp"]) - t0 * 1000) < 5000,
+              "X-HubSpot-Signature-v3 verifies (method + uri with %3A/%2C decoded + body + timestamp)")
+        v1 = hashlib.sha256(b"shh-secret" + req["body"]).hexdigest()
+        check(req["headers"]["X-HubSpot-Signature-Version"] == "v1" and req["headers"]["X-HubSpot-Signature"] == v1,
+              "legacy X-HubSpot-Signature v1 = sha256(secret + body)")
+        check(ev["subscriptionType"] == "contact.creation" and ev["objectId"] == int(c["id"]) and ev["attemptNumber"] == 0
+              and ev["changeSource"] == "CRM_UI" and ev["portalId"] == 62515 and isinstance(ev["eventId"], int)
+              and isinstance(ev["subscriptionId"], int) and isinstance(ev["appId"], int)
+              and ev["occurredAt"] == ms(c["properties"]["createdate"]) and "propertyName" not in ev,
+              "contact.creation event fields (occurredAt = createdate)")
+        rec.clear()
+        status, _, upd = fk.api("PATCH", "/crm/v3/objects/contacts/" + c["id"],
+                                {"properties": {"firstname": "Hooked", "lastname": "Ünïcode"}})
+        (req,) = rec.wait(1)
+        time.sleep(0.2)
+        evs = json.loads(req["body"])
+        by = {e["propertyName"]: e for e in evs}
+        check(status == 200 and len(rec.requests) == 1 and set(by) == {"firstname", "lastname", "lastmodifieddate"}
+              and all(e["subscriptionType"] == "contact.propertyChange" and e["changeSource"] == "API"
+                      and e["objectId"] == int(c["id"]) for e in evs)
+              and by["firstname"]["propertyValue"] == "Hooked" and by["lastname"]["propertyValue"] == "Ünïcode"
+              and by["lastmodifieddate"]["propertyValue"] == upd["properties"]["lastmodifieddate"]
+              and by["firstname"]["occurredAt"] == ms(upd["properties"]["lastmodifieddate"])
+              and len({e["eventId"] for e in evs}) == 3 and verify_hubspot(req, "shh-secret", host),
+              "API PATCH: one propertyChange per changed property (API source), batched in one signed POST")
+
+        # Batching: a bulk update is one delivery; max_batch splits it.
+        ids = [x["id"] for x in fk.truth("contacts")[:5]]
+        rec.clear()
+        fk.admin("POST", "bulk_update/contacts", {"ids": ids, "properties": {"jobtitle": "Batched"}})
+        rec.wait(1)
+        hs_settle(fk)
+        evs = hs_events(rec.requests)
+        check(len(rec.requests) == 1 and {e["objectId"] for e in evs} == {int(i) for i in ids}
+              and {e["propertyName"] for e in evs} == {"jobtitle", "lastmodifieddate"},
+              "bulk update of 5 contacts: one POST with all their events")
+        fk.admin("POST", "webhook_target", {"url": url, "client_secret": "shh-secret", "max_batch": 4})
+        rec.clear()
+        fk.admin("POST", "bulk_update/contacts", {"ids": ids, "properties": {"jobtitle": "Split"}})
+        hs_settle(fk)
+        check([len(json.loads(r["body"])) for r in rec.requests] == [4, 4, 2], "max_batch 4: 10 events in 3 POSTs")
+        fk.admin("POST", "webhook_target", {"url": url, "client_secret": "shh-secret",
+                                            "property_names": ["firstname"]})
+        rec.clear()
+        fk.admin("PATCH", "records/contacts/" + c["id"], {"properties": {"firstname": "Only", "lastname": "Not"}})
+        hs_settle(fk)
+        check([(e["propertyName"], e["propertyValue"]) for e in hs_events(rec.requests)] == [("firstname", "Only")],
+              "property_names filter: propertyChange only for subscribed properties")
+        fk.admin("POST", "webhook_target", {"url": url, "client_secret": "shh-secret"})
+
+        # Deletion, restore, privacy deletion, merge; companies and deals; no custom objects.
+        rec.clear()
+        status, _, _ = fk.api("DELETE", "/crm/v3/objects/contacts/" + c["id"])
+        hs_settle(fk)
+        (ev,) = hs_events(rec.requests)
+        check(status == 204 and ev["subscriptionType"] == "contact.deletion" and ev["changeSource"] == "API"
+              and ev["objectId"] == int(c["id"]), "API archive -> contact.deletion")
+        rec.clear()
+        fk.admin("POST", "restore/contacts/" + c["id"])
+        fk.admin("DELETE", "records/contacts/%s?hard=1" % c["id"])
+        comp = fk.truth("companies")[0]
+        fk.admin("DELETE", "records/companies/" + comp["id"])
+        deal = fk.admin("POST", "records/deals", {"properties": {"dealname": "Hooked deal"}})
+        fk.admin("POST", "records/cars", {"properties": {}})
+        hs_settle(fk)
+        got = [(e["subscriptionType"], e["objectId"]) for e in hs_events(rec.requests)]
+        check(got == [("contact.restore", int(c["id"])), ("contact.privacyDeletion", int(c["id"])),
+                      ("company.deletion", int(comp["id"])), ("deal.creation", int(deal["id"]))],
+              "restore, hard delete (privacyDeletion), company.deletion, deal.creation; custom object: none")
+        rec.clear()
+        a, b = fk.truth("contacts")[30:32]
+        merged = fk.admin("POST", "merge/contacts", {"primaryObjectId": a["id"], "objectIdToMerge": b["id"]})
+        hs_settle(fk)
+        (ev,) = hs_events(rec.requests)
+        check(ev["subscriptionType"] == "contact.merge" and ev["objectId"] == int(merged["id"])
+              and ev["primaryObjectId"] == int(a["id"]) and ev["mergedObjectIds"] == [int(b["id"])]
+              and ev["newObjectId"] == int(merged["id"]), "merge -> one contact.merge event")
+
+        # Hold: dropped; the change is still readable (polling stays the truth).
+        rec.clear()
+        fk.admin("POST", "webhooks/hold", {"hold": True})
+        fk.admin("PATCH", "records/contacts/" + a["id"], {"properties": {"firstname": "Unheard"}})
+        time.sleep(0.3)
+        log = fk.admin("GET", "webhook_deliveries")
+        check(rec.requests == [] and log[0]["status"] == "dropped" and fk.admin("GET", "webhooks")["held"] is True
+              and fk.get("/crm/v3/objects/contacts/%s?properties=firstname" % merged["id"])[2]["properties"]
+              ["firstname"] == "Unheard", "held: nothing arrives, logged dropped; the API shows the change")
+        fk.admin("POST", "webhooks/hold", {"hold": False})
+
+        # Retries keep the eventIds, count attemptNumber up and re-sign; a 4xx is not retried.
+        rec.clear()
+        rec.script.extend([500, 503])
+        t1 = time.time()
+        fk.admin("PATCH", "records/deals/" + deal["id"], {"properties": {"dealname": "Retried"}})
+        reqs = rec.wait(3)
+        bodies = [json.loads(r["body"]) for r in reqs]
+        check([{e["attemptNumber"] for e in b} for b in bodies] == [{0}, {1}, {2}]
+              and len({tuple(e["eventId"] for e in b) for b in bodies}) == 1
+              and all(verify_hubspot(r, "shh-secret", host) for r in reqs) and reqs[2]["t"] - t1 >= 0.6,
+              "500, 503: retried after 0.2 s and 0.5 s, same eventIds, attemptNumber 0, 1, 2, each signed")
+        hs_settle(fk)
+        rec.clear()
+        rec.script.append(400)
+        fk.admin("PATCH", "records/deals/" + deal["id"], {"properties": {"dealname": "Refused"}})
+        hs_settle(fk)
+        time.sleep(0.3)
+        log = fk.admin("GET", "webhook_deliveries")
+        check(len(rec.requests) == 1 and log[0]["status"] == 400 and log[0]["attempt"] == 1
+              and isinstance(log[0]["event_ids"], list), "400: not retried (HubSpot retries only 5xx/429/failures)")
+
+        # Crafted deliveries.
+        rec.clear()
+        r = fk.admin("POST", "webhooks/send", {"timestamp": int(time.time() * 1000) - 600000})
+        (req,) = rec.wait(1)
+        check(r["status"] == 200 and not verify_hubspot(req, "shh-secret", host)
+              and verify_hubspot(req, "shh-secret", host, max_age_ms=700000),
+              "send: stale timestamp, correctly signed")
+        r = fk.admin("POST", "webhooks/send", {"body": "[]", "signature": "AAAA"})
+        check(rec.wait(2)[1]["headers"]["X-HubSpot-Signature-v3"] == "AAAA" and rec.requests[1]["body"] == b"[]",
+              "send: raw body and signature override")
+
+        fk.admin("DELETE", "webhook_target")
+        rec.clear()
+        fk.admin("PATCH", "records/deals/" + deal["id"], {"properties": {"dealname": "Silent"}})
+        time.sleep(0.3)
+        check(rec.requests == [] and fk.admin("GET", "webhook_target") is None, "no target, no deliveries")
+    finally:
+        rec.stop()
+
+
 def test_faults_log(fk):
     fk.admin("DELETE", "requests")
     fk.admin("POST", "faults", {"path_regex": "/crm/v3/objects/companies", "status": 502, "count": 2})
@@ -537,6 +716,7 @@ def main():
         test_rate_limits(fk)
         test_merge(fk)
         test_associations(fk)
+        test_webhooks(fk)
         test_faults_log(fk)
         test_fault_kinds(fk, "/crm/v3/objects/contacts?limit=20&properties=firstname,lastname,email,"
                          "hs_object_id,lastmodifieddate,num_notes", {"Authorization": "Bearer " + PAT},

@@ -38,6 +38,12 @@ Imitates one Stripe account in test mode, read-only over /v1 (writes go through
     endpoint-rate, global-concurrency); no Retry-After (the docs name none).
   * Every /v1 response carries Request-Id and Stripe-Version; the Date header
     follows the server clock (shiftable or freezable via /__admin/clock).
+  * Webhooks: endpoints (POST /__admin/webhook_endpoints, or the real /v1/webhook_endpoints,
+    the only /v1 writes) get every event as Stripe POSTs it, signed with Stripe-Signature,
+    from a background thread (never delaying the write), retried after 0.2/0.5/1 s on a
+    non-2xx or a failed connection (Stripe itself retries for up to 3 days). Deliveries can be
+    held (dropped), are logged (GET /__admin/webhook_deliveries) and can be crafted
+    (POST /__admin/webhooks/send) for signature tests.
 
 Seeded data is deterministic per --seed. Seeded objects have no events (as if
 created before the 30-day event horizon); their created times end one hour before
@@ -56,6 +62,8 @@ import bisect
 import copy
 import email.utils
 import fnmatch
+import hashlib
+import hmac
 import json
 import random
 import re
@@ -70,7 +78,8 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from fakelib import FAULT_HELP, FaultDelivery, fault_on_real_answer, fault_pick, make_fault
+from fakelib import (FAULT_HELP, WEBHOOK_ADMIN_HELP, FaultDelivery, WebhookSender, fault_on_real_answer,
+                     fault_pick, make_fault, webhook_admin)
 
 UTC = timezone.utc
 DEFAULT_API_VERSION = "2024-06-20"
@@ -81,6 +90,13 @@ DEFAULT_LIMIT, MAX_LIMIT = 10, 100
 NESTED_LIST_LIMIT = 10                # invoice.lines / subscription.items carry at most 10
 MAX_EXPAND_DEPTH = 4
 MAX_TYPES = 20
+MAX_WEBHOOK_ENDPOINTS = 16            # Stripe's limit per account (and mode)
+WEBHOOK_USER_AGENT = "Stripe/1.0 (+https://stripe.com/docs/webhooks)"
+WEBHOOK_CONTENT_TYPE = "application/json; charset=utf-8"
+# Test-mode deliveries also carry a v0 scheme, signed with a key that is not the endpoint's
+# secret: receivers must verify v1 only (docs.stripe.com/webhooks: ignore schemes other than v1).
+WEBHOOK_V0_KEY = b"whsec_test_mode_v0_scheme_is_not_your_secret"
+EVENT_TYPE_RE = re.compile(r"^[a-z_]+(\.[a-z_]+)+$")
 JSON_TYPE = "application/json"
 SUBSCRIPTION_STATUSES = ["active", "past_due", "unpaid", "canceled", "incomplete",
                          "incomplete_expired", "trialing", "paused"]
@@ -120,8 +136,37 @@ ADMIN_HELP = {
     "GET /__admin/requests": "-> [{t, method, path, query, status, request_id}]",
     "DELETE /__admin/requests": "-> {cleared: N}",
     "GET /__admin/stats": "-> {requests: {endpoint: n}, total_requests, rate_limited, objects, events}",
-    "POST /__admin/reset": "body {seed?, customers?, products?, ...} -> {objects: {kind: n}}",
+    "POST /__admin/reset": "body {seed?, customers?, products?, ...} -> {objects: {kind: n}} (also removes "
+                           "the webhook endpoints, releases a hold and clears the delivery log)",
+    "POST /__admin/webhook_endpoints":
+        "body {url, secret?, enabled_events?: ['*'] | [type, ...], disabled?: bool, description?} -> 201 "
+        "{id: 'we_...', object: 'webhook_endpoint', url, secret: 'whsec_...', enabled_events, status, ...}. "
+        "The public API has the same: POST /v1/webhook_endpoints (form: url, enabled_events[], description; "
+        "secret only in that answer), GET /v1/webhook_endpoints[/{id}], POST /v1/webhook_endpoints/{id} "
+        "(url, enabled_events[], disabled, description), DELETE /v1/webhook_endpoints/{id}. At most 16",
+    "GET /__admin/webhook_endpoints": "-> [endpoint with secret, ...] oldest first",
+    "DELETE /__admin/webhook_endpoints/{id}": "-> {id, object, deleted: true} (its queued deliveries are "
+                                             "cancelled)",
+    "(deliveries)":
+        "every event emitted (admin writes, POST /__admin/events) is POSTed to each enabled endpoint whose "
+        "enabled_events has '*' or its type: body = the event exactly as GET /v1/events/{id} returns it "
+        "(pending_webhooks = endpoints still to acknowledge: set at emission, decremented per 2xx); headers "
+        "Content-Type: application/json; charset=utf-8, User-Agent: Stripe/1.0 (+https://stripe.com/docs/"
+        "webhooks), Cache-Control: no-cache, Accept: */*; q=0.5, application/xml, Stripe-Signature: "
+        "t=<unix wall-clock seconds of the attempt>,v1=<hex HMAC-SHA256(key = the whsec_ secret's UTF-8 "
+        "bytes, msg = '<t>.' + body)>,v0=<hex HMAC with another key (test mode): ignore it>. t is the real "
+        "clock, not /__admin/clock, so a receiver's 300 s tolerance holds while a test moves the fake's "
+        "clock. Log ids: event_id, endpoint_id, type. Retries: see /__admin/webhooks/config (Stripe itself "
+        "retries for up to 3 days)",
+    "POST /__admin/webhooks/send":
+        "body {url?, endpoint_id?, event_id?, event?: {...}, body?: raw string, timestamp?: unix s, "
+        "secret?, signature?: whole Stripe-Signature value} -> {status, response_body, headers, body}: one "
+        "crafted delivery, sent synchronously, not retried, logged with crafted: true. url/secret default "
+        "to endpoint_id's (else the first enabled endpoint's); the body to `body`, else `event` encoded, "
+        "else event event_id, else the newest event; timestamp to now; the signature is computed from "
+        "those unless given (so a stale timestamp, a wrong secret or a tampered body can be sent)",
 }
+ADMIN_HELP.update(WEBHOOK_ADMIN_HELP)
 
 
 # ----------------------------------------------------------------------------
@@ -875,6 +920,7 @@ class Account:
         self.lock = threading.RLock()
         self.request_rng = random.Random(secrets.randbits(64))
         self.limiter = RateLimiter(cfg.rate_limit, cfg.endpoint_rate_limit, cfg.concurrency_limit)
+        self.webhooks = WebhookSender("fake_stripe")
         self.reset(cfg.seed, vars(cfg))
 
     def reset(self, seed, counts):
@@ -886,6 +932,8 @@ class Account:
             self.request_log, self.endpoint_counts = [], {}
             self.limiter.configure(self.cfg.rate_limit, self.cfg.endpoint_rate_limit,
                                    self.cfg.concurrency_limit)
+            self.endpoints = {}         # we_ id -> endpoint (insertion order = creation order)
+            self.webhooks.reset()
             self.seed_data(seed, counts)
 
     # -- clock -----------------------------------------------------------------
@@ -1059,11 +1107,92 @@ class Account:
             "idempotency_key": "%08x-%04x-4%03x-a%03x-%012x" % (
                 rng.getrandbits(32), rng.getrandbits(16), rng.getrandbits(12), rng.getrandbits(12),
                 rng.getrandbits(48))}
-        event = {"id": self.event_ids.new("evt_", 24), "object": "event", "api_version": self.cfg.api_version,
-                 "created": self.now_int() if created is None else int(created), "data": data,
-                 "livemode": False, "pending_webhooks": 0, "request": request, "type": type_}
-        self.events.add(event)
+        with self.lock:
+            targets = [ep for ep in self.endpoints.values() if ep["status"] == "enabled"
+                       and ("*" in ep["enabled_events"] or type_ in ep["enabled_events"])]
+            event = {"id": self.event_ids.new("evt_", 24), "object": "event",
+                     "api_version": self.cfg.api_version,
+                     "created": self.now_int() if created is None else int(created), "data": data,
+                     "livemode": False, "pending_webhooks": len(targets), "request": request, "type": type_}
+            self.events.add(event)
+            for ep in targets:
+                self.deliver(event["id"], ep)
         return event
+
+    # -- webhooks --------------------------------------------------------------------
+
+    def deliver(self, evt_id, ep):
+        """Queue the delivery of an event to an endpoint (the sender's thread POSTs it)."""
+        snapshot = self.events.json[evt_id]
+        ep_id, type_ = ep["id"], self.events.events[evt_id]["type"]
+
+        def build(attempt):
+            with self.lock:
+                current = self.endpoints.get(ep_id)
+                if current is None:
+                    return None         # endpoint deleted: Stripe stops delivering to it
+                body = self.events.json.get(evt_id, snapshot)
+                url, secret = current["url"], current["secret"]
+            return url, body, webhook_headers(body, secret, int(time.time()))
+
+        def on_result(attempt, status, ok, final):
+            if ok:
+                self.event_acknowledged(evt_id)
+
+        self.webhooks.submit(build, {"event_id": evt_id, "endpoint_id": ep_id, "type": type_}, on_result,
+                             url=ep["url"])
+
+    def event_acknowledged(self, evt_id):
+        """A 2xx from one endpoint: one webhook fewer pending (events are replaced, never mutated)."""
+        with self.lock:
+            event = self.events.events.get(evt_id)
+            if event is not None and event["pending_webhooks"] > 0:
+                event = dict(event, pending_webhooks=event["pending_webhooks"] - 1)
+                self.events.events[evt_id] = event
+                self.events.json[evt_id] = encode(event)
+
+    def add_endpoint(self, url, enabled_events, secret=None, description=None, disabled=False, error=None):
+        error = error or (lambda status, msg, param=None: AdminError(status, msg))
+        check_endpoint_fields(url, enabled_events, error)
+        with self.lock:
+            if len(self.endpoints) >= MAX_WEBHOOK_ENDPOINTS:
+                raise error(400, "You have reached the maximum of %d test webhook endpoints."
+                            % MAX_WEBHOOK_ENDPOINTS, "url")
+            if secret is None:
+                secret = "whsec_" + "".join(self.request_rng.choice(BASE62) for _ in range(32))
+            elif not isinstance(secret, str) or not secret:
+                raise error(400, "secret must be a non-empty string", "secret")
+            ep = {"id": "we_" + "".join(self.request_rng.choice(BASE62) for _ in range(24)),
+                  "object": "webhook_endpoint", "api_version": None, "application": None,
+                  "created": self.now_int(), "description": description,
+                  "enabled_events": list(enabled_events), "livemode": False, "metadata": {},
+                  "secret": secret, "status": "disabled" if disabled else "enabled", "url": url}
+            self.endpoints[ep["id"]] = ep
+            return dict(ep)
+
+    def update_endpoint(self, ep_id, fields, error):
+        with self.lock:
+            ep = self.endpoints.get(ep_id)
+            if ep is None:
+                raise error(404, "No such webhook endpoint: '%s'" % ep_id, "id")
+            new = dict(ep)
+            if "url" in fields:
+                new["url"] = fields["url"]
+            if "enabled_events" in fields:
+                new["enabled_events"] = list(fields["enabled_events"])
+            if "description" in fields:
+                new["description"] = fields["description"]
+            if "disabled" in fields:
+                new["status"] = "disabled" if fields["disabled"] else "enabled"
+            check_endpoint_fields(new["url"], new["enabled_events"], error)
+            self.endpoints[ep_id] = new
+            return dict(new)
+
+    def delete_endpoint(self, ep_id, error):
+        with self.lock:
+            if self.endpoints.pop(ep_id, None) is None:
+                raise error(404, "No such webhook endpoint: '%s'" % ep_id, "id")
+            return {"id": ep_id, "object": "webhook_endpoint", "deleted": True}
 
     def expire_old_events(self):
         return self.events.purge_before(self.now_int() - EVENT_RETENTION)
@@ -1262,7 +1391,7 @@ class Account:
                 raise AdminError(400, "key must look like sk_test_... (or rk_test_... with restricted: true)")
             perms = payload.get("permissions")
             if perms is not None:
-                unknown = set(perms) - set(KINDS) - {"events"}
+                unknown = set(perms) - set(KINDS) - {"events", "webhook_endpoints"}
                 if unknown:
                     raise AdminError(400, "unknown permission(s): %s" % ", ".join(sorted(unknown)))
             rec = {"key": key, "restricted": restricted, "permissions": sorted(perms or []) if restricted else None,
@@ -1296,6 +1425,33 @@ def parse_when(value):
     except ValueError:
         raise AdminError(400, "bad time %r (unix seconds or ISO-8601)" % (value,))
     return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+
+
+def webhook_signature(body, secret, timestamp):
+    """hex HMAC-SHA256 of '<t>.<body>' keyed by the endpoint secret (the whole whsec_ string)."""
+    return hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def webhook_headers(body, secret, timestamp, signature=None):
+    if signature is None:
+        signature = "t=%d,v1=%s,v0=%s" % (timestamp, webhook_signature(body, secret, timestamp),
+                                          hmac.new(WEBHOOK_V0_KEY, str(timestamp).encode() + b"." + body,
+                                                   hashlib.sha256).hexdigest())
+    return {"Content-Type": WEBHOOK_CONTENT_TYPE, "User-Agent": WEBHOOK_USER_AGENT,
+            "Cache-Control": "no-cache", "Accept": "*/*; q=0.5, application/xml",
+            "Stripe-Signature": signature}
+
+
+def check_endpoint_fields(url, enabled_events, error):
+    """Stripe's checks on a webhook endpoint's url and enabled_events; error(status, message, param)."""
+    if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url or ""):
+        raise error(400, "Invalid URL: %s" % (url,), "url")
+    if not isinstance(enabled_events, list) or not enabled_events:
+        raise error(400, "Missing required param: enabled_events.", "enabled_events")
+    for i, name in enumerate(enabled_events):
+        if not isinstance(name, str) or not (name == "*" or EVENT_TYPE_RE.match(name)):
+            raise error(400, "Invalid enabled_events[%d]: must be '*' or an event type (%r)" % (i, name),
+                        "enabled_events[%d]" % i)
 
 
 def merge_fields(old, fields):
@@ -1682,7 +1838,10 @@ ROUTES = [
     (re.compile(r"^/v1/invoices/([^/]+)/lines$"), "invoice_lines"),
     (re.compile(r"^/v1/(%s)$" % "|".join(KINDS)), "object_list"),
     (re.compile(r"^/v1/(%s)/([^/]+)$" % "|".join(KINDS)), "object_get"),
+    (re.compile(r"^/v1/webhook_endpoints$"), "webhook_endpoints"),
+    (re.compile(r"^/v1/webhook_endpoints/([^/]+)$"), "webhook_endpoint"),
 ]
+WRITE_ROUTES = {"webhook_endpoints": ("GET", "POST"), "webhook_endpoint": ("GET", "POST", "DELETE")}
 API_VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(\.[a-z]+)?$")
 
 
@@ -1742,6 +1901,7 @@ class Handler(FaultDelivery, BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         path, query = split.path, split.query
         body = self.read_body()         # always drained, so keep-alive stays in step
+        self.request_body = body
         if path == "/__admin" or path.startswith("/__admin/"):
             self.handle_admin(method, path, query, body)
             return
@@ -1772,11 +1932,9 @@ class Handler(FaultDelivery, BaseHTTPRequestHandler):
                     raise invalid("Invalid Stripe API version: %s" % version)
                 headers["Stripe-Version"] = version.strip()
             key = acct.authenticate(self.headers.get("Authorization"))
-            if method != "GET":
-                # The fake's public API is read-only; writes go through /__admin.
-                raise unrecognized_url(method, path)
             route, args = match_route(path)
-            if route is None:
+            if route is None or method not in WRITE_ROUTES.get(route, ("GET",)):
+                # The fake's public API is read-only (but for webhook endpoints); writes go through /__admin.
                 raise unrecognized_url(method, path)
             reason = acct.limiter.admit(endpoint)
             if reason:
@@ -1785,7 +1943,10 @@ class Handler(FaultDelivery, BaseHTTPRequestHandler):
             admitted = True
             check_permission(key, route, args)
             params = parse_params(query)
-            payload = getattr(self, route)(params, *args)
+            if route in WRITE_ROUTES:
+                payload = getattr(self, route)(method, params, *args)
+            else:
+                payload = getattr(self, route)(params, *args)
             self.send(200, payload, headers)
         except StripeError as e:
             headers.update(e.headers)
@@ -1973,6 +2134,80 @@ class Handler(FaultDelivery, BaseHTTPRequestHandler):
             raise no_such("event", evt_id, "id", 404)
         return data
 
+    # -- webhook endpoints (public API) ------------------------------------------------
+
+    def form_params(self, params):
+        """A write's parameters: the query's plus the form-encoded body's (Stripe reads both)."""
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        body = self.request_body or b""
+        if body and ctype not in ("", "application/x-www-form-urlencoded"):
+            raise invalid("Invalid request: the body must be form-encoded "
+                          "(Content-Type: application/x-www-form-urlencoded)")
+        merged = dict(params)
+        merged.update(parse_params(body.decode("utf-8", "replace")))
+        return merged
+
+    def webhook_endpoints(self, method, params):
+        acct = self.account
+        if method == "GET":
+            check_params(params, {"limit", "starting_after", "ending_before"})
+            limit = parse_limit(params)
+            after, before = cursor_params(params)
+            with acct.lock:
+                eps = [public_endpoint(ep) for ep in reversed(list(acct.endpoints.values()))]
+            ids = [ep["id"] for ep in eps]
+            for name, value in (("starting_after", after), ("ending_before", before)):
+                if value is not None and value not in ids:
+                    raise no_such("webhook endpoint", value, name, 400)
+            if after is not None:
+                rest = eps[ids.index(after) + 1:]
+                page, more = rest[:limit], len(rest) > limit
+            elif before is not None:
+                rest = eps[:ids.index(before)]
+                page, more = rest[-limit:], len(rest) > limit
+            else:
+                page, more = eps[:limit], len(eps) > limit
+            return list_body([encode(ep) for ep in page], more, "/v1/webhook_endpoints")
+        params = self.form_params(params)
+        check_params(params, {"url", "enabled_events", "description", "metadata", "api_version", "connect",
+                              "expand"})
+        url = scalar(params, "url")
+        if url is None:
+            raise invalid("Missing required param: url.", param="url")
+        events = params.get("enabled_events")
+        if events is None:
+            raise invalid("Missing required param: enabled_events.", param="enabled_events")
+        if not isinstance(events, list):
+            raise invalid("Invalid array", param="enabled_events")
+        ep = acct.add_endpoint(url, events, description=scalar(params, "description"), error=api_error)
+        return encode(ep)           # the secret is shown on creation only
+
+    def webhook_endpoint(self, method, params, ep_id):
+        acct = self.account
+        if method == "GET":
+            check_params(params, {"expand"})
+            with acct.lock:
+                ep = acct.endpoints.get(ep_id)
+            if ep is None:
+                raise no_such("webhook endpoint", ep_id, "id", 404)
+            return encode(public_endpoint(ep))
+        if method == "DELETE":
+            return encode(acct.delete_endpoint(ep_id, api_error))
+        params = self.form_params(params)
+        check_params(params, {"url", "enabled_events", "description", "metadata", "disabled", "expand"})
+        fields = {}
+        if "url" in params:
+            fields["url"] = scalar(params, "url")
+        if "enabled_events" in params:
+            if not isinstance(params["enabled_events"], list):
+                raise invalid("Invalid array", param="enabled_events")
+            fields["enabled_events"] = params["enabled_events"]
+        if "description" in params:
+            fields["description"] = scalar(params, "description")
+        if "disabled" in params:
+            fields["disabled"] = parse_bool(scalar(params, "disabled"), "disabled")
+        return encode(public_endpoint(acct.update_endpoint(ep_id, fields, api_error)))
+
     # -- admin ---------------------------------------------------------------------------
 
     def handle_admin(self, method, path, query, body):
@@ -1993,6 +2228,21 @@ class Handler(FaultDelivery, BaseHTTPRequestHandler):
             traceback.print_exc()
             status, result = 500, {"error": "fake_stripe bug: %r" % (e,)}
         self.send(status, encode(result))
+
+
+def public_endpoint(ep):
+    """A webhook endpoint as the API shows it after creation: without its secret."""
+    return {k: v for k, v in ep.items() if k != "secret"}
+
+
+def api_error(status, message, param=None):
+    if status == 404:
+        return StripeError(404, message, code="resource_missing", param=param)
+    return invalid(message, param=param, status=status)
+
+
+def admin_error(status, message, param=None):
+    return AdminError(status, message)
 
 
 def match_route(path):
@@ -2016,6 +2266,10 @@ def classify(method, path):
         return "%s /v1/%s" % (method, args[0])
     if route == "object_get":
         return "%s /v1/%s/{id}" % (method, args[0])
+    if route == "webhook_endpoints":
+        return method + " /v1/webhook_endpoints"
+    if route == "webhook_endpoint":
+        return method + " /v1/webhook_endpoints/{id}"
     return "other"
 
 
@@ -2025,6 +2279,8 @@ def check_permission(key, route, args):
         return
     if route in ("events_list", "event_get"):
         resource, permission = "events", EVENTS_PERMISSION
+    elif route in WRITE_ROUTES:
+        resource, permission = "webhook_endpoints", "rak_webhook_write"
     else:
         resource = "invoices" if route == "invoice_lines" else args[0]
         permission = KINDS[resource].permission
@@ -2071,6 +2327,13 @@ def admin_route(acct, method, parts, params, payload):
         return 200, acct.limiter.config()
     if head == "faults":
         return admin_faults(acct, method, payload)
+    if head == "webhook_endpoints":
+        return admin_webhook_endpoints(acct, method, parts, payload)
+    if (method, parts) == ("POST", ["webhooks", "send"]):
+        return 200, admin_webhook_send(acct, payload)
+    shared = webhook_admin(acct.webhooks, method, parts, payload, AdminError)
+    if shared is not None:
+        return shared
     if head == "requests":
         with acct.lock:
             if method == "DELETE":
@@ -2156,6 +2419,66 @@ def admin_keys(acct, method, parts, payload):
             del acct.keys[parts[1]]
             return 200, {"revoked": parts[1]}
     raise AdminError(405, "keys: GET/POST /keys, POST /keys/{key}/expire, DELETE /keys/{key}")
+
+
+def admin_webhook_endpoints(acct, method, parts, payload):
+    if len(parts) == 1 and method == "GET":
+        with acct.lock:
+            return 200, [dict(ep) for ep in acct.endpoints.values()]
+    if len(parts) == 1 and method == "POST":
+        if not isinstance(payload, dict):
+            raise AdminError(400, "body {url, secret?, enabled_events?}")
+        unknown = set(payload) - {"url", "secret", "enabled_events", "description", "disabled"}
+        if unknown:
+            raise AdminError(400, "unknown field(s): %s" % ", ".join(sorted(unknown)))
+        return 201, acct.add_endpoint(payload.get("url"), payload.get("enabled_events", ["*"]),
+                                      secret=payload.get("secret"), description=payload.get("description"),
+                                      disabled=bool(payload.get("disabled")), error=admin_error)
+    if len(parts) == 2 and method == "DELETE":
+        return 200, acct.delete_endpoint(parts[1], admin_error)
+    if len(parts) == 2 and method == "PATCH":
+        return 200, acct.update_endpoint(parts[1], payload, admin_error)
+    raise AdminError(405, "webhook_endpoints: GET/POST /webhook_endpoints, PATCH/DELETE /webhook_endpoints/{id}")
+
+
+def admin_webhook_send(acct, payload):
+    """One crafted delivery (tampered, stale, replayed...), sent now; returns what the receiver said."""
+    if not isinstance(payload, dict):
+        raise AdminError(400, "body {url?, endpoint_id?, event_id?, event?, body?, timestamp?, secret?, signature?}")
+    with acct.lock:
+        ep = None
+        if payload.get("endpoint_id") is not None:
+            ep = acct.endpoints.get(payload["endpoint_id"])
+            if ep is None:
+                raise AdminError(404, "no webhook endpoint %s" % payload["endpoint_id"])
+        else:
+            ep = next((e for e in acct.endpoints.values() if e["status"] == "enabled"), None)
+        url = payload.get("url") or (ep or {}).get("url")
+        secret = payload.get("secret") or (ep or {}).get("secret")
+        if not url:
+            raise AdminError(400, "no url given and no webhook endpoint to take it from")
+        evt_id = payload.get("event_id")
+        if isinstance(payload.get("body"), str):
+            body = payload["body"].encode()
+        elif isinstance(payload.get("event"), dict):
+            body = encode(payload["event"])
+        elif evt_id is not None:
+            body = acct.events.json.get(evt_id)
+            if body is None:
+                raise AdminError(404, "no event %s (purged?)" % evt_id)
+        elif acct.events.keys:
+            evt_id = acct.events.keys[-1][2]
+            body = acct.events.json[evt_id]
+        else:
+            raise AdminError(400, "no body, event or event_id given and no event to send")
+    if not secret and payload.get("signature") is None:
+        raise AdminError(400, "no secret given and no webhook endpoint to take it from")
+    ts = payload.get("timestamp")
+    ts = int(time.time()) if ts is None else int(ts)
+    headers = webhook_headers(body, secret or "", ts, signature=payload.get("signature"))
+    ids = {"event_id": evt_id} if evt_id else {}
+    status, text = acct.webhooks.send_now(url, body, headers, ids)
+    return {"status": status, "response_body": text, "headers": headers, "body": body.decode("utf-8", "replace")}
 
 
 def admin_faults(acct, method, payload):

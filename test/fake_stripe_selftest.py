@@ -8,6 +8,8 @@ behaviours the sync test suite relies on, and exits non-zero on the first failur
 """
 
 import base64
+import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -19,6 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from fakelib import WebhookReceiver
 from fault_wire import test_fault_kinds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,6 +59,18 @@ class Fake:
         status, _, payload = self.call(method, "/__admin/" + path, body=body)
         assert status in (200, 201), (method, path, status, payload)
         return payload
+
+    def form(self, method, path, fields, key=KEY):
+        """A form-encoded write to the public API: (status, headers, JSON)."""
+        data = urllib.parse.urlencode(fields).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Authorization": "Bearer " + key,
+                                              "Content-Type": "application/x-www-form-urlencoded"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, resp.headers, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, json.loads(e.read())
 
     def api(self, path, key=KEY, headers=None):
         h = {"Authorization": "Bearer " + key} if key else {}
@@ -300,6 +315,178 @@ def test_events(fk):
           "bulk: 120 customer.created in one second, in emission order, across pages")
 
 
+def verify_stripe(req, secret, tolerance=300):
+    """The receiver side, written from Stripe's docs (independent of the fake): the t and every v1
+    of Stripe-Signature, HMAC-SHA256 over '<t>.<raw body>' keyed by the whsec_ string."""
+    header = req["headers"].get("Stripe-Signature", "")
+    items = [kv.split("=", 1) for kv in header.split(",") if "=" in kv]
+    ts = [v for k, v in items if k == "t"]
+    v1 = [v for k, v in items if k == "v1"]
+    if len(ts) != 1 or not v1:
+        return False
+    expected = hmac.new(secret.encode("utf-8"), ts[0].encode() + b"." + req["body"], hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(expected, v) for v in v1) and abs(time.time() - int(ts[0])) <= tolerance
+
+
+def deliveries_of(fk, evt_id):
+    return [d for d in fk.admin("GET", "webhook_deliveries") if d.get("event_id") == evt_id]
+
+
+def settle(fk, timeout=10):
+    deadline = time.time() + timeout
+    while fk.admin("GET", "webhooks")["pending"]:
+        assert time.time() < deadline, "webhook deliveries did not settle"
+        time.sleep(0.05)
+
+
+def test_webhooks(fk):
+    ra, rb = WebhookReceiver(), WebhookReceiver()
+    try:
+        ep_a = fk.admin("POST", "webhook_endpoints", {"url": ra.url, "enabled_events": ["customer.created",
+                                                                                       "customer.updated"]})
+        check(ep_a["id"].startswith("we_") and ep_a["secret"].startswith("whsec_") and ep_a["status"] == "enabled"
+              and ep_a["enabled_events"] == ["customer.created", "customer.updated"] and ep_a["url"] == ra.url,
+              "admin webhook endpoint: we_ id, whsec_ secret")
+        status, _, ep_b = fk.form("POST", "/v1/webhook_endpoints", [("url", rb.url), ("enabled_events[]", "*"),
+                                                                    ("description", "all")])
+        check(status == 200 and ep_b["object"] == "webhook_endpoint" and ep_b["secret"].startswith("whsec_")
+              and ep_b["enabled_events"] == ["*"] and ep_b["livemode"] is False and ep_b["description"] == "all",
+              "POST /v1/webhook_endpoints (form) -> endpoint with its secret")
+        status, _, got = fk.api("/v1/webhook_endpoints/" + ep_b["id"])
+        check(status == 200 and "secret" not in got and got["url"] == rb.url, "retrieve: no secret after creation")
+        status, _, page = fk.api("/v1/webhook_endpoints?limit=1")
+        check(status == 200 and page["object"] == "list" and page["has_more"] is True
+              and page["data"][0]["id"] == ep_b["id"] and "secret" not in page["data"][0], "list: newest first")
+        status, _, err = fk.form("POST", "/v1/webhook_endpoints", [("enabled_events[]", "*")])
+        check(status == 400 and err["error"]["param"] == "url", "POST without url -> 400 param url")
+        status, _, err = fk.api("/v1/webhook_endpoints/we_nope")
+        check(status == 404 and err["error"]["code"] == "resource_missing", "unknown endpoint -> 404")
+        check(fk.form("POST", "/v1/customers", [("email", "x@example.com")])[0] == 404,
+              "other writes stay unrecognized (read-only API)")
+
+        t0 = time.time()
+        cust = fk.admin("POST", "objects/customers", {"email": "hook@example.com"})
+        evt = fk.admin("GET", "events?type=customer.created")[0]
+        check(evt["data"]["object"]["id"] == cust["id"], "customer.created emitted")
+        (ra_req,), (rb_req,) = ra.wait(1), rb.wait(1)
+        check(ra_req["path"] == "/hook" and ra_req["method"] == "POST"
+              and ra_req["headers"]["Content-Type"] == "application/json; charset=utf-8"
+              and ra_req["headers"]["User-Agent"] == "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+              "delivery: POST, Content-Type and User-Agent as Stripe sends them")
+        check(verify_stripe(ra_req, ep_a["secret"]) and verify_stripe(rb_req, ep_b["secret"])
+              and not verify_stripe(ra_req, ep_b["secret"]), "Stripe-Signature v1 verifies with each endpoint's secret")
+        sig = dict(kv.split("=", 1) for kv in ra_req["headers"]["Stripe-Signature"].split(","))
+        check(set(sig) == {"t", "v1", "v0"} and abs(int(sig["t"]) - t0) <= 5,
+              "Stripe-Signature: t (wall clock), v1, v0 (test mode)")
+        settle(fk)
+        status, _, api_evt = fk.api("/v1/events/" + evt["id"])
+        body = json.loads(ra_req["body"])
+        check(api_evt["pending_webhooks"] == 0 and body["pending_webhooks"] in (1, 2)
+              and dict(body, pending_webhooks=0) == api_evt and list(body) == list(api_evt),
+              "body is the event as GET /v1/events/{id} returns it; pending_webhooks 0 once both acknowledged")
+        d = deliveries_of(fk, evt["id"])
+        check(len(d) == 2 and {x["endpoint_id"] for x in d} == {ep_a["id"], ep_b["id"]}
+              and all(x["status"] == 200 and x["attempt"] == 1 and x["type"] == "customer.created" for x in d),
+              "deliveries log: one 200 per endpoint")
+
+        ra.clear(), rb.clear()
+        fk.admin("POST", "objects/products", {"name": "Hooked"})
+        rb.wait(1)
+        settle(fk)
+        check(json.loads(rb.requests[0]["body"])["type"] == "product.created" and ra.requests == [],
+              "enabled_events filters: product.created only to the '*' endpoint")
+
+        # Hold: deliveries are dropped, the events stay pollable.
+        ra.clear(), rb.clear()
+        check(fk.admin("POST", "webhooks/hold", {"hold": True}) == {"held": True}, "hold on")
+        fk.admin("PATCH", "objects/customers/" + cust["id"], {"name": "Held"})
+        held = fk.admin("GET", "events?type=customer.updated")[0]
+        time.sleep(0.4)
+        d = deliveries_of(fk, held["id"])
+        check(ra.requests == [] and rb.requests == [] and len(d) == 2 and all(x["status"] == "dropped" for x in d),
+              "held: nothing arrives, deliveries logged as dropped")
+        ids = [e["id"] for e in fk.api("/v1/events?delivery_success=false&limit=5")[2]["data"]]
+        check(held["id"] in ids and fk.api("/v1/events/" + held["id"])[2]["pending_webhooks"] == 2,
+              "the dropped event is still listed (polling is the truth), pending_webhooks 2")
+        fk.admin("POST", "webhooks/hold", {"hold": False})
+
+        # Retries: 500, 500, then 200.
+        ra.clear(), rb.clear()
+        ra.script.extend([500, 500])
+        t1 = time.time()
+        fk.admin("PATCH", "objects/customers/" + cust["id"], {"name": "Retried"})
+        reqs = ra.wait(3)
+        retried = fk.admin("GET", "events?type=customer.updated")[0]
+        check(all(json.loads(r["body"])["id"] == retried["id"] and verify_stripe(r, ep_a["secret"]) for r in reqs)
+              and reqs[2]["t"] - t1 >= 0.6, "500, 500: retried with backoff (0.2 s, 0.5 s), each attempt signed")
+        settle(fk)
+        d = [x for x in deliveries_of(fk, retried["id"]) if x["endpoint_id"] == ep_a["id"]]
+        check([(x["attempt"], x["status"]) for x in d] == [(3, 200), (2, 500), (1, 500)],
+              "deliveries log newest first: attempts 1, 2 (500) and 3 (200)")
+
+        # A dead endpoint: connection refused, retried, given up.
+        fk.admin("POST", "webhooks/config", {"retry_delays": [0.05, 0.05]})
+        dead = WebhookReceiver()
+        dead_url = dead.url
+        dead.stop()
+        ep_d = fk.admin("POST", "webhook_endpoints", {"url": dead_url, "enabled_events": ["*"]})
+        fk.admin("POST", "objects/products", {"name": "Nobody home"})
+        settle(fk)
+        d = [x for x in fk.admin("GET", "webhook_deliveries") if x["endpoint_id"] == ep_d["id"]]
+        check([x["attempt"] for x in d] == [3, 2, 1] and all(x["status"].startswith("error: ") for x in d),
+              "refused connection: 'error: ...' per attempt, given up after 1 + len(retry_delays)")
+        fk.admin("DELETE", "webhook_endpoints/" + ep_d["id"])
+        fk.admin("POST", "webhooks/config", {"retry_delays": [0.2, 0.5, 1.0]})
+
+        # Never blocking the change: a receiver that hangs past the timeout.
+        ra.clear(), rb.clear()
+        ra.script.append("hang")
+        t2 = time.time()
+        fk.admin("PATCH", "objects/customers/" + cust["id"], {"name": "Slow"})
+        check(time.time() - t2 < 0.5, "the write returns at once while the receiver hangs")
+        ra.wait(2, timeout=8)
+        settle(fk)
+        slow = fk.admin("GET", "events?type=customer.updated")[0]
+        d = [x for x in deliveries_of(fk, slow["id"]) if x["endpoint_id"] == ep_a["id"]]
+        check([x["attempt"] for x in d] == [2, 1] and d[1]["status"].startswith("error: ") and d[0]["status"] == 200,
+              "timeout (2 s) counts as a failure and is retried")
+
+        # Crafted deliveries for the receiver's negative tests.
+        ra.clear()
+        r = fk.admin("POST", "webhooks/send", {"endpoint_id": ep_a["id"], "event_id": evt["id"],
+                                                "timestamp": int(time.time()) - 600})
+        (req,) = ra.wait(1)
+        check(r["status"] == 200 and r["response_body"] == '{"received":true}' and req["body"] == r["body"].encode()
+              and not verify_stripe(req, ep_a["secret"]) and verify_stripe(req, ep_a["secret"], tolerance=700)
+              and json.loads(req["body"])["id"] == evt["id"],
+              "send: stale timestamp (signed correctly, outside the 300 s tolerance)")
+        r = fk.admin("POST", "webhooks/send", {"url": ra.url, "body": '{"id":"evt_forged"}', "secret": "whsec_wrong"})
+        check(not verify_stripe(ra.wait(2)[1], ep_a["secret"]) and r["headers"]["Stripe-Signature"].startswith("t="),
+              "send: wrong secret")
+        r = fk.admin("POST", "webhooks/send", {"url": ra.url, "body": "{}", "signature": "t=1,v1=00"})
+        check(ra.wait(3)[2]["headers"]["Stripe-Signature"] == "t=1,v1=00", "send: signature header override")
+        ra.script.append(400)
+        r = fk.admin("POST", "webhooks/send", {"endpoint_id": ep_a["id"]})
+        check(r["status"] == 400 and fk.admin("GET", "webhook_deliveries")[0]["crafted"] is True,
+              "send: the receiver's answer comes back; logged as crafted")
+
+        # Deleting endpoints stops deliveries.
+        status, _, gone = fk.form("DELETE", "/v1/webhook_endpoints/" + ep_b["id"], [])
+        check(status == 200 and gone == {"id": ep_b["id"], "object": "webhook_endpoint", "deleted": True},
+              "DELETE /v1/webhook_endpoints/{id}")
+        fk.admin("DELETE", "webhook_endpoints/" + ep_a["id"])
+        ra.clear(), rb.clear()
+        fk.admin("PATCH", "objects/customers/" + cust["id"], {"name": "Unheard"})
+        time.sleep(0.3)
+        check(ra.requests == [] and rb.requests == [] and fk.admin("GET", "webhook_endpoints") == [],
+              "no endpoints, no deliveries")
+        check(fk.admin("DELETE", "webhook_deliveries")["cleared"] > 0 and fk.admin("GET", "webhook_deliveries") == [],
+              "DELETE /__admin/webhook_deliveries clears the log")
+    finally:
+        ra.stop()
+        rb.stop()
+
+
 def test_retention(fk):
     events = fk.walk("/v1/events", 100)
     oldest, newest = fk.api("/v1/events/" + events[-1])[2], fk.api("/v1/events/" + events[0])[2]
@@ -417,6 +604,7 @@ def main():
         test_pagination(fk)
         test_objects(fk)
         test_events(fk)
+        test_webhooks(fk)
         test_retention(fk)
         test_faults(fk)
         test_fault_kinds(fk, "/v1/customers?limit=20", {"Authorization": "Bearer " + KEY},

@@ -244,7 +244,7 @@ note "relations of schema sync alice can read: @readable";
 note "relations of schema sync alice cannot read: @closed";
 is(join(' ', @readable),
 	join(' ', sort qw(_cycles available_fields budgets collection_columns collection_state collections
-		  columns sources stat_collections stat_sources status)),
+		  columns sources stat_collections stat_sources status webhooks)),
 	'alice can read exactly the configuration tables and status views (not secrets, outbox, api_fields, rejected values)');
 ok(!$rels->{$_}{select}, "alice cannot read sync.$_")
   for qw(source_secrets notification_targets notification_outbox notifications rejected rejected_values);
