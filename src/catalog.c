@@ -305,6 +305,35 @@ sync_lock_extension(void)
 }
 
 /*
+ * Writes to the catalog that must commit on their own when no transaction
+ * is open (a worker between pages), or join the caller's: SPI connected.
+ */
+void
+sync_catalog_write_begin(bool own_xact)
+{
+	if (own_xact)
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		sync_lock_extension();
+		PushActiveSnapshot(GetTransactionSnapshot());
+	}
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+}
+
+void
+sync_catalog_write_end(bool own_xact)
+{
+	SPI_finish();
+	if (own_xact)
+	{
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+}
+
+/*
  * Save a refreshed token, and a rotated refresh token, so the next step and
  * other backends use it. Runs in its own transaction when none is open (the
  * worker between requests); inside the caller's otherwise (sync.add_collection).
@@ -320,15 +349,7 @@ sync_save_token(SyncSource *source, json_t *token, json_t *rotated_credentials)
 	char	   *cred_text = rotated_credentials ? sync_json_dump(rotated_credentials) : NULL;
 	int			ret;
 
-	if (own_xact)
-	{
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
-		sync_lock_extension();
-		PushActiveSnapshot(GetTransactionSnapshot());
-	}
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
+	sync_catalog_write_begin(own_xact);
 	args[0] = Int32GetDatum(source->id);
 	args[1] = CStringGetTextDatum(token_text);
 	if (cred_text)
@@ -343,12 +364,7 @@ sync_save_token(SyncSource *source, json_t *token, json_t *rotated_credentials)
 								3, types, args, nulls, false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "could not save a sync token: %s", SPI_result_code_string(ret));
-	SPI_finish();
-	if (own_xact)
-	{
-		PopActiveSnapshot();
-		CommitTransactionCommand();
-	}
+	sync_catalog_write_end(own_xact);
 	pfree(token_text);
 	if (cred_text)
 		pfree(cred_text);

@@ -85,32 +85,12 @@ append_copy_text(StringInfo buf, const char *s, int len)
 	appendBinaryStringInfo(buf, s + start, len - start);
 }
 
-/*
- * string_to_array(value, ';') as an array literal: every element quoted, so
- * that any text survives; '' is the empty array, as string_to_array makes it.
- */
+/* string_to_array(value, ';') as an array literal, in COPY's text format. */
 static void
 append_split_value(StringInfo buf, const char *s, int len, StringInfo scratch)
 {
 	resetStringInfo(scratch);
-	appendStringInfoChar(scratch, '{');
-	if (len > 0)
-	{
-		appendStringInfoChar(scratch, '"');
-		for (int i = 0; i < len; i++)
-		{
-			if (s[i] == ';')
-				appendStringInfoString(scratch, "\",\"");
-			else
-			{
-				if (s[i] == '"' || s[i] == '\\')
-					appendStringInfoChar(scratch, '\\');
-				appendStringInfoChar(scratch, s[i]);
-			}
-		}
-		appendStringInfoChar(scratch, '"');
-	}
-	appendStringInfoChar(scratch, '}');
+	sync_append_split_literal(scratch, s, len);
 	append_copy_text(buf, scratch->data, scratch->len);
 }
 

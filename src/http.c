@@ -82,6 +82,18 @@ typedef struct HttpTransfer
 
 static void transfer_end(HttpTransfer *t);
 
+/* While waiting for an answer: SIGTERM, cancel and DROP EXTENSION end the wait. */
+static void
+give_up_if_unwanted(const char *url)
+{
+	CHECK_FOR_INTERRUPTS();
+	if (sync_is_worker && sync_worker_extension_dropped())
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("request to \"%s\" given up: the sync extension was dropped",
+						sync_http_host_of(url))));
+}
+
 /* The thread's "finished" byte wakes the process's wait (see wait_thread). */
 static int	thread_pipe[2] = {-1, -1};
 static bool thread_exit_hook = false;
@@ -293,12 +305,7 @@ thread_wait(HttpTransfer *t, const char *url)
 	{
 		while (!__atomic_load_n(&t->thread_done, __ATOMIC_ACQUIRE))
 		{
-			CHECK_FOR_INTERRUPTS();
-			if (sync_is_worker && sync_worker_extension_dropped())
-				ereport(ERROR,
-						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-						 errmsg("request to \"%s\" given up: the sync extension was dropped",
-								sync_http_host_of(url))));
+			give_up_if_unwanted(url);
 			/* not the latch: a wakeup meant for the worker's loop must stay set */
 			(void) WaitLatchOrSocket(NULL, WL_SOCKET_READABLE | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 									 thread_pipe[0], SYNC_HTTP_POLL_MS, PG_WAIT_EXTENSION);
@@ -490,12 +497,7 @@ transfer_finish(HttpTransfer *t, const char *url)
 			if (t->done)
 				break;
 			/* Between curl calls, never inside one: SIGTERM and cancel act here. */
-			CHECK_FOR_INTERRUPTS();
-			if (sync_is_worker && sync_worker_extension_dropped())
-				ereport(ERROR,
-						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-						 errmsg("request to \"%s\" given up: the sync extension was dropped",
-								sync_http_host_of(url))));
+			give_up_if_unwanted(url);
 			curl_multi_poll(multi, NULL, 0, SYNC_HTTP_POLL_MS, NULL);
 		}
 	}

@@ -454,6 +454,8 @@ extern SyncCollection *sync_load_collection(int32 id);
 extern void sync_free_collection(SyncCollection *collection);
 extern void sync_refresh_fields(SyncCollection *collection, List *asked);
 extern void sync_lock_extension(void);
+extern void sync_catalog_write_begin(bool own_xact);
+extern void sync_catalog_write_end(bool own_xact);
 
 /* ---------- records as SQL arguments (records.c) ---------- */
 extern char *sync_records_from(List *fields, int first_param);
@@ -508,6 +510,7 @@ extern char *sync_existing_keys_sql(SyncCollection *c, const char *table);
 /* tupleload.c: the same rows straight to the heap, for plain tables (no triggers, defaults) */
 extern bool sync_tuple_load_possible(Relation rel, List *fields, AttrNumber *attnums,
 									 AttrNumber *synced_at);
+extern void sync_append_split_literal(StringInfo buf, const char *s, int len);
 extern uint64 sync_tuple_load(Relation rel, SyncBatch *b, const int *rows, int nrows,
 							  const bool *split, const AttrNumber *attnums, AttrNumber synced_at);
 extern int64 sync_copy_new_records(SyncCollection *c, SyncBatch *batch, struct _SPI_plan *existing,

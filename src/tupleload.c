@@ -75,9 +75,13 @@ sync_tuple_load_possible(Relation rel, List *fields, AttrNumber *attnums, AttrNu
 	return ok;
 }
 
-/* ';'-separated text as the array literal string_to_array(value, ';') would equal. */
-static void
-append_split_literal(StringInfo buf, const char *s, int len)
+/*
+ * ';'-separated text as the array literal string_to_array(value, ';') would
+ * equal: every element quoted, so that any text survives; '' is the empty
+ * array, as string_to_array makes it.
+ */
+void
+sync_append_split_literal(StringInfo buf, const char *s, int len)
 {
 	appendStringInfoChar(buf, '{');
 	if (len > 0)
@@ -193,7 +197,7 @@ sync_tuple_load(Relation rel, SyncBatch *b, const int *rows, int nrows, const bo
 			t = DatumGetTextPP(b->values[f][i]);
 			resetStringInfo(&value);
 			if (split[f])
-				append_split_literal(&value, VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
+				sync_append_split_literal(&value, VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
 			else
 				appendBinaryStringInfo(&value, VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
 			slot->tts_values[a] = InputFunctionCall(&in_funcs[f], value.data, in_params[f],

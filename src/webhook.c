@@ -169,15 +169,7 @@ sync_save_webhook_secret(SyncSource *source, const char *webhook_id, const char 
 	Oid			types[3] = {INT4OID, TEXTOID, TEXTOID};
 	Datum		args[3];
 
-	if (own_xact)
-	{
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
-		sync_lock_extension();
-		PushActiveSnapshot(GetTransactionSnapshot());
-	}
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
+	sync_catalog_write_begin(own_xact);
 	args[0] = Int32GetDatum(source->id);
 	args[1] = CStringGetTextDatum(webhook_id);
 	args[2] = CStringGetTextDatum(secret);
@@ -192,12 +184,7 @@ sync_save_webhook_secret(SyncSource *source, const char *webhook_id, const char 
 							  "  AND st.cursor->'hook'->>'id' = w.webhook_id)",
 							  2, types, args, NULL, false, 0) != SPI_OK_DELETE)
 		elog(ERROR, "could not forget old webhook secrets");
-	SPI_finish();
-	if (own_xact)
-	{
-		PopActiveSnapshot();
-		CommitTransactionCommand();
-	}
+	sync_catalog_write_end(own_xact);
 }
 
 /* The collection polls at once (the event lacks the record's data). */
