@@ -25,6 +25,7 @@
 
 #include <curl/curl.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
@@ -279,6 +280,12 @@ thread_start(HttpTransfer *t)
 	if (!thread_exit_hook)
 	{
 		on_proc_exit(stop_threads_at_exit, (Datum) 0);
+		/*
+		 * One malloc arena for the process, as before it had a thread: a
+		 * thread's own arena would keep the response buffers it grew (the
+		 * worker reuses them) where freed memory is seldom given back.
+		 */
+		mallopt(M_ARENA_MAX, 1);
 		thread_exit_hook = true;
 	}
 	curl_easy_setopt(t->easy, CURLOPT_NOPROGRESS, 0L);

@@ -701,17 +701,28 @@ is(kinds(failures_since($pos_e, $cid_big)), join(' ', ('toolarge') x scalar @{ f
 	'E: every failure was the size limit');
 check_history("E: $big", $cid_big, $spos_e, failures_since($pos_e, $cid_big));
 check_backoff("E: $big", $SF, sub { ($_[0]{query} // '') =~ /Big__c/ }, $cid_big, $spos_e);
-# The first 3 MB pages set the heap's high-water mark; more of them must not raise it.
+# The first 3 MB pages set the heap's high-water mark; more of them must not raise it. When
+# the mark is reached depends on timing (malloc moves its threshold for mapped blocks once big
+# ones are freed), so it may rise once more later: of two more pairs of pages, one must add
+# nothing. A leak of a few MB a page raises both.
 my $rss2 = worker_rss_kb($pid);
 admin($SF, 'POST', 'bulk_update/Big__c', { count => 2000, fields => { Body__c => 'z' x 1500 } });
 caught_up('big', 60, "E: $big after another page of 2000");
 admin($SF, 'POST', 'bulk_update/Big__c', { count => 2000, fields => { Body__c => 'w' x 1500 } });
 caught_up('big', 60, "E: $big after yet another page of 2000");
 my $rss3 = worker_rss_kb($pid);
+admin($SF, 'POST', 'bulk_update/Big__c', { count => 2000, fields => { Body__c => 'v' x 1500 } });
+caught_up('big', 60, "E: $big after a fifth page of 2000");
+admin($SF, 'POST', 'bulk_update/Big__c', { count => 2000, fields => { Body__c => 'u' x 1500 } });
+caught_up('big', 60, "E: $big after a sixth page of 2000");
+my $rss4 = worker_rss_kb($pid);
 note(sprintf('E: worker private memory (RssAnon) %d kB before, %d after the backfill, %d after the first 3 MB pages, '
-	  . '%d after two more', $rss0, $rss1, $rss2, $rss3));
-ok($rss3 - $rss2 < 8 * 1024, sprintf('E: worker memory stable over huge pages (%+.1f MB over the last two 3 MB pages)', ($rss3 - $rss2) / 1024));
-ok($rss3 < 256 * 1024, sprintf('E: worker private memory stays bounded (%.0f MB)', $rss3 / 1024));
+	  . '%d after two more, %d after two more again', $rss0, $rss1, $rss2, $rss3, $rss4));
+my $least_rise = ($rss3 - $rss2 < $rss4 - $rss3) ? $rss3 - $rss2 : $rss4 - $rss3;
+ok($least_rise < 8 * 1024,
+	sprintf('E: worker memory stable over huge pages (%+.1f MB, then %+.1f MB over two more 3 MB pages each)',
+		($rss3 - $rss2) / 1024, ($rss4 - $rss3) / 1024));
+ok($rss4 < 256 * 1024, sprintf('E: worker private memory stays bounded (%.0f MB)', $rss4 / 1024));
 
 # A 5 MB value (Salesforce, HubSpot; in the first record of the next page with records) is
 # stored whole; the next good read restores the value.
