@@ -275,7 +275,7 @@ static uint64
 copy_rows(SyncCollection *c, SyncBatch *b, int *rows, int nrows)
 {
 	Relation	rel = table_open(c->relid, RowExclusiveLock);
-	ParseState *pstate = make_parsestate(NULL);
+	ParseState *pstate;
 	ParseNamespaceItem *nsitem;
 	List	   *columns = NIL;
 	List	   *options;
@@ -287,14 +287,6 @@ copy_rows(SyncCollection *c, SyncBatch *b, int *rows, int nrows)
 	bool	   *split;
 	ListCell   *lc;
 
-	nsitem = addRangeTableEntryForRelation(pstate, rel, RowExclusiveLock, NULL, false, false);
-	nsitem->p_rte->requiredPerms = ACL_INSERT;
-	foreach(lc, b->fields)
-		columns = lappend(columns, makeString(((SyncField *) lfirst(lc))->column_name));
-	columns = lappend(columns, makeString("_synced_at"));
-	/* the text is the database's own: no conversion, only the validation COPY always does */
-	options = list_make1(makeDefElem("encoding", (Node *) makeString((char *) GetDatabaseEncodingName()), -1));
-
 	split = palloc0(sizeof(bool) * Max(b->nfields, 1));
 	foreach(lc, b->fields)
 		split[foreach_current_index(lc)] = is_split(lfirst(lc));
@@ -302,11 +294,19 @@ copy_rows(SyncCollection *c, SyncBatch *b, int *rows, int nrows)
 	if (sync_tuple_load_possible(rel, b->fields, attnums, &synced_at))
 	{
 		copied = sync_tuple_load(rel, b, rows, nrows, split, attnums, synced_at);
-		free_parsestate(pstate);
 		table_close(rel, NoLock);
 		CommandCounterIncrement();
 		return copied;
 	}
+
+	pstate = make_parsestate(NULL);
+	nsitem = addRangeTableEntryForRelation(pstate, rel, RowExclusiveLock, NULL, false, false);
+	nsitem->p_rte->requiredPerms = ACL_INSERT;
+	foreach(lc, b->fields)
+		columns = lappend(columns, makeString(((SyncField *) lfirst(lc))->column_name));
+	columns = lappend(columns, makeString("_synced_at"));
+	/* the text is the database's own: no conversion, only the validation COPY always does */
+	options = list_make1(makeDefElem("encoding", (Node *) makeString((char *) GetDatabaseEncodingName()), -1));
 
 	memset(&src, 0, sizeof(src));
 	src.split = split;

@@ -437,11 +437,8 @@ copy_value(Scanner *s, StringInfo out, int depth)
 					key_len = out->len - key_at;
 					for (int k = 0; k < nkeys; k++)
 					{
-						const char *other = out->data + keys[k];
-
-						/* a key's text ends at its closing quote, followed by ':' */
-						if (other[key_len - 1] == '"' && other[key_len] == ':' &&
-							memcmp(other, out->data + key_at, key_len) == 0)
+						/* escaping is deterministic: the same key is the same text */
+						if (memcmp(out->data + keys[k], out->data + key_at, key_len) == 0)
 							return false;
 					}
 					keys[nkeys++] = key_at;
